@@ -1,0 +1,127 @@
+"""Typed configuration, one dataclass per stage, validated on construction.
+
+The same objects serve the Python API, the CLI flags and TOML files: a TOML file
+supplies defaults (a table per stage, e.g. `[finetune]`), explicit flags win, unknown
+keys are errors.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from weights2data.errors import W2DError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+TASKS = ("auto", "classification", "lm")
+LM_LOSSES = ("full", "last")
+
+
+def opt(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
+    """A dataclass field carrying its help text, shared by --help and the TOML schema."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("ag_news_1000", "dataset: a name (ag_news, imdb, wiki_passages, ...), NAME_N for N "
+                       "shuffled training rows, a parquet/csv/jsonl file or folder; several names "
+                       "separated by spaces are concatenated")
+    data_dir: str | None = opt(None, "folder holding <name>/{train,validation,test}.parquet and labels.json "
+                               "(default: $W2D_DATA_DIR)")
+    text_column: str = opt("text", "text column of local files")
+    label_column: str = opt("label", "label column of local files (absent: unlabelled text)")
+    verbalizer: str = opt("letters", "token the model predicts for each label: letters (A, B, C, ... as the "
+                          "original), names (from labels.json) or a comma-separated list; each must be one token")
+    seq_len: int = opt(32, "tokens per example, the label token included; longer texts lose their start")
+    task: str = opt("auto", "classification, lm, or auto (classification when the dataset has labels)")
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        if self.seq_len < 2:
+            raise W2DError(f"sequence length must be at least 2 (got {self.seq_len})")
+
+
+@dataclass
+class FinetuneConfig:
+    optimizer: str = opt("adam", "adam (the original's default), adamw or sgd")
+    lr: float = opt(2e-5, "learning rate (the original's 2e-5; head and top:N scopes want ~1e-3)")
+    batch_size: int = opt(32, "examples per optimiser step")
+    epochs: int = opt(1, "passes over the training set")
+    steps: int | None = opt(None, "stop after this many steps if reached before the last epoch")
+    train_scope: str = opt("full", "what is trained: full, head (the LM head; a linear probe for "
+                           "classification) or top:N (last N blocks + head); frozen parts run once")
+    lm_loss: str = opt("full", "language modelling loss: full (every next token) or last (last token only, "
+                       "as the original)")
+    weight_decay: float = opt(0.0, "weight decay of the optimiser")
+    seed: int = opt(0, "seed for shuffling, subsets and initialisation")
+
+    def __post_init__(self) -> None:
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lm_loss", self.lm_loss, LM_LOSSES)
+        parse_scope(self.train_scope)
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
+            raise W2DError("lr must be > 0; batch size, epochs and steps at least 1")
+
+
+@dataclass
+class EvalConfig:
+    max_eval_rows: int = opt(2048, "test rows scored (a fixed shuffled subset, as the original)")
+    eval_epochs: int = opt(10, "train-eval: most epochs on the training set (original: up to 100)")
+    patience: int = opt(10, "train-eval: stop after this many epochs without improvement")
+    val_fraction: float = opt(0.1, "train-eval: held out of the training set for honest early stopping")
+    eval_batch_size: int = opt(64, "evaluation batch size")
+
+    def __post_init__(self) -> None:
+        if self.max_eval_rows < 1 or self.eval_epochs < 1 or self.patience < 1:
+            raise W2DError("max eval rows, eval epochs and patience must be at least 1")
+        if not 0 <= self.val_fraction < 1:
+            raise W2DError("val_fraction must lie in [0, 1)")
+
+
+def parse_scope(scope: str) -> tuple[str, int]:
+    """'full' -> ('full', 0); 'head' -> ('head', 0); 'top:4' -> ('top', 4)."""
+    if scope in ("full", "head"):
+        return scope, 0
+    match = re.fullmatch(r"top:(\d+)", scope)
+    if not match or int(match.group(1)) < 1:
+        raise W2DError(f"unknown train scope '{scope}': use full, head or top:N (N >= 1)")
+    return "top", int(match.group(1))
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise W2DError(f"unknown {name} '{value}': choose from {', '.join(allowed)}")
+
+
+def to_dict(config: Any) -> dict:
+    return asdict(config)
+
+
+def load_toml(path: str | Path) -> dict[str, dict]:
+    """Read a TOML config: one table per stage ([data], [finetune], [eval], [select], [run])."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise W2DError(f"could not read config file {path}: {exc}") from exc
+
+
+def check_keys(table: dict, cls: type, section: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise W2DError(f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+@dataclass
+class RuntimeConfig:
+    cache_dir: str | None = opt(None, "where converted models and feature caches live "
+                                "(default: $W2D_CACHE_DIR or ~/.cache/weights2data)")
+    results_dir: str = opt("runs", "parent folder of run directories")
+    exp_name: str | None = opt(None, "run directory name (default: derived from the command and its inputs)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    allow_pickle: bool = opt(False, "allow loading pickle checkpoints (.bin/.pt): they can run arbitrary code")
+    wandb: bool = opt(False, "also log metrics to Weights & Biases (needs the wandb package)")

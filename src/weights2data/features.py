@@ -1,0 +1,144 @@
+"""Hidden-state extraction with a resumable on-disk cache.
+
+Everything downstream of the frozen part of a model (the trained head or top blocks, the
+per-example head gradients) is a cheap function of hidden states, so the model's forward
+pass runs once per document and its outputs are stored in chunks keyed by the body
+weights, the token ids and the layer. A killed run keeps its finished chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from weights2data.data import Encoded
+from weights2data.models import LoadedModel
+from weights2data.store import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 1024
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer input is captured."""
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a Llama-family (or GPT-2) model."""
+    body = model.base_model
+    for name in ("layers", "h"):
+        if isinstance(getattr(body, name, None), torch.nn.ModuleList):
+            return getattr(body, name)
+    raise TypeError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+@torch.no_grad()
+def forward_hidden(model: torch.nn.Module, batch: Encoded, layer: int | None = None) -> torch.Tensor:
+    """Hidden states (B, T, d): the final normed output, or the input of block `layer`."""
+    device = next(model.parameters()).device
+    kwargs = {
+        "input_ids": batch.input_ids.to(device),
+        "attention_mask": batch.attention_mask.to(device),
+        "position_ids": batch.position_ids.to(device),
+    }
+    if layer is None:
+        return model.base_model(**kwargs).last_hidden_state
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: torch.nn.Module, args: tuple, kw: dict) -> None:
+        captured.append(args[0] if args else kw["hidden_states"])
+        raise _StopForward
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.base_model(**kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def encoded_fingerprint(encoded: Encoded) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(encoded.input_ids.numpy().tobytes())
+    h.update(encoded.attention_mask.numpy().tobytes())
+    return h.hexdigest()
+
+
+def hidden_states(
+    loaded: LoadedModel,
+    encoded: Encoded,
+    *,
+    layer: int | None = None,
+    last_only: bool = False,
+    cache_root: Path | None = None,
+    batch_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    desc: str = "hidden states",
+) -> torch.Tensor:
+    """(N, d) at the last position when last_only, else (N, T, d); cached when cache_root is set.
+
+    `layer=None` is the final normed hidden state (what the LM head reads); an integer is
+    the input of that block (what a top:N finetune reads).
+    """
+    if cache_root is None:
+        chunks = _compute_chunks(loaded, encoded, layer, last_only, batch_size, dtype, range(len(encoded)), desc)
+        return torch.cat(list(chunks)) if len(encoded) else torch.empty(0)
+    key = {
+        "body": loaded.body_fingerprint,
+        "inputs": encoded_fingerprint(encoded),
+        "layer": layer,
+        "last_only": last_only,
+        "dtype": str(dtype),
+        "rows": len(encoded),
+    }
+    folder = cache_root / "hidden" / hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:20]
+    return _cached_chunks(loaded, encoded, key, folder, batch_size, dtype, desc)
+
+
+def _cached_chunks(
+    loaded: LoadedModel, encoded: Encoded, key: dict, folder: Path, batch_size: int, dtype: torch.dtype, desc: str
+) -> torch.Tensor:
+    meta_path = folder / "meta.json"
+    if meta_path.exists() and read_json(meta_path) != key:
+        raise RuntimeError(f"hidden-state cache {folder} does not match its key; delete the folder")
+    write_json(meta_path, key)
+    starts = range(0, len(encoded), CHUNK_ROWS)
+    todo = [s for s in starts if not (folder / f"chunk_{s:09d}.safetensors").exists()]
+    if todo and len(todo) < len(starts):
+        log.info("resuming %s: %d of %d chunks already on disk", desc, len(starts) - len(todo), len(starts))
+    for start in todo:
+        rows = range(start, min(start + CHUNK_ROWS, len(encoded)))
+        chunk = torch.cat(list(_compute_chunks(
+            loaded, encoded, key["layer"], key["last_only"], batch_size, dtype, rows, f"{desc} {start}+"
+        )))
+        with atomic_path(folder / f"chunk_{start:09d}.safetensors") as tmp:
+            save_file({"hidden": chunk.contiguous()}, str(tmp))
+    return torch.cat([load_file(str(folder / f"chunk_{s:09d}.safetensors"))["hidden"] for s in starts])
+
+
+def _compute_chunks(
+    loaded: LoadedModel,
+    encoded: Encoded,
+    layer: int | None,
+    last_only: bool,
+    batch_size: int,
+    dtype: torch.dtype,
+    rows: range,
+    desc: str,
+) -> Iterator[torch.Tensor]:
+    batches = range(rows.start, rows.stop, batch_size)
+    for start in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 4):
+        batch = encoded.subset(slice(start, min(start + batch_size, rows.stop)))
+        hidden = forward_hidden(loaded.model, batch, layer)
+        if last_only:
+            hidden = hidden[:, -1]
+        yield hidden.to("cpu", dtype)

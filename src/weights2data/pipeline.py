@@ -1,0 +1,108 @@
+"""The stages wired together: load inputs, finetune with a content-keyed cache, evaluate.
+
+The CLI calls these; so can a Python user.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weights2data.config import DataConfig, FinetuneConfig, RuntimeConfig, to_dict
+from weights2data.data import Dataset, data_dir, load_dataset
+from weights2data.errors import W2DError
+from weights2data.models import META_FILE, LoadedModel, load_model, save_model
+from weights2data.store import cache_dir, read_json, stable_hash
+from weights2data.train import Task, finetune, resolve_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where things are read from and cached, and which device computes."""
+
+    cache: Path
+    data_dir: Path | None
+    device: torch.device
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_config(cls, runtime: RuntimeConfig, data: DataConfig | None = None) -> Workspace:
+        return cls(
+            cache_dir(runtime.cache_dir),
+            data_dir(data.data_dir if data else None),
+            pick_device(runtime.device),
+            runtime.allow_pickle,
+        )
+
+    def model(self, spec: str) -> LoadedModel:
+        return load_model(spec, cache=self.cache, allow_pickle=self.allow_pickle, device=self.device)
+
+    def dataset(self, spec: str, data: DataConfig, seed: int = 0) -> Dataset:
+        return load_dataset(spec, data_dir=self.data_dir, text_column=data.text_column,
+                            label_column=data.label_column, seed=seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise W2DError(f"unknown device '{name}'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise W2DError("--device cuda was asked for but no GPU is available")
+    return device
+
+
+def finetune_key(base: LoadedModel, dataset: Dataset, task: Task, cfg: FinetuneConfig) -> str:
+    """Every input that changes the finetuned weights: base weights, data content, task, settings."""
+    return stable_hash({
+        "base": base.fingerprint,
+        "train": dataset.train.fingerprint,
+        "task": task.to_dict(),
+        "finetune": to_dict(cfg),
+    })
+
+
+def finetune_cached(ws: Workspace, base_spec: str, dataset: Dataset, data: DataConfig,
+                    cfg: FinetuneConfig) -> tuple[Path, dict]:
+    """Finetune `base_spec` on the training split, or reuse an identical earlier result.
+
+    Returns the saved model directory (a Hugging Face safetensors folder with w2d.json)
+    and its metadata.
+    """
+    base = ws.model(base_spec)
+    task = resolve_task(data, dataset, base, cfg.lm_loss)
+    key = finetune_key(base, dataset, task, cfg)
+    target = ws.cache / "finetuned" / key
+    if (target / META_FILE).exists():
+        log.info("reusing the finetuned model %s (same base, data and settings)", target)
+        return target, read_json(target / META_FILE)
+    result = finetune(base, dataset.train, task, cfg, cache_root=ws.cache)
+    meta = {
+        "weights2data": 1,
+        "base": base_spec,
+        "dataset": dataset.name,
+        "task": task.to_dict(),
+        "finetune": to_dict(cfg),
+        "untied_head": result["untied_head"],
+        "history": result["history"],
+        "cache_key": key,
+    }
+    save_model(base, target, meta)
+    return target, meta
+
+
+def task_for_model(loaded: LoadedModel, data: DataConfig, dataset: Dataset) -> Task:
+    """The task a weights2data model was trained for, else the one the dataset implies."""
+    if "task" in loaded.meta:
+        task = Task.from_dict(loaded.meta["task"])
+        if data.seq_len != task.seq_len:
+            task = Task(task.kind, data.seq_len, task.label_set, task.lm_loss)
+        return task
+    return resolve_task(data, dataset, loaded)

@@ -1,0 +1,123 @@
+"""Disk state: the cache directory, content hashes, atomic writes and run directories.
+
+Every file a later run trusts is written to a temporary name and renamed into place, so a
+killed process leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_ENV = "W2D_CACHE_DIR"
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache root: the flag, else $W2D_CACHE_DIR, else ~/.cache/weights2data."""
+    root = override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "weights2data"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a JSON-serialisable object, independent of dict key order."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def hash_texts(texts: list[str], labels: np.ndarray | None = None) -> str:
+    """Content fingerprint of a list of texts (and labels): any changed row changes it."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A named output directory: <results_dir>/<exp_name>/ with config, metrics and a log."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, results_dir: str | os.PathLike, exp_name: str) -> RunDir:
+        path = Path(results_dir) / exp_name
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.path / "config.json", config)
+
+    def write_metrics(self, metrics: dict, name: str = "metrics.json") -> None:
+        write_json(self.path / name, metrics)
+
+    def attach_log(self) -> logging.Handler:
+        """Copy the package's log records into <run>/log.txt (the caller removes the handler)."""
+        handler = logging.FileHandler(self.path / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("weights2data").addHandler(handler)
+        return handler

@@ -1,0 +1,343 @@
+"""Finetuning and evaluation, for classification (label-token loss) and language modelling.
+
+A train scope splits the model into a frozen lower part and a trained upper part:
+`full` trains everything; `head` trains the LM head (for classification only the label
+rows: a linear probe on the last hidden state); `top:N` trains the last N blocks, the
+final norm and the head. The frozen part runs once per document and its outputs are
+cached, so head and top scopes cost a fraction of a full finetune.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers.masking_utils import create_causal_mask
+
+from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, parse_scope
+from weights2data.data import Dataset, Encoded, LabelSet, Split, encode_classification, encode_lm, make_label_set
+from weights2data.errors import W2DError
+from weights2data.features import decoder_layers, hidden_states
+from weights2data.models import LoadedModel, untie_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the model learns: which tokens are scored and how texts become token ids."""
+
+    kind: str  # classification | lm
+    seq_len: int
+    label_set: LabelSet | None = None
+    lm_loss: str = "full"
+
+    def encode(self, loaded: LoadedModel, texts: list[str]) -> Encoded:
+        if self.kind == "classification":
+            return encode_classification(loaded.tokenizer, texts, self.seq_len)
+        return encode_lm(loaded.tokenizer, texts, self.seq_len)
+
+    def to_dict(self) -> dict:
+        label_set = self.label_set.to_dict() if self.label_set else None
+        return {"kind": self.kind, "seq_len": self.seq_len, "label_set": label_set, "lm_loss": self.lm_loss}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Task:
+        label_set = LabelSet.from_dict(d["label_set"]) if d.get("label_set") else None
+        return cls(d["kind"], int(d["seq_len"]), label_set, d.get("lm_loss", "full"))
+
+
+def resolve_task(data: DataConfig, dataset: Dataset, loaded: LoadedModel, lm_loss: str = "full") -> Task:
+    """Classification when asked, or when `auto` and the dataset has labels; else language modelling."""
+    kind = data.task
+    if kind == "auto":
+        kind = "classification" if dataset.has_labels else "lm"
+    if kind == "classification" and not dataset.has_labels:
+        raise W2DError(f"dataset '{dataset.name}' has no labels (column '{data.label_column}'); use --task lm")
+    label_set = make_label_set(dataset.label_names, loaded.tokenizer, data.verbalizer) if kind == "classification" else None
+    return Task(kind, data.seq_len, label_set, lm_loss)
+
+
+class ScopedModel:
+    """A model split at its train scope, with the trainable parameters switched on."""
+
+    def __init__(self, loaded: LoadedModel, scope: str, task: Task, training: bool = True) -> None:
+        self.loaded, self.task = loaded, task
+        self.kind, n_top = parse_scope(scope)
+        model = loaded.model
+        model.requires_grad_(self.kind == "full" and training)
+        self.untied = untie_head(model) if self.kind != "full" and training else False
+        self.head = model.get_output_embeddings()
+        self.label_rows: torch.nn.Parameter | None = None
+        self.first_trained_layer: int | None = None
+        if self.kind == "head" and task.kind == "classification":
+            self.label_rows = torch.nn.Parameter(self.head.weight[self._label_ids()].detach().clone())
+        elif self.kind == "head":
+            self.head.requires_grad_(training)
+        elif self.kind == "top":
+            layers = decoder_layers(model)
+            if n_top > len(layers):
+                raise W2DError(f"top:{n_top} asks for more blocks than the model has ({len(layers)})")
+            if not hasattr(model.base_model, "rotary_emb"):
+                raise W2DError("top:N scopes support Llama-family models; use head or full for this model")
+            self.first_trained_layer = len(layers) - n_top
+            for module in (*layers[self.first_trained_layer:], model.base_model.norm, self.head):
+                module.requires_grad_(training)
+
+    def _label_ids(self) -> torch.Tensor:
+        return torch.tensor(self.task.label_set.token_ids, device=self.head.weight.device)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        if self.label_rows is not None:
+            return [self.label_rows]
+        return [p for p in self.loaded.model.parameters() if p.requires_grad]
+
+    def frozen_outputs(self, encoded: Encoded, cache_root: Path | None) -> torch.Tensor | None:
+        """What the trained part reads, computed once: None for full (it reads token ids)."""
+        if self.kind == "full":
+            return None
+        last_only = self.kind == "head" and self.task.kind == "classification"
+        return hidden_states(
+            self.loaded, encoded, layer=self.first_trained_layer, last_only=last_only,
+            cache_root=cache_root, desc="frozen features",
+        )
+
+    def final_hidden(self, frozen: torch.Tensor | None, batch: Encoded) -> torch.Tensor:
+        """(B, T, d) final normed hidden states, or (B, d) for a cached classification probe."""
+        device = self.head.weight.device
+        if self.kind == "head":
+            return frozen.to(device)
+        if self.kind == "top":
+            return self._run_top(frozen.to(device), batch)
+        return self.loaded.model.base_model(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
+        ).last_hidden_state
+
+    def _run_top(self, hidden: torch.Tensor, batch: Encoded) -> torch.Tensor:
+        body = self.loaded.model.base_model
+        positions = batch.position_ids.to(hidden.device)
+        mask = create_causal_mask(
+            config=self.loaded.model.config, inputs_embeds=hidden,
+            attention_mask=batch.attention_mask.to(hidden.device), cache=None, position_ids=positions,
+        )
+        rotary = body.rotary_emb(hidden, positions)
+        for layer in decoder_layers(self.loaded.model)[self.first_trained_layer:]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+        return body.norm(hidden)
+
+    def logits(self, frozen: torch.Tensor | None, batch: Encoded) -> torch.Tensor:
+        """Classification: (B, C) over the label tokens at the last position. LM: (B, T, V)."""
+        hidden = self.final_hidden(frozen, batch)
+        if self.task.kind == "lm":
+            return self.head(hidden)
+        last = hidden if hidden.dim() == 2 else hidden[:, -1]
+        rows = self.label_rows if self.label_rows is not None else self.head.weight[self._label_ids()]
+        bias = None if getattr(self.head, "bias", None) is None else self.head.bias[self._label_ids()]
+        return F.linear(last, rows, bias)
+
+    def finalize(self) -> None:
+        """Write a trained probe back into the label rows of the (untied) head."""
+        if self.label_rows is not None:
+            with torch.no_grad():
+                self.head.weight[self._label_ids()] = self.label_rows.detach()
+
+
+def batch_loss(scoped: ScopedModel, frozen: torch.Tensor | None, batch: Encoded,
+               targets: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+    """Summed loss over scored tokens, number of scored tokens, and correct predictions."""
+    logits = scoped.logits(frozen, batch)
+    if scoped.task.kind == "classification":
+        targets = targets.to(logits.device)
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        return loss, len(targets), int((logits.argmax(-1) == targets).sum())
+    return lm_loss_sum(logits, batch, scoped.task.lm_loss)
+
+
+def lm_loss_sum(logits: torch.Tensor, batch: Encoded, mode: str) -> tuple[torch.Tensor, int, int]:
+    """Next-token loss over right-padded rows: every token (`full`) or the last one (`last`)."""
+    ids = batch.input_ids.to(logits.device)
+    scored = batch.attention_mask[:, 1:].to(logits.device).bool()  # (B, T-1): target t+1 exists
+    if mode == "last":
+        lengths = batch.attention_mask.sum(1).to(logits.device)
+        last = torch.zeros_like(scored)
+        rows = torch.nonzero(lengths >= 2).squeeze(1)
+        last[rows, lengths[rows] - 2] = True
+        scored = last
+    pred, target = logits[:, :-1][scored], ids[:, 1:][scored]
+    loss = F.cross_entropy(pred, target, reduction="sum")
+    return loss, int(scored.sum()), int((pred.argmax(-1) == target).sum())
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Prepared:
+    """Encoded examples with their targets and the frozen part's cached outputs."""
+
+    encoded: Encoded
+    targets: torch.Tensor | None  # (n,) label index for classification
+    frozen: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor | None, Encoded, torch.Tensor | None]:
+        frozen = None if self.frozen is None else self.frozen[index]
+        targets = None if self.targets is None else self.targets[index]
+        return frozen, self.encoded.subset(index), targets
+
+
+def prepare(scoped: ScopedModel, split: Split, cache_root: Path | None) -> Prepared:
+    if len(split) == 0:
+        raise W2DError("cannot train or evaluate on an empty split")
+    encoded = scoped.task.encode(scoped.loaded, split.texts)
+    targets = None
+    if scoped.task.kind == "classification":
+        if split.labels is None:
+            raise W2DError("classification needs labelled examples")
+        targets = torch.as_tensor(split.labels, dtype=torch.long)
+    return Prepared(encoded, targets, scoped.frozen_outputs(encoded, cache_root))
+
+
+def train_epoch(scoped: ScopedModel, data: Prepared, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig,
+                generator: torch.Generator, max_steps: int | None, desc: str) -> dict:
+    """One shuffled pass (or fewer steps); returns the mean training loss and steps taken."""
+    order = torch.randperm(len(data), generator=generator)
+    batches = list(order.split(cfg.batch_size))[: max_steps if max_steps is not None else None]
+    total, count = 0.0, 0
+    scoped.loaded.model.train(scoped.kind == "full")
+    bar = tqdm(batches, desc=desc, unit="step", leave=False, disable=len(batches) < 20 and scoped.kind != "full")
+    for index in bar:
+        loss_sum, n, _ = batch_loss(scoped, *data.batch(index))
+        loss = loss_sum / max(n, 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + float(loss_sum), count + n
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    scoped.loaded.model.eval()
+    if not math.isfinite(total):
+        raise W2DError("the training loss became NaN or inf; lower the learning rate")
+    return {"train_loss": total / max(count, 1), "steps": len(batches)}
+
+
+@torch.no_grad()
+def evaluate_prepared(scoped: ScopedModel, data: Prepared, batch_size: int = 64) -> dict:
+    """Mean loss and accuracy (classification) or loss and perplexity (LM) over `data`."""
+    total, count, correct = 0.0, 0, 0
+    batches = torch.arange(len(data)).split(batch_size)
+    for index in tqdm(batches, desc="evaluate", unit="batch", leave=False, disable=len(batches) < 20):
+        loss_sum, n, right = batch_loss(scoped, *data.batch(index))
+        total, count, correct = total + float(loss_sum), count + n, correct + right
+    loss = total / max(count, 1)
+    if scoped.task.kind == "classification":
+        return {"loss": loss, "accuracy": correct / max(count, 1), "n": count}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def finetune(loaded: LoadedModel, train: Split, task: Task, cfg: FinetuneConfig,
+             cache_root: Path | None = None) -> dict:
+    """Finetune `loaded` in place on `train`; returns the training history."""
+    torch.manual_seed(cfg.seed)
+    scoped = ScopedModel(loaded, cfg.train_scope, task)
+    data = prepare(scoped, train, cache_root)
+    optimizer = make_optimizer(scoped.parameters(), cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history, steps = [], 0
+    for epoch in range(cfg.epochs):
+        remaining = None if cfg.steps is None else cfg.steps - steps
+        if remaining is not None and remaining <= 0:
+            break
+        record = train_epoch(scoped, data, optimizer, cfg, generator, remaining, f"epoch {epoch + 1}/{cfg.epochs}")
+        steps += record["steps"]
+        history.append({"epoch": epoch + 1, **record})
+        log.info("epoch %d: train loss %.4f", epoch + 1, record["train_loss"])
+    scoped.finalize()
+    return {"history": history, "steps": steps, "untied_head": scoped.untied}
+
+
+def eval_rows(split: Split, max_rows: int, seed: int = 0) -> Split:
+    """Up to max_rows shuffled rows (the same rows for every model evaluated with this seed)."""
+    if len(split) <= max_rows:
+        return split
+    return split.subset(np.random.default_rng(seed).permutation(len(split))[:max_rows])
+
+
+def evaluate(loaded: LoadedModel, test: Split, task: Task, cfg: EvalConfig,
+             cache_root: Path | None = None) -> dict:
+    scope = "head" if task.kind == "classification" else "full"  # a probe reads cached hidden states
+    scoped = ScopedModel(loaded, scope, task, training=False)
+    data = prepare(scoped, eval_rows(test, cfg.max_eval_rows), cache_root)
+    return evaluate_prepared(scoped, data, cfg.eval_batch_size)
+
+
+def train_eval(loaded: LoadedModel, train: Split, test: Split, task: Task, ft: FinetuneConfig,
+               ev: EvalConfig, cache_root: Path | None = None) -> dict:
+    """Finetune on `train` epoch by epoch, scoring the test split after each epoch.
+
+    Reports two figures: `best_epoch_test` (the original's: the best test metric over
+    epochs, i.e. model selection on the test set) and `val_selected_test` (honest: the
+    test metric at the epoch with the best loss on a validation split held out of
+    `train`, or at the last epoch when `train` is too small to hold one out).
+    """
+    torch.manual_seed(ft.seed)
+    fit_split, val_split = hold_out(train, ev.val_fraction, ft.seed)
+    scoped = ScopedModel(loaded, ft.train_scope, task)
+    fit = prepare(scoped, fit_split, cache_root)
+    val = prepare(scoped, val_split, cache_root) if val_split is not None else None
+    test_data = prepare(scoped, eval_rows(test, ev.max_eval_rows), cache_root)
+    optimizer = make_optimizer(scoped.parameters(), ft)
+    generator = torch.Generator().manual_seed(ft.seed)
+    key = "accuracy" if task.kind == "classification" else "loss"
+    better = (lambda a, b: a > b) if key == "accuracy" else (lambda a, b: a < b)
+    epochs, best_test, best_val = [], None, None
+    for epoch in range(1, ev.eval_epochs + 1):
+        record = train_epoch(scoped, fit, optimizer, ft, generator, ft.steps, f"epoch {epoch}/{ev.eval_epochs}")
+        scoped.finalize()
+        record.update({"epoch": epoch, "test": evaluate_prepared(scoped, test_data, ev.eval_batch_size)})
+        if val is not None:
+            record["val"] = evaluate_prepared(scoped, val, ev.eval_batch_size)
+        epochs.append(record)
+        log.info("epoch %d: test %s %.4f", epoch, key, record["test"][key])
+        if best_test is None or better(record["test"][key], best_test["test"][key]):
+            best_test = record
+        if val is not None and (best_val is None or record["val"]["loss"] < best_val["val"]["loss"]):
+            best_val = record
+        stale_test = epoch - best_test["epoch"] >= ev.patience
+        stale_val = best_val is None or epoch - best_val["epoch"] >= ev.patience
+        if stale_test and stale_val:
+            break
+    honest = best_val if best_val is not None else epochs[-1]
+    return {
+        "metric": key,
+        "best_epoch_test": best_test["test"][key],
+        "best_epoch": best_test["epoch"],
+        "val_selected_test": honest["test"][key],
+        "val_selected_epoch": honest["epoch"],
+        "honest_rule": "best validation loss" if best_val is not None else "last epoch",
+        "epochs": epochs,
+        "train_rows": len(fit_split),
+        "val_rows": 0 if val_split is None else len(val_split),
+    }
+
+
+def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """Carve a validation split from `train` (none when it would hold fewer than 10 rows)."""
+    n_val = int(len(train) * fraction)
+    if n_val < 10 or len(train) - n_val < 1:
+        return train, None
+    order = np.random.default_rng(seed + 1).permutation(len(train))
+    return train.subset(np.sort(order[n_val:])), train.subset(np.sort(order[:n_val]))
