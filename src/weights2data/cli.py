@@ -12,13 +12,50 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RuntimeConfig, check_keys, load_toml, to_dict
+from weights2data.config import (
+    DataConfig,
+    EvalConfig,
+    FinetuneConfig,
+    RunConfig,
+    RuntimeConfig,
+    SelectConfig,
+    check_keys,
+    load_toml,
+    to_dict,
+)
 from weights2data.errors import W2DError
 
 log = logging.getLogger("weights2data")
 
-SECTIONS = {DataConfig: "data", FinetuneConfig: "finetune", EvalConfig: "eval", RuntimeConfig: "runtime"}
+SECTIONS = {DataConfig: "data", FinetuneConfig: "finetune", EvalConfig: "eval", RuntimeConfig: "runtime",
+            SelectConfig: "select", RunConfig: "run"}
+
+# The original research code's flag names (seed README), accepted by `w2d run`.
+SEED_ALIASES = {
+    DataConfig: {"seq_len": ["--sequence_length"], "data_dir": ["--data_dir"]},
+    FinetuneConfig: {"lr": ["--expert_lr"], "batch_size": ["--expert_batch_size"],
+                     "steps": ["--num_steps_per_expert"], "train_scope": ["--train_scope"]},
+    EvalConfig: {"eval_epochs": ["--num_eval_epochs"]},
+    SelectConfig: {"k": ["-k", "--select_full_dataset_size"], "labels": ["--select_label_strategy"],
+                   "projection_dim": ["--select_projection_dim"]},
+    RunConfig: {"base": ["--model"], "corpus": ["--select_seed_dataset"],
+                "strategies": ["--select_batch_fill_strategy", "--strategy"], "optimizer_test": ["--optimizer_test"]},
+    RuntimeConfig: {"exp_name": ["--exp_name"], "results_dir": ["--results_dir"]},
+}
+# Original options whose other values select machinery we do not implement: refused by name.
+FIXED_SEED_OPTIONS = {
+    "opt": ("SELECT", "only the SELECT optimiser is implemented"),
+    "select_num_pseudoexperts": ("1", "pseudo-experts are not implemented"),
+    "select_steps_per_grad": ("-1", "re-taking gradients during selection is not implemented"),
+    "select_use_expert_grads": ("0", "expert-trajectory gradients are not implemented"),
+    "num_experts": ("1", "only one expert is trained"),
+    "max_iterations": ("1", "only one outer iteration is run"),
+}
 DEMO_MODEL = "smollm2-135m"
+DEMO = {  # sized to finish within 10 minutes on a 2-core CPU; see README for the choice of scope
+    "dataset": "ag_news_500", "corpus": "wiki_passages_3000", "k": 300, "scope": "top:2", "lr": 1e-4,
+    "epochs": 2, "eval_rows": 500, "eval_epochs": 3,
+}
 
 DATASET_HELP = """\
 datasets: a name from the data directory (--data-dir or $W2D_DATA_DIR, laid out as
@@ -71,7 +108,7 @@ def read_toml(args: argparse.Namespace) -> dict[str, dict]:
     if not getattr(args, "config", None):
         return {}
     toml = load_toml(args.config)
-    unknown = sorted(set(toml) - set(SECTIONS.values()) - {"select", "run"})
+    unknown = sorted(set(toml) - set(SECTIONS.values()))
     if unknown:
         raise W2DError(f"unknown section(s) in {args.config}: {', '.join(unknown)}")
     return toml
@@ -145,27 +182,77 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Finetune smollm2-135m's head on AG News and compare it with the base model."""
-    from weights2data.pipeline import Workspace, finetune_cached
-    from weights2data.train import evaluate, resolve_task
+def cmd_select(args: argparse.Namespace) -> int:
+    from weights2data.pipeline import Workspace
+    from weights2data.recover import check_pair, corpus_gradients, recover, resolve_label_set, write_recovery
 
-    rt = build_config(RuntimeConfig, args, {})
-    data = DataConfig(dataset="ag_news_1000", data_dir=args.data_dir)
-    ft = FinetuneConfig(train_scope="head", lr=1e-3, epochs=3)
-    ev = EvalConfig(max_eval_rows=1000)
+    toml = read_toml(args)
+    data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
+    run = open_run(rt, "select", {"base": args.base, "finetuned": args.finetuned, "corpus": args.corpus,
+                                  "data": to_dict(data), "select": to_dict(sel)})
     ws = Workspace.from_config(rt, data)
-    dataset = ws.dataset(data.dataset, data)
-    print(f"demo: {DEMO_MODEL}, linear probe (head scope) on {dataset.name}, tested on {len(dataset.test)} rows")
-    path, _ = finetune_cached(ws, DEMO_MODEL, dataset, data, ft)
-    rows = []
-    for name, spec in (("base", DEMO_MODEL), ("finetuned", str(path))):
-        loaded = ws.model(spec)
-        task = resolve_task(data, dataset, loaded)
-        rows.append((name, evaluate(loaded, dataset.test, task, ev, cache_root=ws.cache)))
-    for name, metrics in rows:
-        print(format_metrics(name, metrics))
+    corpus = ws.dataset(args.corpus, data, sel.seed).train
+    if sel.k > len(corpus):
+        raise W2DError(f"k = {sel.k} is larger than the corpus ({len(corpus)} documents)")
+    base, finetuned = ws.model(args.base), ws.model(args.finetuned)
+    check_pair(base, finetuned)
+    label_data = ws.dataset(sel.label_set, data) if sel.label_set and "," not in sel.label_set else None
+    label_set = resolve_label_set(sel, data, finetuned, label_data)
+    grads = corpus_gradients(base, finetuned, corpus.texts, label_set, data, sel, ws.cache)
+    recovery = recover(grads, corpus.texts, label_set, sel)
+    parquet, _ = write_recovery(recovery, run)
+    finish(run, rt, recovery.summary)
+    print(f"selected {sel.k} of {len(corpus)} documents with {sel.strategy}: {parquet}\n"
+          f"  objective cos(sum of selected gradients, delta) = {recovery.summary['objective_cos']:.4f}\n"
+          f"  labels: {recovery.summary.get('label_distribution')}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    check_fixed_seed_options(args)
+    toml = read_toml(args)
+    data, ft, ev, run_cfg, rt = (build_config(c, args, toml) for c in
+                                 (DataConfig, FinetuneConfig, EvalConfig, RunConfig, RuntimeConfig))
+    sel = build_config(SelectConfig, args, toml, seed=ft.seed)  # one --seed for the whole experiment
+    return run_and_print(rt, data, ft, ev, sel, run_cfg)
+
+
+def run_and_print(rt: RuntimeConfig, data: DataConfig, ft: FinetuneConfig, ev: EvalConfig,
+                  sel: SelectConfig, run_cfg: RunConfig) -> int:
+    from weights2data.experiment import format_table, run_experiment
+    from weights2data.pipeline import Workspace
+
+    config = {"data": to_dict(data), "finetune": to_dict(ft), "eval": to_dict(ev), "select": to_dict(sel),
+              "run": to_dict(run_cfg)}
+    run = open_run(rt, "run", config)
+    results = run_experiment(Workspace.from_config(rt, data), run, data, ft, ev, sel, run_cfg)
+    finish(run, rt, {"table": results["table"], "seconds": results["seconds"]})
+    print(f"\n{results['expert_dataset']}: expert vs {sel.k} documents recovered from {run_cfg.corpus} "
+          f"({ft.train_scope} scope, {results['seconds']:.0f} s)")
+    print(format_table(results))
+    print(f"results: {run / 'results.json'}")
+    return 0
+
+
+def check_fixed_seed_options(args: argparse.Namespace) -> None:
+    for name, (supported, why) in FIXED_SEED_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None and str(value) != supported:
+            raise W2DError(f"--{name} {value} is not supported: {why} (only {supported})")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The recovery experiment on the embedded default, sized for a 2-core CPU."""
+    rt = build_config(RuntimeConfig, args, {})
+    rt.exp_name = rt.exp_name or "demo"
+    data = DataConfig(dataset=DEMO["dataset"], data_dir=args.data_dir)
+    ft = FinetuneConfig(train_scope=DEMO["scope"], lr=DEMO["lr"], epochs=DEMO["epochs"], batch_size=16)
+    ev = EvalConfig(max_eval_rows=DEMO["eval_rows"], eval_epochs=DEMO["eval_epochs"], patience=3)
+    sel = SelectConfig(k=DEMO["k"])
+    run_cfg = RunConfig(base=DEMO_MODEL, corpus=DEMO["corpus"], strategies="greedy,topk")
+    print(f"demo: {DEMO_MODEL}, {DEMO['scope']} scope; expert on {DEMO['dataset']}; recover k = {DEMO['k']} "
+          f"from {DEMO['corpus']}; train on each and score on AG News test ({DEMO['eval_rows']} rows)")
+    return run_and_print(rt, data, ft, ev, sel, run_cfg)
 
 
 def check_train_labels(train: Any, task: Any, name: str) -> None:
@@ -255,7 +342,28 @@ def make_parser() -> argparse.ArgumentParser:
     for cls in (DataConfig, FinetuneConfig, EvalConfig, RuntimeConfig):
         add_config_args(p, cls)
 
-    p = command("demo", cmd_demo, "the embedded demonstration on smollm2-135m and AG News")
+    p = command("select", cmd_select,
+                "recover a labelled subset of a corpus from base and finetuned weights "
+                "(writes selection.parquet + summary.json)")
+    p.add_argument("--base", required=True, help="base model (before finetuning)")
+    p.add_argument("--finetuned", required=True, help="finetuned model (any directory transformers can load)")
+    p.add_argument("--corpus", required=True, help="candidate corpus (a dataset argument)")
+    add_config_args(p, SelectConfig, {"k": ["-k"]})
+    add_config_args(p, DataConfig, skip=("dataset", "task"))
+    add_config_args(p, RuntimeConfig)
+
+    p = command("run", cmd_run,
+                "the whole experiment: finetune the expert, select from the corpus, train on the expert's "
+                "data / the selection / random documents, and compare on the expert's test split. Accepts "
+                "the original run.py flag names.")
+    for cls in (RunConfig, DataConfig, FinetuneConfig, EvalConfig, SelectConfig, RuntimeConfig):
+        add_config_args(p, cls, SEED_ALIASES.get(cls), skip=("strategy", "seed") if cls is SelectConfig else ())
+    seed = p.add_argument_group("original options with one supported value (others are refused)")
+    for name, (supported, why) in FIXED_SEED_OPTIONS.items():
+        seed.add_argument(f"--{name}", default=None, help=f"only {supported}: {why}")
+
+    p = command("demo", cmd_demo, "the recovery experiment on the embedded default (smollm2-135m, AG News, "
+                "Wikipedia passages), sized for a laptop CPU")
     p.add_argument("--data-dir", default=None, help="data directory (default: $W2D_DATA_DIR)")
     add_config_args(p, RuntimeConfig)
     return parser

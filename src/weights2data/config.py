@@ -40,6 +40,7 @@ class DataConfig:
     task: str = opt("auto", "classification, lm, or auto (classification when the dataset has labels)")
 
     def __post_init__(self) -> None:
+        check_types(self)
         _choice("task", self.task, TASKS)
         if self.seq_len < 2:
             raise W2DError(f"sequence length must be at least 2 (got {self.seq_len})")
@@ -50,8 +51,8 @@ class FinetuneConfig:
     optimizer: str = opt("adam", "adam (the original's default), adamw or sgd")
     lr: float = opt(2e-5, "learning rate (the original's 2e-5; head and top:N scopes want ~1e-3)")
     batch_size: int = opt(32, "examples per optimiser step")
-    epochs: int = opt(1, "passes over the training set")
-    steps: int | None = opt(None, "stop after this many steps if reached before the last epoch")
+    epochs: int = opt(1, "passes over the training set (ignored when --steps is given)")
+    steps: int | None = opt(None, "train exactly this many optimiser steps, cycling over the data")
     train_scope: str = opt("full", "what is trained: full, head (the LM head; a linear probe for "
                            "classification) or top:N (last N blocks + head); frozen parts run once")
     lm_loss: str = opt("full", "language modelling loss: full (every next token) or last (last token only, "
@@ -60,11 +61,14 @@ class FinetuneConfig:
     seed: int = opt(0, "seed for shuffling, subsets and initialisation")
 
     def __post_init__(self) -> None:
+        check_types(self)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lm_loss", self.lm_loss, LM_LOSSES)
         parse_scope(self.train_scope)
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
             raise W2DError("lr must be > 0; batch size, epochs and steps at least 1")
+        if self.weight_decay < 0:
+            raise W2DError(f"weight decay must be >= 0 (got {self.weight_decay})")
 
 
 @dataclass
@@ -76,8 +80,9 @@ class EvalConfig:
     eval_batch_size: int = opt(64, "evaluation batch size")
 
     def __post_init__(self) -> None:
-        if self.max_eval_rows < 1 or self.eval_epochs < 1 or self.patience < 1:
-            raise W2DError("max eval rows, eval epochs and patience must be at least 1")
+        check_types(self)
+        if self.max_eval_rows < 1 or self.eval_epochs < 1 or self.patience < 1 or self.eval_batch_size < 1:
+            raise W2DError("max eval rows, eval epochs, patience and eval batch size must be at least 1")
         if not 0 <= self.val_fraction < 1:
             raise W2DError("val_fraction must lie in [0, 1)")
 
@@ -90,6 +95,22 @@ def parse_scope(scope: str) -> tuple[str, int]:
     if not match or int(match.group(1)) < 1:
         raise W2DError(f"unknown train scope '{scope}': use full, head or top:N (N >= 1)")
     return "top", int(match.group(1))
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_types(config: Any) -> None:
+    """Values from TOML files arrive untyped: refuse a string for a number and the like."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        base, optional = f.type.replace(" | None", ""), " | None" in f.type
+        allowed = _TYPES.get(base)
+        if allowed is None or (value is None and optional):
+            continue
+        if not isinstance(value, allowed) or (base != "bool" and isinstance(value, bool)):
+            raise W2DError(f"{f.name} must be {'an' if base == 'int' else 'a'} {base}"
+                           f"{' or unset' if optional else ''} (got {value!r})")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -125,3 +146,58 @@ class RuntimeConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     allow_pickle: bool = opt(False, "allow loading pickle checkpoints (.bin/.pt): they can run arbitrary code")
     wandb: bool = opt(False, "also log metrics to Weights & Biases (needs the wandb package)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+@dataclass
+class SelectConfig:
+    k: int = opt(1000, "number of corpus documents to select (the original's --select_full_dataset_size)")
+    strategy: str = opt("greedy", "greedy (SELECT), greedy_batched, topk, topk_balanced, bottomk, p_min, "
+                        "p_max or random")
+    labels: str = opt("auto", "labels for selected documents: auto (the finetuned model's prediction) or random")
+    label_set: str | None = opt(None, "label names and tokens: a dataset name (its labels.json, with "
+                                "--verbalizer), or a comma-separated list of verbalizer tokens; default: "
+                                "the finetuned model's saved metadata")
+    grad_at: str = opt("finetuned", "weights at which corpus gradients are taken: finetuned (the original), "
+                       "base, or both (their sum)")
+    projection_dim: int = opt(0, "0: exact factored gradients (default); D > 0: random JL projection to D "
+                              "dimensions, for parity with the original")
+    projection: str = opt("rademacher", "JL projection matrix: rademacher or normal")
+    batch_reset: int = opt(32, "greedy_batched: the running sum restarts every this many picks")
+    seed: int = opt(0, "seed for random labels, random selection and projections")
+
+    def __post_init__(self) -> None:
+        from weights2data.selection import STRATEGIES
+
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("labels", self.labels, ("auto", "random"))
+        _choice("grad_at", self.grad_at, ("finetuned", "base", "both"))
+        _choice("projection", self.projection, ("rademacher", "normal"))
+        if self.k < 1:
+            raise W2DError(f"k must be at least 1 (got {self.k})")
+        if self.projection_dim < 0:
+            raise W2DError("projection_dim must be 0 (exact) or positive")
+
+
+@dataclass
+class RunConfig:
+    base: str = opt("smollm2-135m", "base model (the original's --model)")
+    corpus: str = opt("wiki_passages_10000", "candidate corpus (the original's --select_seed_dataset)")
+    strategies: str = opt("greedy", "comma-separated selection strategies to compare, each trained and "
+                          "scored against the random baseline")
+    optimizer_test: str | None = opt(None, "optimizer for training on the selections (default: the expert's)")
+    skip_similarity: bool = opt(False, "skip the embedding-based dataset similarity metrics")
+
+    def __post_init__(self) -> None:
+        from weights2data.selection import STRATEGIES
+
+        for name in self.strategy_list:
+            _choice("strategy", name, STRATEGIES)
+        if self.optimizer_test is not None:
+            _choice("optimizer_test", self.optimizer_test, OPTIMIZERS)
+
+    @property
+    def strategy_list(self) -> list[str]:
+        return [s.strip() for s in self.strategies.split(",") if s.strip()]

@@ -256,15 +256,15 @@ def finetune(loaded: LoadedModel, train: Split, task: Task, cfg: FinetuneConfig,
     data = prepare(scoped, train, cache_root)
     optimizer = make_optimizer(scoped.parameters(), cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
-    history, steps = [], 0
-    for epoch in range(cfg.epochs):
+    history, steps, epoch = [], 0, 0
+    while (steps < cfg.steps) if cfg.steps is not None else (epoch < cfg.epochs):
+        epoch += 1
         remaining = None if cfg.steps is None else cfg.steps - steps
-        if remaining is not None and remaining <= 0:
-            break
-        record = train_epoch(scoped, data, optimizer, cfg, generator, remaining, f"epoch {epoch + 1}/{cfg.epochs}")
+        label = f"epoch {epoch}" + (f" (step {steps}/{cfg.steps})" if cfg.steps else f"/{cfg.epochs}")
+        record = train_epoch(scoped, data, optimizer, cfg, generator, remaining, label)
         steps += record["steps"]
-        history.append({"epoch": epoch + 1, **record})
-        log.info("epoch %d: train loss %.4f", epoch + 1, record["train_loss"])
+        history.append({"epoch": epoch, **record})
+        log.info("epoch %d: train loss %.4f", epoch, record["train_loss"])
     scoped.finalize()
     return {"history": history, "steps": steps, "untied_head": scoped.untied}
 

@@ -1,0 +1,124 @@
+"""The whole research protocol in one call (`w2d run`).
+
+Finetune the expert on a known dataset, recover a subset of the corpus from (base,
+expert) weights, then train the base model on the true data, on each recovered subset
+and on k random corpus documents labelled the same way, and score all of them on the
+expert's test split. Gap closure = (recovered − random) / (expert − random).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig, to_dict
+from weights2data.data import Split
+from weights2data.errors import W2DError
+from weights2data.pipeline import Workspace, finetune_cached
+from weights2data.recover import Recovery, check_pair, corpus_gradients, recover, write_recovery
+from weights2data.store import write_json
+from weights2data.train import Task, train_eval
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random"
+
+
+def run_experiment(ws: Workspace, run_dir: Path, data: DataConfig, expert_ft: FinetuneConfig,
+                   ev: EvalConfig, sel: SelectConfig, run: RunConfig) -> dict:
+    """Expert → selection(s) → expert / recovered / random scores; writes results.json."""
+    started = time.time()
+    expert_data = ws.dataset(data.dataset, data, expert_ft.seed)
+    if expert_data.test is None:
+        raise W2DError(f"dataset '{expert_data.name}' has no test split to score the models on")
+    corpus = ws.dataset(run.corpus, data, sel.seed).train
+    if sel.k > len(corpus):
+        raise W2DError(f"k = {sel.k} is larger than the corpus ({len(corpus)} documents)")
+    expert_path, meta = finetune_cached(ws, run.base, expert_data, data, expert_ft)
+    task = Task.from_dict(meta["task"])
+    base, expert = ws.model(run.base), ws.model(str(expert_path))
+    check_pair(base, expert)
+    if task.kind != "classification":
+        raise W2DError("w2d run supports classification experts so far; language-modelling recovery is not "
+                       "implemented yet")
+    grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
+    del base, expert
+    recoveries = {name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))
+                  for name in dict.fromkeys([*run.strategy_list, RANDOM])}
+    for name, recovery in recoveries.items():
+        write_recovery(recovery, run_dir / f"selection-{name}")
+    test_ft = replace(expert_ft, optimizer=run.optimizer_test or expert_ft.optimizer, steps=None, epochs=1)
+    training_sets = {"expert": expert_data.train} | {n: as_split(r) for n, r in recoveries.items()}
+    scores = {}
+    for name, split in training_sets.items():
+        log.info("training the base model on %s (%d rows)", name, len(split))
+        scores[name] = train_eval(ws.model(run.base), split, expert_data.test, task, test_ft, ev, ws.cache)
+    results = {
+        "expert_dataset": expert_data.name,
+        "corpus": run.corpus,
+        "k": sel.k,
+        "task": task.kind,
+        "expert_model": str(expert_path),
+        "metric": scores["expert"]["metric"],
+        "scores": scores,
+        "table": closure_table(scores, task),
+        "selections": {n: r.summary for n, r in recoveries.items()},
+        "config": {"data": to_dict(data), "finetune": to_dict(expert_ft), "eval": to_dict(ev),
+                   "select": to_dict(sel), "run": to_dict(run)},
+    }
+    if not run.skip_similarity:
+        results["similarity"] = similarity_block(recoveries, expert_data.train.texts)
+    results["seconds"] = round(time.time() - started, 1)
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def as_split(recovery: Recovery) -> Split:
+    labels = None if recovery.labels is None else recovery.labels.numpy()
+    return Split(recovery.texts, labels)
+
+
+def closure(recovered: float, random: float, expert: float) -> float:
+    """(recovered − random) / (expert − random): 1 matches the expert, 0 is no better than random.
+
+    The same formula holds for losses (all signs flip together).
+    """
+    gap = expert - random
+    return (recovered - random) / gap if abs(gap) > 1e-12 else math.nan
+
+
+def closure_table(scores: dict, task: Task) -> list[dict]:
+    """One row per training set with both figures and their gap closure."""
+    rows = []
+    for name, score in scores.items():
+        row = {"model": name}
+        for figure in ("best_epoch_test", "val_selected_test"):
+            row[figure] = score[figure]
+            if name not in ("expert", RANDOM):
+                row[f"closure_{figure}"] = closure(score[figure], scores[RANDOM][figure], scores["expert"][figure])
+        rows.append(row)
+    return rows
+
+
+def similarity_block(recoveries: dict[str, Recovery], truth: list[str]) -> dict:
+    """Dataset similarity of each selection to the true training texts."""
+    from weights2data.metrics import SentenceEmbedder, dataset_similarity
+
+    embedder = SentenceEmbedder()
+    return {name: dataset_similarity(r.texts, truth, embedder=embedder) for name, r in recoveries.items()}
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of expert / recovered / random scores and closure."""
+    metric = results["metric"]
+    lines = [f"{'model':<16}{'best-epoch ' + metric:>22}{'honest ' + metric:>20}{'closure (best/honest)':>26}"]
+    for row in results["table"]:
+        closure_text = ""
+        if "closure_best_epoch_test" in row:
+            closure_text = f"{row['closure_best_epoch_test']:.2f} / {row['closure_val_selected_test']:.2f}"
+        lines.append(f"{row['model']:<16}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
+                     f"{closure_text:>26}")
+    return "\n".join(lines)

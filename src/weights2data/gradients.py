@@ -1,0 +1,115 @@
+"""Per-example LM-head gradients of corpus documents, kept in factored form.
+
+For one position with hidden state h and softmax error e = p − onehot(y), the loss
+gradient w.r.t. the head W is e hᵀ. With logits restricted to the C label tokens, e is
+zero outside the label rows, so a classification gradient is the C × d matrix e hᵀ:
+inner products are exact from the factors (DESIGN §3) and nothing V × d is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from weights2data.data import LabelSet
+from weights2data.errors import W2DError
+from weights2data.models import LoadedModel
+from weights2data.selection import DenseFeatures, FactoredFeatures, GradientFeatures
+
+GRAD_AT = ("finetuned", "base", "both")
+PROJECTIONS = ("rademacher", "normal")
+
+
+def label_rows(loaded: LoadedModel, label_set: LabelSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight rows (C, d) and bias (C,) for the label tokens, on the CPU."""
+    head = loaded.model.get_output_embeddings()
+    ids = torch.tensor(label_set.token_ids, device=head.weight.device)
+    bias = None if getattr(head, "bias", None) is None else head.bias[ids].detach().float().cpu()
+    return head.weight[ids].detach().float().cpu(), bias
+
+
+def label_probs(hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(N, C) softmax over the label tokens' logits."""
+    return F.softmax(F.linear(hidden.float(), rows, bias), dim=-1)
+
+
+@dataclass
+class LabelledCorpus:
+    """Labels assigned to corpus documents and their loss under the finetuned model."""
+
+    labels: torch.Tensor  # (N,) long
+    losses: torch.Tensor  # (N,) cross-entropy of the assigned label under the finetuned model
+    probs: torch.Tensor  # (N, C) finetuned model's label distribution
+
+
+def assign_labels(probs: torch.Tensor, rule: str, seed: int) -> LabelledCorpus:
+    """`auto`: the finetuned model's prediction; `random`: uniform labels (a baseline)."""
+    if rule == "auto":
+        labels = probs.argmax(-1)
+    elif rule == "random":
+        labels = torch.randint(probs.shape[1], (probs.shape[0],), generator=torch.Generator().manual_seed(seed))
+    else:
+        raise W2DError(f"unknown label strategy '{rule}': use auto or random")
+    losses = -torch.log(probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12))
+    return LabelledCorpus(labels, losses, probs)
+
+
+def classification_features(
+    hidden: dict[str, torch.Tensor],
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    labels: torch.Tensor,
+    grad_at: str = "finetuned",
+) -> GradientFeatures:
+    """Factored head gradients at the finetuned (or base) weights; `both` sums the two.
+
+    hidden: {"base": (N, d), "finetuned": (N, d)} last hidden states (only those needed);
+    rows: the label rows and bias of each model's head. Δ = W_base − W_finetuned.
+    """
+    if grad_at not in GRAD_AT:
+        raise W2DError(f"unknown --grad-at '{grad_at}': choose from {', '.join(GRAD_AT)}")
+    delta = rows["base"][0] - rows["finetuned"][0]  # (C, d)
+    if grad_at != "both":
+        h = hidden[grad_at]
+        return FactoredFeatures(softmax_errors(h, *rows[grad_at], labels), h, delta)
+    dense = sum(
+        materialise(softmax_errors(hidden[w], *rows[w], labels), hidden[w]) for w in ("base", "finetuned")
+    )
+    return DenseFeatures(dense, delta.reshape(-1))
+
+
+def softmax_errors(hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """(N, C) e = p − onehot(y): the factor that multiplies hᵀ in the head gradient."""
+    probs = label_probs(hidden, rows, bias)
+    return probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+
+
+def materialise(errors: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """(N, C·d) flattened e_i h_iᵀ. Only for small C·d (the `both` option and JL parity)."""
+    return torch.einsum("nc,nd->ncd", errors, hidden).reshape(errors.shape[0], -1)
+
+
+def jl_project(features: FactoredFeatures, dim: int, kind: str = "rademacher", seed: int = 0,
+               chunk: int = 4096) -> DenseFeatures:
+    """Random projection of the materialised gradients (the original's approximation).
+
+    R has i.i.d. ±1/√D (rademacher) or N(0, 1/D) (normal) entries, so inner products are
+    preserved in expectation. Exact selection (dim 0) needs none of this.
+    """
+    if kind not in PROJECTIONS:
+        raise W2DError(f"unknown projection '{kind}': choose from {', '.join(PROJECTIONS)}")
+    n, c = features.errors.shape
+    d = features.hidden.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "rademacher":
+        proj = torch.randint(0, 2, (c * d, dim), generator=generator).float().mul_(2).sub_(1)
+    else:
+        proj = torch.randn(c * d, dim, generator=generator)
+    proj /= math.sqrt(dim)
+    grads = torch.cat([
+        materialise(features.errors[s:s + chunk], features.hidden[s:s + chunk]) @ proj for s in range(0, n, chunk)
+    ])
+    return DenseFeatures(grads, features.delta.reshape(-1) @ proj)

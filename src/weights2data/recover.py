@@ -1,0 +1,151 @@
+"""From two checkpoints and a corpus to a labelled subset: the SELECT method end to end."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from weights2data.config import DataConfig, SelectConfig, to_dict
+from weights2data.data import Dataset, LabelSet, encode_classification, make_label_set
+from weights2data.errors import W2DError
+from weights2data.features import hidden_states
+from weights2data.gradients import assign_labels, classification_features, jl_project, label_probs, label_rows
+from weights2data.models import LoadedModel
+from weights2data.selection import FactoredFeatures, select
+from weights2data.store import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+              "intermediate_size", "n_embd", "n_layer", "n_head")
+
+
+def check_pair(base: LoadedModel, finetuned: LoadedModel) -> None:
+    """Base and finetuned must share architecture, weight shapes and tokenizer."""
+    problems = []
+    for key in SHAPE_KEYS:
+        a, b = getattr(base.model.config, key, None), getattr(finetuned.model.config, key, None)
+        if a != b:
+            problems.append(f"config {key}: base {a} vs finetuned {b}")
+    shapes_a = {n: tuple(p.shape) for n, p in base.model.named_parameters()}
+    shapes_b = {n: tuple(p.shape) for n, p in finetuned.model.named_parameters()}
+    head = {n for n in shapes_a.keys() ^ shapes_b.keys() if n.startswith("lm_head")}  # tied on one side only
+    for name in sorted((shapes_a.keys() ^ shapes_b.keys()) - head)[:5]:
+        problems.append(f"weight {name} exists in only one model")
+    for name in sorted(shapes_a.keys() & shapes_b.keys()):
+        if shapes_a[name] != shapes_b[name]:
+            problems.append(f"weight {name}: base {shapes_a[name]} vs finetuned {shapes_b[name]}")
+    if base.tokenizer.get_vocab() != finetuned.tokenizer.get_vocab():
+        problems.append(f"tokenizers differ ({len(base.tokenizer)} vs {len(finetuned.tokenizer)} tokens)")
+    if problems:
+        raise W2DError("base and finetuned models do not match: " + "; ".join(problems[:8]))
+
+
+def resolve_label_set(cfg: SelectConfig, data: DataConfig, finetuned: LoadedModel,
+                      label_dataset: Dataset | None) -> LabelSet:
+    """From --label-set (a dataset or a token list), else the finetuned model's metadata."""
+    if label_dataset is not None:
+        if not label_dataset.has_labels:
+            raise W2DError(f"--label-set {cfg.label_set}: that dataset has no labels")
+        return make_label_set(label_dataset.label_names, finetuned.tokenizer, data.verbalizer)
+    if cfg.label_set:
+        words = [w.strip() for w in cfg.label_set.split(",") if w.strip()]
+        return make_label_set(words, finetuned.tokenizer, ",".join(words))
+    saved = (finetuned.meta.get("task") or {}).get("label_set")
+    if saved:
+        return LabelSet.from_dict(saved)
+    raise W2DError(
+        "classification selection needs a label set: pass --label-set DATASET (e.g. ag_news) or "
+        "--label-set 'A,B,C,D', or use a finetuned model saved by weights2data"
+    )
+
+
+@dataclass
+class Recovery:
+    """The selected documents with their labels, and what the selection cost."""
+
+    rows: torch.Tensor  # (k,) corpus row ids, in pick order
+    texts: list[str]
+    labels: torch.Tensor | None  # (k,)
+    label_set: LabelSet | None
+    scores: torch.Tensor
+    summary: dict = field(default_factory=dict)
+
+    def label_names(self) -> list[str]:
+        return [self.label_set.names[i] for i in self.labels.tolist()]
+
+
+@dataclass
+class CorpusGradients:
+    """Everything about the corpus a strategy needs, computed once and shared by strategies."""
+
+    features: object  # GradientFeatures
+    labels: torch.Tensor | None
+    losses: torch.Tensor
+    timings: dict
+
+
+def corpus_gradients(base: LoadedModel, finetuned: LoadedModel, texts: list[str], label_set: LabelSet,
+                     data: DataConfig, cfg: SelectConfig, cache_root: Path | None) -> CorpusGradients:
+    """Hidden states of the corpus (cached), labels, losses and factored head gradients."""
+    started = time.time()
+    encoded = encode_classification(finetuned.tokenizer, texts, data.seq_len)
+    needed = {"finetuned"} | ({"base"} if cfg.grad_at != "finetuned" else set())
+    hidden = {w: hidden_states(m, encoded, last_only=True, cache_root=cache_root, desc=f"{w} hidden states")
+              for w, m in (("base", base), ("finetuned", finetuned)) if w in needed}
+    hidden_s = time.time() - started
+    rows = {"base": label_rows(base, label_set), "finetuned": label_rows(finetuned, label_set)}
+    labelled = assign_labels(label_probs(hidden["finetuned"], *rows["finetuned"]), cfg.labels, cfg.seed)
+    features = classification_features(hidden, rows, labelled.labels, cfg.grad_at)
+    if cfg.projection_dim and isinstance(features, FactoredFeatures):
+        features = jl_project(features, cfg.projection_dim, cfg.projection, cfg.seed)
+    timings = {"hidden_states_s": round(hidden_s, 2), "features_s": round(time.time() - started, 2)}
+    return CorpusGradients(features, labelled.labels, labelled.losses, timings)
+
+
+def recover(grads: CorpusGradients, corpus_texts: list[str], label_set: LabelSet | None, cfg: SelectConfig,
+            strategy: str | None = None, progress: bool = True) -> Recovery:
+    """Run one strategy over precomputed corpus gradients."""
+    strategy = strategy or cfg.strategy
+    started = time.time()
+    selection = select(strategy, grads.features, cfg.k, labels=grads.labels, losses=grads.losses,
+                       seed=cfg.seed, batch_size=cfg.batch_reset, progress=progress)
+    rows = selection.indices
+    labels = None if grads.labels is None else grads.labels[rows]
+    summary = {
+        "strategy": strategy,
+        "k": cfg.k,
+        "corpus_size": len(corpus_texts),
+        "objective_cos": selection.objective,
+        "select_s": round(time.time() - started, 2),
+        **grads.timings,
+        "config": to_dict(cfg),
+    }
+    if labels is not None:
+        counts = Counter(labels.tolist())
+        summary["label_distribution"] = {label_set.names[i]: counts.get(i, 0) for i in range(len(label_set.names))}
+    return Recovery(rows, [corpus_texts[i] for i in rows.tolist()], labels, label_set, selection.scores, summary)
+
+
+def write_recovery(recovery: Recovery, out_dir: Path) -> tuple[Path, Path]:
+    """selection.parquet (text, label, label_name, corpus_row, rank, score) + summary.json."""
+    columns = {"text": recovery.texts}
+    if recovery.labels is not None:
+        columns |= {"label": recovery.labels.tolist(), "label_name": recovery.label_names()}
+    columns |= {"corpus_row": recovery.rows.tolist(), "rank": list(range(len(recovery.texts))),
+                "score": recovery.scores.float().tolist()}
+    table = pa.table(columns)
+    parquet, summary = out_dir / "selection.parquet", out_dir / "summary.json"
+    with atomic_path(parquet) as tmp:
+        pq.write_table(table, tmp)
+    if recovery.label_set is not None:
+        write_json(out_dir / "labels.json", recovery.label_set.names)
+    write_json(summary, recovery.summary)
+    return parquet, summary
