@@ -370,6 +370,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging() -> None:
+    """Log the package's INFO messages to stderr (main() removes the handlers it added)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
@@ -378,10 +379,12 @@ def setup_logging() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    before = list(log.handlers)
     setup_logging()
     try:
         return args.func(args)
@@ -391,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("w2d: interrupted; finished cache chunks are kept and the next run resumes", file=sys.stderr)
         return 130
+    finally:
+        for handler in [h for h in log.handlers if h not in before]:
+            log.removeHandler(handler)
+            handler.close()
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def _load_part(part: str, root: Path | None, text_column: str, label_column: str
     path = Path(part).expanduser()
     if path.exists():
         return _load_local(path, text_column, label_column)
-    base, n = split_size_suffix(part)
+    base, n = (part, None) if root is not None and (root / part).is_dir() else split_size_suffix(part)
     if root is not None and (root / base).is_dir():
         dataset = _load_local(root / base, text_column, label_column, name=base)
     elif base in SEED_DATASETS:
@@ -330,6 +330,8 @@ def make_label_set(label_names: list[str], tokenizer: PreTrainedTokenizerBase, v
         words = list(label_names)
     else:
         words = [w.strip() for w in verbalizer.split(",")]
+        if not all(words):
+            raise W2DError(f"the verbalizer list '{verbalizer}' has an empty entry")
         if len(words) != len(label_names):
             raise W2DError(f"the verbalizer lists {len(words)} tokens but the dataset has {len(label_names)} labels")
     tokens = [" " + w.lstrip() for w in words]

@@ -85,7 +85,12 @@ def load_model(
     if spec == EMBEDDED:
         path = ensure_smollm2(cache)
     elif spec == TINY or spec.startswith(TINY + ":"):
-        return tiny_test_model(cache, seed=int(spec.partition(":")[2] or 0))
+        seed = spec.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise W2DError(f"bad model '{spec}': use {TINY} or {TINY}:SEED with an integer seed")
+        loaded = tiny_test_model(cache, seed=int(seed))
+        loaded.model.to(device)
+        return loaded
     elif Path(spec).expanduser().is_dir():
         path = Path(spec).expanduser()
     elif _looks_like_path(spec):

@@ -76,27 +76,27 @@ class ScopedModel:
         self.head = model.get_output_embeddings()
         self.label_rows: torch.nn.Parameter | None = None
         self.first_trained_layer: int | None = None
-        if self.kind == "head" and task.kind == "classification":
+        if self.kind != "full" and task.kind == "classification":
+            # only the label rows of an untied head receive gradient: train them as a (C, d) matrix
             self.label_rows = torch.nn.Parameter(self.head.weight[self._label_ids()].detach().clone())
-        elif self.kind == "head":
+        elif self.kind != "full":
             self.head.requires_grad_(training)
-        elif self.kind == "top":
+        if self.kind == "top":
             layers = decoder_layers(model)
             if n_top > len(layers):
                 raise W2DError(f"top:{n_top} asks for more blocks than the model has ({len(layers)})")
             if not hasattr(model.base_model, "rotary_emb"):
                 raise W2DError("top:N scopes support Llama-family models; use head or full for this model")
             self.first_trained_layer = len(layers) - n_top
-            for module in (*layers[self.first_trained_layer:], model.base_model.norm, self.head):
+            for module in (*layers[self.first_trained_layer:], model.base_model.norm):
                 module.requires_grad_(training)
 
     def _label_ids(self) -> torch.Tensor:
         return torch.tensor(self.task.label_set.token_ids, device=self.head.weight.device)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        if self.label_rows is not None:
-            return [self.label_rows]
-        return [p for p in self.loaded.model.parameters() if p.requires_grad]
+        body = [p for p in self.loaded.model.parameters() if p.requires_grad]
+        return body + ([self.label_rows] if self.label_rows is not None else [])
 
     def frozen_outputs(self, encoded: Encoded, cache_root: Path | None) -> torch.Tensor | None:
         """What the trained part reads, computed once: None for full (it reads token ids)."""
@@ -226,7 +226,7 @@ def train_epoch(scoped: ScopedModel, data: Prepared, optimizer: torch.optim.Opti
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total, count = total + float(loss_sum), count + n
+        total, count = total + loss_sum.item(), count + n
         bar.set_postfix(loss=f"{float(loss):.4f}")
     scoped.loaded.model.eval()
     if not math.isfinite(total):
@@ -241,7 +241,7 @@ def evaluate_prepared(scoped: ScopedModel, data: Prepared, batch_size: int = 64)
     batches = torch.arange(len(data)).split(batch_size)
     for index in tqdm(batches, desc="evaluate", unit="batch", leave=False, disable=len(batches) < 20):
         loss_sum, n, right = batch_loss(scoped, *data.batch(index))
-        total, count, correct = total + float(loss_sum), count + n, correct + right
+        total, count, correct = total + loss_sum.item(), count + n, correct + right
     loss = total / max(count, 1)
     if scoped.task.kind == "classification":
         return {"loss": loss, "accuracy": correct / max(count, 1), "n": count}

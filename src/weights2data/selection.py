@@ -1,0 +1,262 @@
+"""Choose k corpus documents whose LM-head gradients best explain the finetuning update.
+
+g_i is document i's loss gradient w.r.t. the head at the finetuned weights, and
+Δ = W_head(base) − W_head(finetuned). Gradients enter only through inner products, so a
+feature object supplies ⟨g_i, Δ⟩, ‖g_i‖², and ⟨g_i, ·⟩ against one or a sum of gradients;
+classification gradients stay factored as e_i h_iᵀ and are never materialised.
+
+The greedy engine (SELECT) adds, at each step, the unchosen i maximising cos(R + g_i, Δ),
+where R is the sum of the gradients chosen so far. It is incremental (DESIGN §3): one Gram
+row ⟨g_i, g_j⟩ per pick, float32 on the N-sized vectors, float64 only for two scalars.
+`dots_with_sum` exists for the final objective, cos(Σ_chosen g, Δ), which k separate Gram
+rows would make as expensive as the selection itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from weights2data.errors import W2DError
+
+STRATEGIES = ("greedy", "greedy_batched", "topk", "topk_balanced", "bottomk", "p_min", "p_max", "random")
+
+_TINY = 1e-30  # floor under squared norms before a square root
+
+
+class GradientFeatures(Protocol):
+    target_dots: Tensor  # (N,) ⟨g_i, Δ⟩
+    sq_norms: Tensor  # (N,) ‖g_i‖²
+    delta_sq_norm: float  # ‖Δ‖²
+
+    def dots_with(self, j: int) -> Tensor:
+        """(N,) ⟨g_i, g_j⟩ for all i."""
+        ...
+
+    def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
+        """⟨g_i, Σ_{j ∈ picks} g_j⟩ for i in `rows` (all N when None)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class FactoredFeatures:
+    """Classification head gradients g_i = e_i h_iᵀ (C × d), kept as their two factors."""
+
+    errors: Tensor  # (N, C) softmax error over the label tokens
+    hidden: Tensor  # (N, d) final hidden state
+    delta: Tensor  # (C, d) Δ restricted to the label rows
+    target_dots: Tensor = field(init=False)
+    sq_norms: Tensor = field(init=False)
+    delta_sq_norm: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.errors, self.hidden, self.delta = (x.float() for x in (self.errors, self.hidden, self.delta))
+        n, c = _shape2(self.errors, "errors")
+        if self.hidden.dim() != 2 or self.hidden.shape[0] != n:
+            raise W2DError(f"hidden must be (N={n}, d), got {tuple(self.hidden.shape)}")
+        if tuple(self.delta.shape) != (c, self.hidden.shape[1]):
+            raise W2DError(f"delta must be (C={c}, d={self.hidden.shape[1]}), got {tuple(self.delta.shape)}")
+        self.target_dots = ((self.hidden @ self.delta.T) * self.errors).sum(1)  # e_iᵀ Δ h_i
+        self.sq_norms = self.errors.square().sum(1) * self.hidden.square().sum(1)
+        self.delta_sq_norm = float(self.delta.double().square().sum())
+
+    def __len__(self) -> int:
+        return self.errors.shape[0]
+
+    def dots_with(self, j: int) -> Tensor:
+        return (self.errors @ self.errors[j]) * (self.hidden @ self.hidden[j])
+
+    def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
+        total = self.errors[picks].T @ self.hidden[picks]  # (C, d) Σ_j e_j h_jᵀ
+        e, h = (self.errors, self.hidden) if rows is None else (self.errors[rows], self.hidden[rows])
+        return ((h @ total.T) * e).sum(1)
+
+
+@dataclass
+class DenseFeatures:
+    """Explicit gradient vectors (projected or sketched), one row per document.
+
+    `target_dots` / `sq_norms` may be given exactly (the LM path computes them without
+    sketching); otherwise they come from `grads` and `delta`.
+    """
+
+    grads: Tensor  # (N, D)
+    delta: Tensor  # (D,)
+    target_dots: Tensor | None = None  # (N,)
+    sq_norms: Tensor | None = None  # (N,)
+    delta_sq_norm: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.grads, self.delta = self.grads.float(), self.delta.float()
+        n, d = _shape2(self.grads, "grads")
+        if tuple(self.delta.shape) != (d,):
+            raise W2DError(f"delta must be (D={d},), got {tuple(self.delta.shape)}")
+        self.target_dots = self.grads @ self.delta if self.target_dots is None else self.target_dots.float()
+        self.sq_norms = self.grads.square().sum(1) if self.sq_norms is None else self.sq_norms.float()
+        for name, v in (("target_dots", self.target_dots), ("sq_norms", self.sq_norms)):
+            if tuple(v.shape) != (n,):
+                raise W2DError(f"{name} must be (N={n},), got {tuple(v.shape)}")
+        self.delta_sq_norm = float(self.delta.double().square().sum())
+
+    def __len__(self) -> int:
+        return self.grads.shape[0]
+
+    def dots_with(self, j: int) -> Tensor:
+        return self.grads @ self.grads[j]
+
+    def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
+        total = self.grads[picks].sum(0)  # (D,)
+        return (self.grads if rows is None else self.grads[rows]) @ total
+
+
+@dataclass
+class Selection:
+    indices: Tensor  # (k,) int64, in pick order
+    scores: Tensor  # (k,) the strategy's score at pick time (NaN for random)
+    objective: float  # cos(Σ_chosen g, Δ); NaN when no features were given
+
+
+def _shape2(x: Tensor, name: str) -> tuple[int, int]:
+    if x.dim() != 2:
+        raise W2DError(f"{name} must be a 2-D tensor, got shape {tuple(x.shape)}")
+    return x.shape[0], x.shape[1]
+
+
+def cosines(features: GradientFeatures) -> Tensor:
+    """(N,) cos(g_i, Δ); zero for a zero gradient."""
+    norms = (features.sq_norms * features.delta_sq_norm).clamp_min(_TINY).sqrt()
+    return features.target_dots / norms
+
+
+def objective(features: GradientFeatures, indices: Tensor) -> float:
+    """cos(Σ_{i ∈ indices} g_i, Δ), accumulated in float64."""
+    indices = indices.to(features.target_dots.device)
+    dot = float(features.target_dots[indices].double().sum())
+    sq = float(features.dots_with_sum(indices, rows=indices).double().sum())
+    return dot / math.sqrt(max(sq * features.delta_sq_norm, _TINY))
+
+
+# --- the greedy engine -------------------------------------------------------------------
+
+
+def greedy(
+    features: GradientFeatures,
+    k: int,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """SELECT: (indices, cos at pick time), each (k,); R restarts from 0 every `batch_size` picks.
+
+    State: r_dot = ⟨R, Δ⟩ and r_sq = ‖R‖² as float64 scalars, c = ⟨g_i, R⟩ as a float32
+    (N,) vector, so ‖R + g_i‖² = r_sq + 2 c_i + ‖g_i‖² and each pick costs one Gram row
+    ⟨g_i, g_j⟩ (`dots_with`), an N × D matrix-vector product bound by memory bandwidth.
+    """
+    t, sq = features.target_dots, features.sq_norms
+    chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)
+    picks, scores = [], []
+    for step in tqdm(range(k), desc="greedy", disable=not progress):
+        if step % (batch_size or k) == 0:
+            r_dot, r_sq, c = 0.0, 0.0, torch.zeros_like(t)
+        num = t + r_dot  # (N,) ⟨R + g_i, Δ⟩
+        den = torch.add(sq, c, alpha=2).add_(r_sq).clamp_min_(_TINY)  # (N,) ‖R + g_i‖²
+        rank = den.sqrt_().reciprocal_().mul_(num).masked_fill_(chosen, -math.inf)  # (N,) cos · ‖Δ‖
+        j = int(rank.argmax())
+        picks.append(j)
+        scores.append(float(rank[j]) / math.sqrt(features.delta_sq_norm))
+        chosen[j] = True
+        r_dot += float(t[j])
+        r_sq += 2 * float(c[j]) + float(sq[j])
+        c += features.dots_with(j)
+    return torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float32)
+
+
+# --- strategies ---------------------------------------------------------------------------
+
+
+def select(
+    strategy: str,
+    features: GradientFeatures | None,
+    k: int,
+    *,
+    labels: Tensor | None = None,
+    losses: Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Selection:
+    """Pick k documents with `strategy` (one of STRATEGIES).
+
+    `features` may be None only for p_min, p_max and random (then objective is NaN);
+    topk_balanced needs `labels` (N,), p_min / p_max need `losses` (N,).
+    """
+    if strategy not in STRATEGIES:
+        raise W2DError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    n = _count(strategy, features, labels, losses)
+    if not 1 <= k <= n:
+        raise W2DError(f"k must be between 1 and the number of candidates ({n}), got {k}")
+    if strategy in ("greedy", "greedy_batched"):
+        if batch_size < 1:
+            raise W2DError(f"batch_size must be at least 1, got {batch_size}")
+        size = batch_size if strategy == "greedy_batched" else None
+        indices, scores = greedy(features, k, batch_size=size, progress=progress)
+    elif strategy == "topk":
+        indices, scores = _ranked(cosines(features), k, descending=True)
+    elif strategy == "bottomk":
+        indices, scores = _ranked(cosines(features), k, descending=False)
+    elif strategy == "topk_balanced":
+        indices, scores = topk_balanced(cosines(features), labels, k)
+    elif strategy in ("p_min", "p_max"):
+        indices, scores = _ranked(losses.float(), k, descending=strategy == "p_max")
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        indices, scores = torch.randperm(n, generator=generator)[:k], torch.full((k,), math.nan)
+    indices = indices.cpu()
+    value = math.nan if features is None else objective(features, indices)
+    return Selection(indices=indices, scores=scores.cpu(), objective=value)
+
+
+def _count(strategy: str, features, labels: Tensor | None, losses: Tensor | None) -> int:
+    """The number of candidates, after checking the strategy has the inputs it needs."""
+    if strategy == "topk_balanced" and labels is None:
+        raise W2DError("topk_balanced needs labels (one integer label per candidate document)")
+    if strategy in ("p_min", "p_max") and losses is None:
+        raise W2DError(f"{strategy} needs losses (one loss per candidate document under the finetuned model)")
+    if features is None and strategy not in ("p_min", "p_max", "random"):
+        raise W2DError(f"{strategy} needs gradient features")
+    given = [len(x) for x in (features, labels, losses) if x is not None]
+    if not given:
+        raise W2DError("random selection needs features, labels or losses to know the number of candidates")
+    if len(set(given)) > 1:
+        raise W2DError(f"features, labels and losses disagree on the number of candidates: {given}")
+    return given[0]
+
+
+def _ranked(values: Tensor, k: int, descending: bool) -> tuple[Tensor, Tensor]:
+    order = values.argsort(descending=descending, stable=True)[:k]
+    return order, values[order]
+
+
+def topk_balanced(cos: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Best cosines with at most ⌈k / C⌉ per label; leftover slots go to the best of the rest."""
+    labels = labels.to(cos.device).long()
+    if labels.dim() != 1 or (len(labels) and int(labels.min()) < 0):
+        raise W2DError("labels must be a 1-D tensor of non-negative integers")
+    quota = math.ceil(k / (int(labels.max()) + 1))
+    order = cos.argsort(descending=True, stable=True)  # (N,)
+    ranked = labels[order]
+    # rank of each document within its own label, in descending-cosine order
+    within = torch.zeros_like(order)
+    for c in ranked.unique():
+        hit = ranked == c
+        within[hit] = torch.arange(int(hit.sum()), device=cos.device)
+    in_quota = within < quota
+    picks = torch.cat([order[in_quota], order[~in_quota]])[:k]
+    return picks, cos[picks]

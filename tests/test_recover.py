@@ -1,0 +1,142 @@
+"""The factored classification gradients against autograd, and the select pipeline on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weights2data.config import DataConfig, SelectConfig
+from weights2data.data import encode_classification, make_label_set
+from weights2data.errors import W2DError
+from weights2data.features import forward_hidden
+from weights2data.models import LoadedModel, tiny_test_model, untie_head
+from weights2data.recover import check_pair, corpus_gradients, recover, write_recovery
+from weights2data.selection import DenseFeatures, select
+
+TEXTS = [
+    "The team won the championship after a dramatic overtime goal.",
+    "Stocks fell sharply as investors worried about interest rates.",
+    "A new species of frog was discovered in the rainforest.",
+    "The prime minister met foreign leaders at the summit.",
+    "The company reported record quarterly earnings on Tuesday.",
+    "Scientists launched a satellite to study the ozone layer.",
+    "The striker signed a three-year contract with the club.",
+    "Oil prices rose after the pipeline was shut down.",
+    "Researchers trained a neural network to read handwriting.",
+    "Elections were held peacefully across the country.",
+    "The museum opened an exhibition of medieval manuscripts.",
+    "Heavy rain flooded the streets of the capital overnight.",
+]
+
+
+@pytest.fixture(scope="module")
+def pair(cache) -> tuple[LoadedModel, LoadedModel]:
+    base = tiny_test_model(cache, seed=0)
+    untie_head(base.model)
+    finetuned = LoadedModel(copy.deepcopy(base.model), base.tokenizer, "tiny-finetuned")
+    with torch.no_grad():  # a finetune that moved the head and the last block
+        finetuned.model.lm_head.weight.add_(0.05 * torch.randn_like(finetuned.model.lm_head.weight))
+        for p in finetuned.model.model.layers[-1].parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return base, finetuned
+
+
+def autograd_head_gradients(model: torch.nn.Module, texts: list[str], tokenizer, token_ids: list[int],
+                            labels: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(N, V·d) per-example gradients of the label-restricted loss w.r.t. the full head."""
+    encoded = encode_classification(tokenizer, texts, seq_len)
+    head = model.get_output_embeddings()
+    grads = []
+    for i in range(len(texts)):
+        hidden = forward_hidden(model, encoded.subset(slice(i, i + 1)))[:, -1]  # (1, d), no grad
+        weight = head.weight.detach().clone().requires_grad_(True)
+        logits = F.linear(hidden, weight)[:, token_ids]
+        F.cross_entropy(logits, labels[i : i + 1]).backward()
+        grads.append(weight.grad.reshape(-1))
+    return torch.stack(grads)
+
+
+def test_factored_gradients_match_autograd(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b", "c", "d"], finetuned.tokenizer, "letters")
+    data, cfg = DataConfig(seq_len=16), SelectConfig(k=5, projection_dim=0)
+    grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, cfg, cache_root=tmp_path)
+    dense = autograd_head_gradients(finetuned.model, TEXTS, finetuned.tokenizer, label_set.token_ids,
+                                    grads.labels, data.seq_len)
+    delta = (base.model.lm_head.weight - finetuned.model.lm_head.weight).detach().reshape(-1)
+    exact = DenseFeatures(dense, delta)
+    factored = grads.features
+    # Rows outside the label set carry no gradient, so every inner product is the same; cosines
+    # differ only by the constant ‖Δ_labels‖ / ‖Δ‖, which no strategy's ranking depends on.
+    torch.testing.assert_close(factored.target_dots, exact.target_dots, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(factored.sq_norms, exact.sq_norms, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(factored.dots_with(3), exact.dots_with(3), atol=1e-6, rtol=1e-5)
+    cos_dense = exact.target_dots / exact.sq_norms.sqrt()
+    cos_factored = factored.target_dots / factored.sq_norms.sqrt()
+    torch.testing.assert_close(cos_factored, cos_dense, atol=1e-5, rtol=1e-5)
+    for strategy in ("greedy", "greedy_batched", "topk", "bottomk"):
+        a = select(strategy, factored, 6, batch_size=3, progress=False)
+        b = select(strategy, exact, 6, batch_size=3, progress=False)
+        assert a.indices.tolist() == b.indices.tolist(), strategy
+
+
+def test_auto_labels_are_the_finetuned_prediction(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
+    grads = corpus_gradients(base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=3), tmp_path)
+    encoded = encode_classification(finetuned.tokenizer, TEXTS, 16)
+    with torch.no_grad():
+        logits = finetuned.model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
+                                 position_ids=encoded.position_ids).logits[:, -1, label_set.token_ids]
+    assert grads.labels.tolist() == logits.argmax(-1).tolist()
+    expected_loss = F.cross_entropy(logits, grads.labels, reduction="none")
+    torch.testing.assert_close(grads.losses, expected_loss, atol=1e-5, rtol=1e-4)
+
+
+def test_projection_approximates_exact_cosines(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b", "c", "d"], finetuned.tokenizer, "letters")
+    data = DataConfig(seq_len=16)
+    exact = corpus_gradients(base, finetuned, TEXTS, label_set, data, SelectConfig(k=3), tmp_path).features
+    projected = corpus_gradients(base, finetuned, TEXTS, label_set, data,
+                                 SelectConfig(k=3, projection_dim=4096, seed=1), tmp_path).features
+    cos = lambda f: f.target_dots / (f.sq_norms.sqrt() * f.delta_sq_norm ** 0.5)  # noqa: E731
+    assert (cos(exact) - cos(projected)).abs().max() < 0.1
+
+
+def test_hidden_states_are_cached(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
+    args = (base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=3))
+    first = corpus_gradients(*args, tmp_path)
+    chunks = list((tmp_path / "hidden").rglob("chunk_*.safetensors"))
+    assert chunks
+    second = corpus_gradients(*args, tmp_path)
+    assert list((tmp_path / "hidden").rglob("chunk_*.safetensors")) == chunks
+    torch.testing.assert_close(first.features.target_dots, second.features.target_dots)
+
+
+def test_write_recovery(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["x", "y"], finetuned.tokenizer, "letters")
+    grads = corpus_gradients(base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=4), tmp_path)
+    recovery = recover(grads, TEXTS, label_set, SelectConfig(k=4), progress=False)
+    parquet, summary = write_recovery(recovery, tmp_path / "out")
+    table = pq.read_table(parquet).to_pydict()
+    assert table["rank"] == [0, 1, 2, 3]
+    assert [TEXTS[i] for i in table["corpus_row"]] == table["text"]
+    assert set(table["label_name"]) <= {"x", "y"}
+    assert summary.exists() and sum(recovery.summary["label_distribution"].values()) == 4
+
+
+def test_check_pair_names_the_difference(pair, cache) -> None:
+    base, _ = pair
+    other = tiny_test_model(cache, seed=1)
+    check_pair(base, other)  # same architecture, other weights: fine
+    other.model.config.hidden_size = 128
+    with pytest.raises(W2DError, match="hidden_size"):
+        check_pair(base, other)
