@@ -223,7 +223,9 @@ def select(
     return Selection(indices=indices, scores=scores.cpu(), objective=value)
 
 
-def _count(strategy: str, features, labels: Tensor | None, losses: Tensor | None) -> int:
+def _count(
+    strategy: str, features: GradientFeatures | None, labels: Tensor | None, losses: Tensor | None
+) -> int:
     """The number of candidates, after checking the strategy has the inputs it needs."""
     if strategy == "topk_balanced" and labels is None:
         raise W2DError("topk_balanced needs labels (one integer label per candidate document)")
