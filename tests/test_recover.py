@@ -45,8 +45,14 @@ def pair(cache) -> tuple[LoadedModel, LoadedModel]:
     return base, finetuned
 
 
-def autograd_head_gradients(model: torch.nn.Module, texts: list[str], tokenizer, token_ids: list[int],
-                            labels: torch.Tensor, seq_len: int) -> torch.Tensor:
+def autograd_head_gradients(
+    model: torch.nn.Module,
+    texts: list[str],
+    tokenizer,
+    token_ids: list[int],
+    labels: torch.Tensor,
+    seq_len: int,
+) -> torch.Tensor:
     """(N, V·d) per-example gradients of the label-restricted loss w.r.t. the full head."""
     encoded = encode_classification(tokenizer, texts, seq_len)
     head = model.get_output_embeddings()
@@ -65,8 +71,9 @@ def test_factored_gradients_match_autograd(pair, tmp_path) -> None:
     label_set = make_label_set(["a", "b", "c", "d"], finetuned.tokenizer, "letters")
     data, cfg = DataConfig(seq_len=16), SelectConfig(k=5, projection_dim=0)
     grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, cfg, cache_root=tmp_path)
-    dense = autograd_head_gradients(finetuned.model, TEXTS, finetuned.tokenizer, label_set.token_ids,
-                                    grads.labels, data.seq_len)
+    dense = autograd_head_gradients(
+        finetuned.model, TEXTS, finetuned.tokenizer, label_set.token_ids, grads.labels, data.seq_len
+    )
     delta = (base.model.lm_head.weight - finetuned.model.lm_head.weight).detach().reshape(-1)
     exact = DenseFeatures(dense, delta)
     factored = grads.features
@@ -87,11 +94,16 @@ def test_factored_gradients_match_autograd(pair, tmp_path) -> None:
 def test_auto_labels_are_the_finetuned_prediction(pair, tmp_path) -> None:
     base, finetuned = pair
     label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
-    grads = corpus_gradients(base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=3), tmp_path)
+    grads = corpus_gradients(
+        base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=3), tmp_path
+    )
     encoded = encode_classification(finetuned.tokenizer, TEXTS, 16)
     with torch.no_grad():
-        logits = finetuned.model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
-                                 position_ids=encoded.position_ids).logits[:, -1, label_set.token_ids]
+        logits = finetuned.model(
+            input_ids=encoded.input_ids,
+            attention_mask=encoded.attention_mask,
+            position_ids=encoded.position_ids,
+        ).logits[:, -1, label_set.token_ids]
     assert grads.labels.tolist() == logits.argmax(-1).tolist()
     expected_loss = F.cross_entropy(logits, grads.labels, reduction="none")
     torch.testing.assert_close(grads.losses, expected_loss, atol=1e-5, rtol=1e-4)
@@ -102,9 +114,10 @@ def test_projection_approximates_exact_cosines(pair, tmp_path) -> None:
     label_set = make_label_set(["a", "b", "c", "d"], finetuned.tokenizer, "letters")
     data = DataConfig(seq_len=16)
     exact = corpus_gradients(base, finetuned, TEXTS, label_set, data, SelectConfig(k=3), tmp_path).features
-    projected = corpus_gradients(base, finetuned, TEXTS, label_set, data,
-                                 SelectConfig(k=3, projection_dim=4096, seed=1), tmp_path).features
-    cos = lambda f: f.target_dots / (f.sq_norms.sqrt() * f.delta_sq_norm ** 0.5)  # noqa: E731
+    projected = corpus_gradients(
+        base, finetuned, TEXTS, label_set, data, SelectConfig(k=3, projection_dim=4096, seed=1), tmp_path
+    ).features
+    cos = lambda f: f.target_dots / (f.sq_norms.sqrt() * f.delta_sq_norm**0.5)  # noqa: E731
     assert (cos(exact) - cos(projected)).abs().max() < 0.1
 
 
@@ -123,7 +136,9 @@ def test_hidden_states_are_cached(pair, tmp_path) -> None:
 def test_write_recovery(pair, tmp_path) -> None:
     base, finetuned = pair
     label_set = make_label_set(["x", "y"], finetuned.tokenizer, "letters")
-    grads = corpus_gradients(base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=4), tmp_path)
+    grads = corpus_gradients(
+        base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=4), tmp_path
+    )
     recovery = recover(grads, TEXTS, label_set, SelectConfig(k=4), progress=False)
     parquet, summary = write_recovery(recovery, tmp_path / "out")
     table = pq.read_table(parquet).to_pydict()

@@ -196,9 +196,17 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise W2DError(f"k = {sel.k} is larger than the corpus ({len(corpus)} documents)")
     base, finetuned = ws.model(args.base), ws.model(args.finetuned)
     check_pair(base, finetuned)
-    label_data = ws.dataset(sel.label_set, data) if sel.label_set and "," not in sel.label_set else None
-    label_set = resolve_label_set(sel, data, finetuned, label_data)
-    grads = corpus_gradients(base, finetuned, corpus.texts, label_set, data, sel, ws.cache)
+    saved_task = finetuned.meta.get("task") or {}
+    if data.task == "lm" or (data.task == "auto" and saved_task.get("kind") == "lm"):
+        from weights2data.recover import lm_corpus_gradients
+
+        label_set = None
+        lm_loss = args.lm_loss or saved_task.get("lm_loss") or "full"
+        grads = lm_corpus_gradients(base, finetuned, corpus.texts, data.seq_len, lm_loss, sel, ws.cache)
+    else:
+        label_data = ws.dataset(sel.label_set, data) if sel.label_set and "," not in sel.label_set else None
+        label_set = resolve_label_set(sel, data, finetuned, label_data)
+        grads = corpus_gradients(base, finetuned, corpus.texts, label_set, data, sel, ws.cache)
     recovery = recover(grads, corpus.texts, label_set, sel)
     parquet, _ = write_recovery(recovery, run)
     finish(run, rt, recovery.summary)
@@ -253,6 +261,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: {DEMO_MODEL}, {DEMO['scope']} scope; expert on {DEMO['dataset']}; recover k = {DEMO['k']} "
           f"from {DEMO['corpus']}; train on each and score on AG News test ({DEMO['eval_rows']} rows)")
     return run_and_print(rt, data, ft, ev, sel, run_cfg)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from weights2data.report import build_report
+
+    out = Path(args.out) if args.out else default_report_dir([Path(p) for p in args.run_dirs])
+    html_path = build_report(args.run_dirs, out, data_dir=args.data_dir)
+    print(f"report: {html_path}\n  markdown: {html_path.with_name('report.md')} (figures beside it)")
+    return 0
+
+
+def default_report_dir(run_dirs: list[Path]) -> Path:
+    """<run>/report for one run; <common parent>/report-<hash of the runs> for several."""
+    from weights2data.store import stable_hash
+
+    if len(run_dirs) == 1:
+        return run_dirs[0] / "report"
+    resolved = [str(p.resolve()) for p in run_dirs]
+    return Path(os.path.commonpath(resolved)) / f"report-{stable_hash(sorted(resolved), 8)}"
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    from weights2data.metrics import SentenceEmbedder, dataset_similarity
+    from weights2data.pipeline import Workspace, pick_device
+
+    toml = read_toml(args)
+    data, rt = build_config(DataConfig, args, toml), build_config(RuntimeConfig, args, toml)
+    run = open_run(rt, "similarity", {"a": args.a, "b": args.b, "max_docs": args.max_docs, "seed": args.seed,
+                                      "data": to_dict(data)})
+    ws = Workspace.from_config(rt, data)
+    a, b = ws.dataset(args.a, data).train, ws.dataset(args.b, data).train
+    embedder = SentenceEmbedder(device=str(pick_device(rt.device)))
+    metrics = dataset_similarity(a.texts, b.texts, embedder=embedder, max_docs=args.max_docs, seed=args.seed)
+    finish(run, rt, {"a": args.a, "b": args.b, **metrics})
+    leak = metrics["leakage"]
+    print(f"similarity of A = {args.a} ({metrics['n_selection']} texts) to B = {args.b} "
+          f"({metrics['n_truth']} texts)\n"
+          f"  Sinkhorn divergence     {metrics['sinkhorn_divergence']:.4f}  (0 = same distribution; "
+          f"{metrics['ot_n_selection']} vs {metrics['ot_n_truth']} embedded)\n"
+          f"  matching distance       {metrics['matching_distance']:.4f}\n"
+          f"  example containment     {metrics['example_containment']:.4f}  "
+          f"(share of B's examples in A; near: {metrics['near_example_containment']:.4f})\n"
+          f"  vocabulary containment  {metrics['vocabulary_containment']:.4f}  "
+          f"(share of B's word types in A)\n"
+          f"  leakage                 exact {leak['exact_duplicate_fraction']:.4f}, near "
+          f"{leak['near_duplicate_fraction']:.4f}  (share of A copied from B)\n"
+          f"metrics: {run / 'metrics.json'}")
+    return 0
 
 
 def check_train_labels(train: Any, task: Any, name: str) -> None:
@@ -349,7 +405,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True, help="finetuned model (any directory transformers can load)")
     p.add_argument("--corpus", required=True, help="candidate corpus (a dataset argument)")
     add_config_args(p, SelectConfig, {"k": ["-k"]})
-    add_config_args(p, DataConfig, skip=("dataset", "task"))
+    add_config_args(p, DataConfig, skip=("dataset",))
+    p.add_argument("--lm-loss", choices=("full", "last"), default=None,
+                   help="--task lm: the loss whose gradients are matched, full (every next token) or last "
+                   "(default: the finetuned model's saved setting, else full); --projection-dim 0 means a "
+                   "4096-dimensional Kronecker sketch for LM")
     add_config_args(p, RuntimeConfig)
 
     p = command("run", cmd_run,
@@ -366,6 +426,27 @@ def make_parser() -> argparse.ArgumentParser:
                 "Wikipedia passages), sized for a laptop CPU")
     p.add_argument("--data-dir", default=None, help="data directory (default: $W2D_DATA_DIR)")
     add_config_args(p, RuntimeConfig)
+
+    p = command("report", cmd_report, "an HTML and markdown report of one or more `w2d run` directories: "
+                "scores and gap closure, metric vs k, per-epoch curves, label histograms, similarity, "
+                "sample recovered documents")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `w2d run`")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report for one run, "
+                   "<common parent>/report-<hash> for several)")
+    p.add_argument("--data-dir", default=None, help="where the expert's training data is found, for the true "
+                   "label distribution (default: $W2D_DATA_DIR)")
+
+    p = command("similarity", cmd_similarity,
+                "dataset similarity of A's training texts to B's: optimal-transport distances between "
+                "sentence embeddings, containment of B's examples and vocabulary in A, leakage of B into A")
+    p.add_argument("a", metavar="A", help="dataset argument, e.g. a selection.parquet (the selection side)")
+    p.add_argument("b", metavar="B", help="dataset argument, e.g. ag_news_1000 (the truth side)")
+    p.add_argument("--max-docs", type=int, default=2000,
+                   help="texts per side embedded for the optimal-transport distances (a seeded subsample; "
+                   "default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that subsample (default: %(default)s)")
+    add_config_args(p, DataConfig, skip=("dataset", "verbalizer", "seq_len", "task"))
+    add_config_args(p, RuntimeConfig, skip=("cache_dir", "allow_pickle"))
     return parser
 
 

@@ -8,10 +8,11 @@ keys are errors.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from weights2data.errors import W2DError
 
@@ -27,15 +28,22 @@ def opt(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("ag_news_1000", "dataset: a name (ag_news, imdb, wiki_passages, ...), NAME_N for N "
-                       "shuffled training rows, a parquet/csv/jsonl file or folder; several names "
-                       "separated by spaces are concatenated")
-    data_dir: str | None = opt(None, "folder holding <name>/{train,validation,test}.parquet and labels.json "
-                               "(default: $W2D_DATA_DIR)")
+    dataset: str = opt(
+        "ag_news_1000",
+        "dataset: a name (ag_news, imdb, wiki_passages, ...), NAME_N for N "
+        "shuffled training rows, a parquet/csv/jsonl file or folder; several names "
+        "separated by spaces are concatenated",
+    )
+    data_dir: str | None = opt(
+        None, "folder holding <name>/{train,validation,test}.parquet and labels.json (default: $W2D_DATA_DIR)"
+    )
     text_column: str = opt("text", "text column of local files")
     label_column: str = opt("label", "label column of local files (absent: unlabelled text)")
-    verbalizer: str = opt("letters", "token the model predicts for each label: letters (A, B, C, ... as the "
-                          "original), names (from labels.json) or a comma-separated list; each must be one token")
+    verbalizer: str = opt(
+        "letters",
+        "token the model predicts for each label: letters (A, B, C, ... as the "
+        "original), names (from labels.json) or a comma-separated list; each must be one token",
+    )
     seq_len: int = opt(32, "tokens per example, the label token included; longer texts lose their start")
     task: str = opt("auto", "classification, lm, or auto (classification when the dataset has labels)")
 
@@ -53,10 +61,14 @@ class FinetuneConfig:
     batch_size: int = opt(32, "examples per optimiser step")
     epochs: int = opt(1, "passes over the training set (ignored when --steps is given)")
     steps: int | None = opt(None, "train exactly this many optimiser steps, cycling over the data")
-    train_scope: str = opt("full", "what is trained: full, head (the LM head; a linear probe for "
-                           "classification) or top:N (last N blocks + head); frozen parts run once")
-    lm_loss: str = opt("full", "language modelling loss: full (every next token) or last (last token only, "
-                       "as the original)")
+    train_scope: str = opt(
+        "full",
+        "what is trained: full, head (the LM head; a linear probe for "
+        "classification) or top:N (last N blocks + head); frozen parts run once",
+    )
+    lm_loss: str = opt(
+        "full", "language modelling loss: full (every next token) or last (last token only, as the original)"
+    )
     weight_decay: float = opt(0.0, "weight decay of the optimiser")
     seed: int = opt(0, "seed for shuffling, subsets and initialisation")
 
@@ -65,7 +77,12 @@ class FinetuneConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lm_loss", self.lm_loss, LM_LOSSES)
         parse_scope(self.train_scope)
-        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
+        if (
+            self.lr <= 0
+            or self.batch_size < 1
+            or self.epochs < 1
+            or (self.steps is not None and self.steps < 1)
+        ):
             raise W2DError("lr must be > 0; batch size, epochs and steps at least 1")
         if self.weight_decay < 0:
             raise W2DError(f"weight decay must be >= 0 (got {self.weight_decay})")
@@ -109,8 +126,10 @@ def check_types(config: Any) -> None:
         if allowed is None or (value is None and optional):
             continue
         if not isinstance(value, allowed) or (base != "bool" and isinstance(value, bool)):
-            raise W2DError(f"{f.name} must be {'an' if base == 'int' else 'a'} {base}"
-                           f"{' or unset' if optional else ''} (got {value!r})")
+            raise W2DError(
+                f"{f.name} must be {'an' if base == 'int' else 'a'} {base}"
+                f"{' or unset' if optional else ''} (got {value!r})"
+            )
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -134,17 +153,23 @@ def check_keys(table: dict, cls: type, section: str) -> None:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - known)
     if unknown:
-        raise W2DError(f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise W2DError(
+            f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
 
 
 @dataclass
 class RuntimeConfig:
-    cache_dir: str | None = opt(None, "where converted models and feature caches live "
-                                "(default: $W2D_CACHE_DIR or ~/.cache/weights2data)")
+    cache_dir: str | None = opt(
+        None,
+        "where converted models and feature caches live (default: $W2D_CACHE_DIR or ~/.cache/weights2data)",
+    )
     results_dir: str = opt("runs", "parent folder of run directories")
     exp_name: str | None = opt(None, "run directory name (default: derived from the command and its inputs)")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    allow_pickle: bool = opt(False, "allow loading pickle checkpoints (.bin/.pt): they can run arbitrary code")
+    allow_pickle: bool = opt(
+        False, "allow loading pickle checkpoints (.bin/.pt): they can run arbitrary code"
+    )
     wandb: bool = opt(False, "also log metrics to Weights & Biases (needs the wandb package)")
 
     def __post_init__(self) -> None:
@@ -154,16 +179,27 @@ class RuntimeConfig:
 @dataclass
 class SelectConfig:
     k: int = opt(1000, "number of corpus documents to select (the original's --select_full_dataset_size)")
-    strategy: str = opt("greedy", "greedy (SELECT), greedy_batched, topk, topk_balanced, bottomk, p_min, "
-                        "p_max or random")
-    labels: str = opt("auto", "labels for selected documents: auto (the finetuned model's prediction) or random")
-    label_set: str | None = opt(None, "label names and tokens: a dataset name (its labels.json, with "
-                                "--verbalizer), or a comma-separated list of verbalizer tokens; default: "
-                                "the finetuned model's saved metadata")
-    grad_at: str = opt("finetuned", "weights at which corpus gradients are taken: finetuned (the original), "
-                       "base, or both (their sum)")
-    projection_dim: int = opt(0, "0: exact factored gradients (default); D > 0: random JL projection to D "
-                              "dimensions, for parity with the original")
+    strategy: str = opt(
+        "greedy", "greedy (SELECT), greedy_batched, topk, topk_balanced, bottomk, p_min, p_max or random"
+    )
+    labels: str = opt(
+        "auto", "labels for selected documents: auto (the finetuned model's prediction) or random"
+    )
+    label_set: str | None = opt(
+        None,
+        "label names and tokens: a dataset name (its labels.json, with "
+        "--verbalizer), or a comma-separated list of verbalizer tokens; default: "
+        "the finetuned model's saved metadata",
+    )
+    grad_at: str = opt(
+        "finetuned",
+        "weights at which corpus gradients are taken: finetuned (the original), base, or both (their sum)",
+    )
+    projection_dim: int = opt(
+        0,
+        "0: exact factored gradients (default); D > 0: random JL projection to D "
+        "dimensions, for parity with the original",
+    )
     projection: str = opt("rademacher", "JL projection matrix: rademacher or normal")
     batch_reset: int = opt(32, "greedy_batched: the running sum restarts every this many picks")
     seed: int = opt(0, "seed for random labels, random selection and projections")
@@ -185,8 +221,11 @@ class SelectConfig:
 class RunConfig:
     base: str = opt("smollm2-135m", "base model (the original's --model)")
     corpus: str = opt("wiki_passages_10000", "candidate corpus (the original's --select_seed_dataset)")
-    strategies: str = opt("greedy", "comma-separated selection strategies to compare, each trained and "
-                          "scored against the random baseline")
+    strategies: str = opt(
+        "greedy",
+        "comma-separated selection strategies to compare, each trained and "
+        "scored against the random baseline",
+    )
     optimizer_test: str | None = opt(None, "optimizer for training on the selections (default: the expert's)")
     skip_similarity: bool = opt(False, "skip the embedding-based dataset similarity metrics")
 

@@ -148,7 +148,9 @@ def take_first(dataset: Dataset, n: int, seed: int, name: str) -> Dataset:
     if n < 1:
         raise W2DError(f"{name}: the number of rows must be at least 1")
     if n > len(dataset.train):
-        raise W2DError(f"{name}: asked for {n} rows but {dataset.name} has {len(dataset.train)} training rows")
+        raise W2DError(
+            f"{name}: asked for {n} rows but {dataset.name} has {len(dataset.train)} training rows"
+        )
     order = np.random.default_rng(seed).permutation(len(dataset.train))[:n]
     return Dataset(name, dataset.train.subset(order), dataset.test, dataset.validation, dataset.label_names)
 
@@ -162,7 +164,9 @@ def _load_local(path: Path, text_column: str, label_column: str, name: str | Non
         return _make_dataset(name, {"train": table}, text_column, label_column, label_names, path)
     tables = {}
     for split in SPLITS:
-        files = [path / f"{split}{suffix}" for suffix in FILE_SUFFIXES if (path / f"{split}{suffix}").exists()]
+        files = [
+            path / f"{split}{suffix}" for suffix in FILE_SUFFIXES if (path / f"{split}{suffix}").exists()
+        ]
         if files:
             tables[split] = _read_table(files[0])
     if "train" not in tables:
@@ -208,13 +212,16 @@ def _make_dataset(
     if labelled:
         label_names = label_names or _infer_label_names(train.column(label_column))
     splits = {
-        split: _make_split(table, text_column, label_column if labelled else None, label_names, f"{source}:{split}")
+        split: _make_split(
+            table, text_column, label_column if labelled else None, label_names, f"{source}:{split}"
+        )
         for split, table in tables.items()
     }
     if len(splits["train"]) == 0:
         raise W2DError(f"{source}: the training split is empty")
-    return Dataset(name, splits["train"], splits.get("test"), splits.get("validation"),
-                   label_names if labelled else None)
+    return Dataset(
+        name, splits["train"], splits.get("test"), splits.get("validation"), label_names if labelled else None
+    )
 
 
 def _infer_label_names(column: pa.ChunkedArray) -> list[str]:
@@ -320,11 +327,15 @@ class LabelSet:
         return cls(list(d["names"]), list(d["tokens"]), [int(t) for t in d["token_ids"]])
 
 
-def make_label_set(label_names: list[str], tokenizer: PreTrainedTokenizerBase, verbalizer: str = "letters") -> LabelSet:
+def make_label_set(
+    label_names: list[str], tokenizer: PreTrainedTokenizerBase, verbalizer: str = "letters"
+) -> LabelSet:
     """Build the verbalizer: `letters` (A, B, C, ... as the original), `names`, or 'w1,w2,...'."""
     if verbalizer == "letters":
         if len(label_names) > 26:
-            raise W2DError(f"{len(label_names)} labels do not fit the letters A-Z; use --verbalizer names or a list")
+            raise W2DError(
+                f"{len(label_names)} labels do not fit the letters A-Z; use --verbalizer names or a list"
+            )
         words = [chr(ord("A") + i) for i in range(len(label_names))]
     elif verbalizer == "names":
         words = list(label_names)
@@ -333,13 +344,20 @@ def make_label_set(label_names: list[str], tokenizer: PreTrainedTokenizerBase, v
         if not all(words):
             raise W2DError(f"the verbalizer list '{verbalizer}' has an empty entry")
         if len(words) != len(label_names):
-            raise W2DError(f"the verbalizer lists {len(words)} tokens but the dataset has {len(label_names)} labels")
+            raise W2DError(
+                f"the verbalizer lists {len(words)} tokens but the dataset has {len(label_names)} labels"
+            )
     tokens = [" " + w.lstrip() for w in words]
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in tokens]
-    bad = [f"{name!r} -> {tok!r} ({len(i)} tokens)" for name, tok, i in zip(label_names, tokens, ids) if len(i) != 1]
+    bad = [
+        f"{name!r} -> {tok!r} ({len(i)} tokens)"
+        for name, tok, i in zip(label_names, tokens, ids)
+        if len(i) != 1
+    ]
     if bad:
         raise W2DError(
-            "every verbalizer must be a single token of the model's tokenizer; these are not: " + "; ".join(bad)
+            "every verbalizer must be a single token of the model's tokenizer; these are not: "
+            + "; ".join(bad)
         )
     flat = [i[0] for i in ids]
     if len(set(flat)) != len(flat):

@@ -18,7 +18,14 @@ from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfi
 from weights2data.data import Split
 from weights2data.errors import W2DError
 from weights2data.pipeline import Workspace, finetune_cached
-from weights2data.recover import Recovery, check_pair, corpus_gradients, recover, write_recovery
+from weights2data.recover import (
+    Recovery,
+    check_pair,
+    corpus_gradients,
+    lm_corpus_gradients,
+    recover,
+    write_recovery,
+)
 from weights2data.store import write_json
 from weights2data.train import Task, train_eval
 
@@ -41,10 +48,13 @@ def run_experiment(ws: Workspace, run_dir: Path, data: DataConfig, expert_ft: Fi
     task = Task.from_dict(meta["task"])
     base, expert = ws.model(run.base), ws.model(str(expert_path))
     check_pair(base, expert)
-    if task.kind != "classification":
-        raise W2DError("w2d run supports classification experts so far; language-modelling recovery is not "
-                       "implemented yet")
-    grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
+    if task.kind == "lm":
+        if "topk_balanced" in run.strategy_list:
+            raise W2DError("topk_balanced balances labels, and a language-modelling selection has none: "
+                           "use topk (or greedy)")
+        grads = lm_corpus_gradients(base, expert, corpus.texts, task.seq_len, task.lm_loss, sel, ws.cache)
+    else:
+        grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
     del base, expert
     recoveries = {name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))
                   for name in dict.fromkeys([*run.strategy_list, RANDOM])}
@@ -99,8 +109,19 @@ def closure_table(scores: dict, task: Task) -> list[dict]:
             row[figure] = score[figure]
             if name not in ("expert", RANDOM):
                 row[f"closure_{figure}"] = closure(score[figure], scores[RANDOM][figure], scores["expert"][figure])
+        if task.kind == "lm":  # the metric is the loss; perplexity alongside, and closure on perplexity
+            for figure in ("best_epoch_test", "val_selected_test"):
+                row[f"{figure}_perplexity"] = perplexity(score[figure])
+                if name not in ("expert", RANDOM):
+                    row[f"closure_perplexity_{figure}"] = closure(
+                        perplexity(score[figure]), perplexity(scores[RANDOM][figure]),
+                        perplexity(scores["expert"][figure]))
         rows.append(row)
     return rows
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
 
 
 def similarity_block(recoveries: dict[str, Recovery], truth: list[str]) -> dict:
@@ -114,11 +135,23 @@ def similarity_block(recoveries: dict[str, Recovery], truth: list[str]) -> dict:
 def format_table(results: dict) -> str:
     """A plain-text table of expert / recovered / random scores and closure."""
     metric = results["metric"]
-    lines = [f"{'model':<16}{'best-epoch ' + metric:>22}{'honest ' + metric:>20}{'closure (best/honest)':>26}"]
+    lm = results.get("task") == "lm"
+    header = f"{'model':<16}{'best-epoch ' + metric:>22}{'honest ' + metric:>20}{'closure (best/honest)':>26}"
+    if lm:
+        header += f"{'best-epoch ppl':>16}{'honest ppl':>12}{'ppl closure':>16}"
+    lines = [header]
     for row in results["table"]:
         closure_text = ""
         if "closure_best_epoch_test" in row:
             closure_text = f"{row['closure_best_epoch_test']:.2f} / {row['closure_val_selected_test']:.2f}"
-        lines.append(f"{row['model']:<16}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
-                     f"{closure_text:>26}")
+        line = (f"{row['model']:<16}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
+                f"{closure_text:>26}")
+        if lm:
+            ppl_closure = ""
+            if "closure_perplexity_best_epoch_test" in row:
+                ppl_closure = (f"{row['closure_perplexity_best_epoch_test']:.2f} / "
+                               f"{row['closure_perplexity_val_selected_test']:.2f}")
+            line += (f"{row['best_epoch_test_perplexity']:>16.4f}{row['val_selected_test_perplexity']:>12.4f}"
+                     f"{ppl_closure:>16}")
+        lines.append(line)
     return "\n".join(lines)

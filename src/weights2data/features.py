@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers.masking_utils import create_causal_mask
 
 from weights2data.data import Encoded
-from weights2data.models import LoadedModel
+from weights2data.models import LoadedModel, decoder_layers
 from weights2data.store import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,6 @@ CHUNK_ROWS = 1024
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted layer input is captured."""
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of transformer blocks of a Llama-family (or GPT-2) model."""
-    body = model.base_model
-    for name in ("layers", "h"):
-        if isinstance(getattr(body, name, None), torch.nn.ModuleList):
-            return getattr(body, name)
-    raise TypeError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
 @torch.no_grad()
@@ -90,10 +82,12 @@ def hidden_states(
     the input of that block (what a top:N finetune reads).
     """
     if cache_root is None:
-        chunks = _compute_chunks(loaded, encoded, layer, last_only, batch_size, dtype, range(len(encoded)), desc)
+        chunks = _compute_chunks(
+            loaded, encoded, layer, last_only, batch_size, dtype, range(len(encoded)), desc
+        )
         return torch.cat(list(chunks)) if len(encoded) else torch.empty(0)
     key = {
-        "body": loaded.body_fingerprint,
+        "weights": loaded.body_fingerprint if layer is None else loaded.prefix_fingerprint(layer),
         "inputs": encoded_fingerprint(encoded),
         "layer": layer,
         "last_only": last_only,
@@ -105,7 +99,13 @@ def hidden_states(
 
 
 def _cached_chunks(
-    loaded: LoadedModel, encoded: Encoded, key: dict, folder: Path, batch_size: int, dtype: torch.dtype, desc: str
+    loaded: LoadedModel,
+    encoded: Encoded,
+    key: dict,
+    folder: Path,
+    batch_size: int,
+    dtype: torch.dtype,
+    desc: str,
 ) -> torch.Tensor:
     meta_path = folder / "meta.json"
     if meta_path.exists() and read_json(meta_path) != key:
@@ -117,9 +117,20 @@ def _cached_chunks(
         log.info("resuming %s: %d of %d chunks already on disk", desc, len(starts) - len(todo), len(starts))
     for start in todo:
         rows = range(start, min(start + CHUNK_ROWS, len(encoded)))
-        chunk = torch.cat(list(_compute_chunks(
-            loaded, encoded, key["layer"], key["last_only"], batch_size, dtype, rows, f"{desc} {start}+"
-        )))
+        chunk = torch.cat(
+            list(
+                _compute_chunks(
+                    loaded,
+                    encoded,
+                    key["layer"],
+                    key["last_only"],
+                    batch_size,
+                    dtype,
+                    rows,
+                    f"{desc} {start}+",
+                )
+            )
+        )
         with atomic_path(folder / f"chunk_{start:09d}.safetensors") as tmp:
             save_file({"hidden": chunk.contiguous()}, str(tmp))
     return torch.cat([load_file(str(folder / f"chunk_{s:09d}.safetensors"))["hidden"] for s in starts])
@@ -142,3 +153,44 @@ def _compute_chunks(
         if last_only:
             hidden = hidden[:, -1]
         yield hidden.to("cpu", dtype)
+
+
+def run_top_layers(model: torch.nn.Module, hidden: torch.Tensor, batch: Encoded, start: int) -> torch.Tensor:
+    """Blocks start.. and the final norm of a Llama-family model, from the input of block `start`.
+
+    (B, T, d) -> (B, T, d): the same result as the full forward pass, from cached states.
+    """
+    body = model.base_model
+    positions = batch.position_ids.to(hidden.device)
+    mask = create_causal_mask(
+        config=model.config,
+        inputs_embeds=hidden,
+        attention_mask=batch.attention_mask.to(hidden.device),
+        cache=None,
+        position_ids=positions,
+    )
+    rotary = body.rotary_emb(hidden, positions)
+    for layer in decoder_layers(model)[start:]:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+    return body.norm(hidden)
+
+
+@torch.no_grad()
+def final_hidden_from(
+    loaded: LoadedModel,
+    lower: torch.Tensor,
+    encoded: Encoded,
+    start: int,
+    batch_size: int = 64,
+    desc: str = "top blocks",
+) -> torch.Tensor:
+    """(N, d) last-position final hidden states from cached inputs of block `start` (N, T, d)."""
+    device = next(loaded.model.parameters()).device
+    out = []
+    batches = range(0, len(encoded), batch_size)
+    for s in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 4):
+        batch = encoded.subset(slice(s, s + batch_size))
+        out.append(
+            run_top_layers(loaded.model, lower[s : s + batch_size].to(device), batch, start)[:, -1].cpu()
+        )
+    return torch.cat(out)

@@ -50,7 +50,9 @@ def assign_labels(probs: torch.Tensor, rule: str, seed: int) -> LabelledCorpus:
     if rule == "auto":
         labels = probs.argmax(-1)
     elif rule == "random":
-        labels = torch.randint(probs.shape[1], (probs.shape[0],), generator=torch.Generator().manual_seed(seed))
+        labels = torch.randint(
+            probs.shape[1], (probs.shape[0],), generator=torch.Generator().manual_seed(seed)
+        )
     else:
         raise W2DError(f"unknown label strategy '{rule}': use auto or random")
     losses = -torch.log(probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12))
@@ -80,8 +82,9 @@ def classification_features(
     return DenseFeatures(dense, delta.reshape(-1))
 
 
-def softmax_errors(hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None,
-                   labels: torch.Tensor) -> torch.Tensor:
+def softmax_errors(
+    hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
     """(N, C) e = p − onehot(y): the factor that multiplies hᵀ in the head gradient."""
     probs = label_probs(hidden, rows, bias)
     return probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
@@ -92,8 +95,9 @@ def materialise(errors: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nc,nd->ncd", errors, hidden).reshape(errors.shape[0], -1)
 
 
-def jl_project(features: FactoredFeatures, dim: int, kind: str = "rademacher", seed: int = 0,
-               chunk: int = 4096) -> DenseFeatures:
+def jl_project(
+    features: FactoredFeatures, dim: int, kind: str = "rademacher", seed: int = 0, chunk: int = 4096
+) -> DenseFeatures:
     """Random projection of the materialised gradients (the original's approximation).
 
     R has i.i.d. ±1/√D (rademacher) or N(0, 1/D) (normal) entries, so inner products are
@@ -109,7 +113,10 @@ def jl_project(features: FactoredFeatures, dim: int, kind: str = "rademacher", s
     else:
         proj = torch.randn(c * d, dim, generator=generator)
     proj /= math.sqrt(dim)
-    grads = torch.cat([
-        materialise(features.errors[s:s + chunk], features.hidden[s:s + chunk]) @ proj for s in range(0, n, chunk)
-    ])
+    grads = torch.cat(
+        [
+            materialise(features.errors[s : s + chunk], features.hidden[s : s + chunk]) @ proj
+            for s in range(0, n, chunk)
+        ]
+    )
     return DenseFeatures(grads, features.delta.reshape(-1) @ proj)

@@ -102,6 +102,8 @@ def _check_emb(name: str, emb: np.ndarray) -> np.ndarray:
 
 def _cosine_cost(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """1 − cos between rows (rows are re-normalised, so unnormalised input is fine)."""
+    if a.shape[1] != b.shape[1]:
+        raise W2DError(f"embedding widths differ: {a.shape[1]} vs {b.shape[1]}")
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return np.clip(1.0 - a @ b.T, 0.0, 2.0)
@@ -281,8 +283,9 @@ def leakage(
         t = _check_emb("truth_emb", truth_emb)
         if len(s) != len(selection_texts) or len(t) != len(truth_texts):
             raise W2DError("embedding rows must match the texts one to one")
-        max_cos = np.concatenate([(1.0 - _cosine_cost(s[i : i + 1024], t)).max(axis=1)
-                                  for i in range(0, len(s), 1024)])
+        max_cos = np.concatenate(
+            [(1.0 - _cosine_cost(s[i : i + 1024], t)).max(axis=1) for i in range(0, len(s), 1024)]
+        )
         near |= max_cos >= near_threshold
     n = len(selection_texts)
     return {
@@ -339,6 +342,7 @@ def dataset_similarity(
         "example_containment": example_containment(selection_texts, truth_texts),
         "near_example_containment": example_containment(selection_texts, truth_texts, JACCARD_THRESHOLD),
         "vocabulary_containment": vocabulary_containment(selection_texts, truth_texts),
-        "leakage": leakage(selection_texts, truth_texts,
-                           sel_emb if full else None, truth_emb if full else None),
+        "leakage": leakage(
+            selection_texts, truth_texts, sel_emb if full else None, truth_emb if full else None
+        ),
     }

@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -46,8 +45,9 @@ class LoadedModel:
     spec: str
     path: Path | None = None
     meta: dict = field(default_factory=dict)
+    _hashes: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @cached_property
+    @property
     def body_fingerprint(self) -> str:
         """Hash of every weight that shapes the last hidden state (all but an untied head).
 
@@ -56,11 +56,32 @@ class LoadedModel:
         head = self.model.get_output_embeddings()
         untied = head is not None and head.weight is not self.model.get_input_embeddings().weight
         skip = {id(head.weight)} if untied else set()
-        return _hash_parameters(self.model, skip)
+        return self._hash("body", skip)
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
-        return _hash_parameters(self.model, set())
+        return self._hash("all", set())
+
+    def prefix_fingerprint(self, layer: int) -> str:
+        """Hash of the weights below block `layer`: the embeddings and blocks 0..layer-1.
+
+        Two models that differ only from block `layer` up (a top:N finetune and its base)
+        feed that block the same states, so they share its cached inputs.
+        """
+        blocks = decoder_layers(self.model)
+        body = self.model.base_model
+        keep = {id(p) for p in body.parameters()} - {id(p) for p in blocks[layer:].parameters()}
+        final_norm = getattr(body, "norm", None) or getattr(body, "ln_f", None)
+        keep -= {id(p) for p in final_norm.parameters()} if final_norm is not None else set()
+        skip = {id(p) for p in self.model.parameters()} - keep
+        return self._hash(f"prefix{layer}", skip)
+
+    def _hash(self, kind: str, skip: set[int]) -> str:
+        """Cached until a weight changes: training in place bumps the tensors' version counters."""
+        state = tuple((id(p), p._version) for p in self.model.parameters() if id(p) not in skip)
+        if kind not in self._hashes or self._hashes[kind][0] != state:
+            self._hashes[kind] = (state, _hash_parameters(self.model, skip))
+        return self._hashes[kind][1]
 
 
 def _hash_parameters(model: torch.nn.Module, skip: set[int]) -> str:
@@ -144,6 +165,25 @@ def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, Pr
 def _tied(model: PreTrainedModel) -> bool:
     head = model.get_output_embeddings()
     return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a Llama-family (or GPT-2) model."""
+    body = model.base_model
+    for name in ("layers", "h"):
+        if isinstance(getattr(body, name, None), torch.nn.ModuleList):
+            return getattr(body, name)
+    raise W2DError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def first_changed_layer(base: torch.nn.Module, finetuned: torch.nn.Module) -> int:
+    """Index of the first block whose weights differ (the number of blocks if none does)."""
+    if not torch.equal(base.get_input_embeddings().weight, finetuned.get_input_embeddings().weight):
+        return 0
+    for i, (a, b) in enumerate(zip(decoder_layers(base), decoder_layers(finetuned), strict=True)):
+        if any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True)):
+            return i
+    return len(decoder_layers(base))
 
 
 def check_finite(model: torch.nn.Module, where: str) -> None:

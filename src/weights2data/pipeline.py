@@ -43,8 +43,13 @@ class Workspace:
         return load_model(spec, cache=self.cache, allow_pickle=self.allow_pickle, device=self.device)
 
     def dataset(self, spec: str, data: DataConfig, seed: int = 0) -> Dataset:
-        return load_dataset(spec, data_dir=self.data_dir, text_column=data.text_column,
-                            label_column=data.label_column, seed=seed)
+        return load_dataset(
+            spec,
+            data_dir=self.data_dir,
+            text_column=data.text_column,
+            label_column=data.label_column,
+            seed=seed,
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,16 +66,19 @@ def pick_device(name: str) -> torch.device:
 
 def finetune_key(base: LoadedModel, dataset: Dataset, task: Task, cfg: FinetuneConfig) -> str:
     """Every input that changes the finetuned weights: base weights, data content, task, settings."""
-    return stable_hash({
-        "base": base.fingerprint,
-        "train": dataset.train.fingerprint,
-        "task": task.to_dict(),
-        "finetune": to_dict(cfg),
-    })
+    return stable_hash(
+        {
+            "base": base.fingerprint,
+            "train": dataset.train.fingerprint,
+            "task": task.to_dict(),
+            "finetune": to_dict(cfg),
+        }
+    )
 
 
-def finetune_cached(ws: Workspace, base_spec: str, dataset: Dataset, data: DataConfig,
-                    cfg: FinetuneConfig) -> tuple[Path, dict]:
+def finetune_cached(
+    ws: Workspace, base_spec: str, dataset: Dataset, data: DataConfig, cfg: FinetuneConfig
+) -> tuple[Path, dict]:
     """Finetune `base_spec` on the training split, or reuse an identical earlier result.
 
     Returns the saved model directory (a Hugging Face safetensors folder with w2d.json)

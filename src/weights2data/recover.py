@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import torch
 
 from weights2data.config import DataConfig, SelectConfig, to_dict
-from weights2data.data import Dataset, LabelSet, encode_classification, make_label_set
+from weights2data.data import Dataset, Encoded, LabelSet, encode_classification, make_label_set
 from weights2data.errors import W2DError
-from weights2data.features import hidden_states
+from weights2data.features import final_hidden_from, hidden_states
 from weights2data.gradients import assign_labels, classification_features, jl_project, label_probs, label_rows
-from weights2data.models import LoadedModel
+from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.selection import FactoredFeatures, select
 from weights2data.store import atomic_path, write_json
 
@@ -82,6 +82,21 @@ class Recovery:
         return [self.label_set.names[i] for i in self.labels.tolist()]
 
 
+def finetuned_hidden(base: LoadedModel, finetuned: LoadedModel, encoded: Encoded,
+                     cache_root: Path | None) -> torch.Tensor:
+    """(N, d) last hidden states of the finetuned model.
+
+    When the finetune left the lower blocks as they were (head or top:N), the inputs of the
+    first changed block are shared with the base model's cache and only the changed blocks run.
+    """
+    start = first_changed_layer(base.model, finetuned.model)
+    blocks = len(decoder_layers(finetuned.model))
+    if start in (0, blocks) or not hasattr(finetuned.model.base_model, "rotary_emb"):
+        return hidden_states(finetuned, encoded, last_only=True, cache_root=cache_root, desc="finetuned hidden")
+    lower = hidden_states(finetuned, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}")
+    return final_hidden_from(finetuned, lower, encoded, start, desc=f"finetuned blocks {start}+")
+
+
 @dataclass
 class CorpusGradients:
     """Everything about the corpus a strategy needs, computed once and shared by strategies."""
@@ -90,6 +105,24 @@ class CorpusGradients:
     labels: torch.Tensor | None
     losses: torch.Tensor
     timings: dict
+    kind: str = "classification"  # or "lm": no labels, losses are mean next-token losses
+
+
+def lm_corpus_gradients(base: LoadedModel, finetuned: LoadedModel, texts: list[str], seq_len: int,
+                        lm_loss: str, cfg: SelectConfig, cache_root: Path | None) -> CorpusGradients:
+    """Language modelling: sketched head gradients with exact ⟨g, Δ⟩ and ‖g‖² (lm_features).
+
+    --projection-dim 0 (the classification default: exact) means the default 4096-dimensional
+    Kronecker sketch here; LM gradients are V × d and cannot be held exactly.
+    """
+    from weights2data.data import encode_lm
+    from weights2data.lm_features import DEFAULT_DIM, lm_features
+
+    encoded = encode_lm(finetuned.tokenizer, texts, seq_len)
+    out = lm_features(base, finetuned, encoded, lm_loss=lm_loss, grad_at=cfg.grad_at,
+                      dim=cfg.projection_dim or DEFAULT_DIM, projection=cfg.projection, seed=cfg.seed,
+                      cache_root=cache_root)
+    return CorpusGradients(out.features, None, out.losses, {**out.timings, "lm_loss": lm_loss}, kind="lm")
 
 
 def corpus_gradients(base: LoadedModel, finetuned: LoadedModel, texts: list[str], label_set: LabelSet,
@@ -97,9 +130,9 @@ def corpus_gradients(base: LoadedModel, finetuned: LoadedModel, texts: list[str]
     """Hidden states of the corpus (cached), labels, losses and factored head gradients."""
     started = time.time()
     encoded = encode_classification(finetuned.tokenizer, texts, data.seq_len)
-    needed = {"finetuned"} | ({"base"} if cfg.grad_at != "finetuned" else set())
-    hidden = {w: hidden_states(m, encoded, last_only=True, cache_root=cache_root, desc=f"{w} hidden states")
-              for w, m in (("base", base), ("finetuned", finetuned)) if w in needed}
+    hidden = {"finetuned": finetuned_hidden(base, finetuned, encoded, cache_root)}
+    if cfg.grad_at != "finetuned":
+        hidden["base"] = hidden_states(base, encoded, last_only=True, cache_root=cache_root, desc="base hidden states")
     hidden_s = time.time() - started
     rows = {"base": label_rows(base, label_set), "finetuned": label_rows(finetuned, label_set)}
     labelled = assign_labels(label_probs(hidden["finetuned"], *rows["finetuned"]), cfg.labels, cfg.seed)
@@ -114,6 +147,9 @@ def recover(grads: CorpusGradients, corpus_texts: list[str], label_set: LabelSet
             strategy: str | None = None, progress: bool = True) -> Recovery:
     """Run one strategy over precomputed corpus gradients."""
     strategy = strategy or cfg.strategy
+    if strategy == "topk_balanced" and grads.labels is None:
+        raise W2DError("topk_balanced balances labels, and a language-modelling selection has none: "
+                       "use topk (or greedy)")
     started = time.time()
     selection = select(strategy, grads.features, cfg.k, labels=grads.labels, losses=grads.losses,
                        seed=cfg.seed, batch_size=cfg.batch_reset, progress=progress)
@@ -128,6 +164,8 @@ def recover(grads: CorpusGradients, corpus_texts: list[str], label_set: LabelSet
         **grads.timings,
         "config": to_dict(cfg),
     }
+    if grads.kind != "classification":
+        summary["task"] = grads.kind
     if labels is not None:
         counts = Counter(labels.tolist())
         summary["label_distribution"] = {label_set.names[i]: counts.get(i, 0) for i in range(len(label_set.names))}

@@ -18,13 +18,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers.masking_utils import create_causal_mask
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, parse_scope
-from weights2data.data import Dataset, Encoded, LabelSet, Split, encode_classification, encode_lm, make_label_set
+from weights2data.data import (
+    Dataset,
+    Encoded,
+    LabelSet,
+    Split,
+    encode_classification,
+    encode_lm,
+    make_label_set,
+)
 from weights2data.errors import W2DError
-from weights2data.features import decoder_layers, hidden_states
-from weights2data.models import LoadedModel, untie_head
+from weights2data.features import hidden_states, run_top_layers
+from weights2data.models import LoadedModel, decoder_layers, untie_head
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,14 @@ def resolve_task(data: DataConfig, dataset: Dataset, loaded: LoadedModel, lm_los
     if kind == "auto":
         kind = "classification" if dataset.has_labels else "lm"
     if kind == "classification" and not dataset.has_labels:
-        raise W2DError(f"dataset '{dataset.name}' has no labels (column '{data.label_column}'); use --task lm")
-    label_set = make_label_set(dataset.label_names, loaded.tokenizer, data.verbalizer) if kind == "classification" else None
+        raise W2DError(
+            f"dataset '{dataset.name}' has no labels (column '{data.label_column}'); use --task lm"
+        )
+    label_set = (
+        make_label_set(dataset.label_names, loaded.tokenizer, data.verbalizer)
+        if kind == "classification"
+        else None
+    )
     return Task(kind, data.seq_len, label_set, lm_loss)
 
 
@@ -88,7 +101,7 @@ class ScopedModel:
             if not hasattr(model.base_model, "rotary_emb"):
                 raise W2DError("top:N scopes support Llama-family models; use head or full for this model")
             self.first_trained_layer = len(layers) - n_top
-            for module in (*layers[self.first_trained_layer:], model.base_model.norm):
+            for module in (*layers[self.first_trained_layer :], model.base_model.norm):
                 module.requires_grad_(training)
 
     def _label_ids(self) -> torch.Tensor:
@@ -104,8 +117,12 @@ class ScopedModel:
             return None
         last_only = self.kind == "head" and self.task.kind == "classification"
         return hidden_states(
-            self.loaded, encoded, layer=self.first_trained_layer, last_only=last_only,
-            cache_root=cache_root, desc="frozen features",
+            self.loaded,
+            encoded,
+            layer=self.first_trained_layer,
+            last_only=last_only,
+            cache_root=cache_root,
+            desc="frozen features",
         )
 
     def final_hidden(self, frozen: torch.Tensor | None, batch: Encoded) -> torch.Tensor:
@@ -114,24 +131,12 @@ class ScopedModel:
         if self.kind == "head":
             return frozen.to(device)
         if self.kind == "top":
-            return self._run_top(frozen.to(device), batch)
+            return run_top_layers(self.loaded.model, frozen.to(device), batch, self.first_trained_layer)
         return self.loaded.model.base_model(
             input_ids=batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device),
             position_ids=batch.position_ids.to(device),
         ).last_hidden_state
-
-    def _run_top(self, hidden: torch.Tensor, batch: Encoded) -> torch.Tensor:
-        body = self.loaded.model.base_model
-        positions = batch.position_ids.to(hidden.device)
-        mask = create_causal_mask(
-            config=self.loaded.model.config, inputs_embeds=hidden,
-            attention_mask=batch.attention_mask.to(hidden.device), cache=None, position_ids=positions,
-        )
-        rotary = body.rotary_emb(hidden, positions)
-        for layer in decoder_layers(self.loaded.model)[self.first_trained_layer:]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
-        return body.norm(hidden)
 
     def logits(self, frozen: torch.Tensor | None, batch: Encoded) -> torch.Tensor:
         """Classification: (B, C) over the label tokens at the last position. LM: (B, T, V)."""
@@ -150,8 +155,9 @@ class ScopedModel:
                 self.head.weight[self._label_ids()] = self.label_rows.detach()
 
 
-def batch_loss(scoped: ScopedModel, frozen: torch.Tensor | None, batch: Encoded,
-               targets: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+def batch_loss(
+    scoped: ScopedModel, frozen: torch.Tensor | None, batch: Encoded, targets: torch.Tensor | None
+) -> tuple[torch.Tensor, int, int]:
     """Summed loss over scored tokens, number of scored tokens, and correct predictions."""
     logits = scoped.logits(frozen, batch)
     if scoped.task.kind == "classification":
@@ -212,14 +218,23 @@ def prepare(scoped: ScopedModel, split: Split, cache_root: Path | None) -> Prepa
     return Prepared(encoded, targets, scoped.frozen_outputs(encoded, cache_root))
 
 
-def train_epoch(scoped: ScopedModel, data: Prepared, optimizer: torch.optim.Optimizer, cfg: FinetuneConfig,
-                generator: torch.Generator, max_steps: int | None, desc: str) -> dict:
+def train_epoch(
+    scoped: ScopedModel,
+    data: Prepared,
+    optimizer: torch.optim.Optimizer,
+    cfg: FinetuneConfig,
+    generator: torch.Generator,
+    max_steps: int | None,
+    desc: str,
+) -> dict:
     """One shuffled pass (or fewer steps); returns the mean training loss and steps taken."""
     order = torch.randperm(len(data), generator=generator)
     batches = list(order.split(cfg.batch_size))[: max_steps if max_steps is not None else None]
     total, count = 0.0, 0
     scoped.loaded.model.train(scoped.kind == "full")
-    bar = tqdm(batches, desc=desc, unit="step", leave=False, disable=len(batches) < 20 and scoped.kind != "full")
+    bar = tqdm(
+        batches, desc=desc, unit="step", leave=False, disable=len(batches) < 20 and scoped.kind != "full"
+    )
     for index in bar:
         loss_sum, n, _ = batch_loss(scoped, *data.batch(index))
         loss = loss_sum / max(n, 1)
@@ -227,7 +242,7 @@ def train_epoch(scoped: ScopedModel, data: Prepared, optimizer: torch.optim.Opti
         loss.backward()
         optimizer.step()
         total, count = total + loss_sum.item(), count + n
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
     scoped.loaded.model.eval()
     if not math.isfinite(total):
         raise W2DError("the training loss became NaN or inf; lower the learning rate")
@@ -248,8 +263,9 @@ def evaluate_prepared(scoped: ScopedModel, data: Prepared, batch_size: int = 64)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def finetune(loaded: LoadedModel, train: Split, task: Task, cfg: FinetuneConfig,
-             cache_root: Path | None = None) -> dict:
+def finetune(
+    loaded: LoadedModel, train: Split, task: Task, cfg: FinetuneConfig, cache_root: Path | None = None
+) -> dict:
     """Finetune `loaded` in place on `train`; returns the training history."""
     torch.manual_seed(cfg.seed)
     scoped = ScopedModel(loaded, cfg.train_scope, task)
@@ -266,7 +282,14 @@ def finetune(loaded: LoadedModel, train: Split, task: Task, cfg: FinetuneConfig,
         history.append({"epoch": epoch, **record})
         log.info("epoch %d: train loss %.4f", epoch, record["train_loss"])
     scoped.finalize()
+    check_trained(scoped)
     return {"history": history, "steps": steps, "untied_head": scoped.untied}
+
+
+def check_trained(scoped: ScopedModel) -> None:
+    """A step can overflow the weights even when every loss seen was finite."""
+    if any(not torch.isfinite(p).all() for p in scoped.parameters()):
+        raise W2DError("training diverged: the weights hold NaN or inf values; lower the learning rate")
 
 
 def eval_rows(split: Split, max_rows: int, seed: int = 0) -> Split:
@@ -276,16 +299,24 @@ def eval_rows(split: Split, max_rows: int, seed: int = 0) -> Split:
     return split.subset(np.random.default_rng(seed).permutation(len(split))[:max_rows])
 
 
-def evaluate(loaded: LoadedModel, test: Split, task: Task, cfg: EvalConfig,
-             cache_root: Path | None = None) -> dict:
+def evaluate(
+    loaded: LoadedModel, test: Split, task: Task, cfg: EvalConfig, cache_root: Path | None = None
+) -> dict:
     scope = "head" if task.kind == "classification" else "full"  # a probe reads cached hidden states
     scoped = ScopedModel(loaded, scope, task, training=False)
     data = prepare(scoped, eval_rows(test, cfg.max_eval_rows), cache_root)
     return evaluate_prepared(scoped, data, cfg.eval_batch_size)
 
 
-def train_eval(loaded: LoadedModel, train: Split, test: Split, task: Task, ft: FinetuneConfig,
-               ev: EvalConfig, cache_root: Path | None = None) -> dict:
+def train_eval(
+    loaded: LoadedModel,
+    train: Split,
+    test: Split,
+    task: Task,
+    ft: FinetuneConfig,
+    ev: EvalConfig,
+    cache_root: Path | None = None,
+) -> dict:
     """Finetune on `train` epoch by epoch, scoring the test split after each epoch.
 
     Reports two figures: `best_epoch_test` (the original's: the best test metric over
@@ -305,7 +336,9 @@ def train_eval(loaded: LoadedModel, train: Split, test: Split, task: Task, ft: F
     better = (lambda a, b: a > b) if key == "accuracy" else (lambda a, b: a < b)
     epochs, best_test, best_val = [], None, None
     for epoch in range(1, ev.eval_epochs + 1):
-        record = train_epoch(scoped, fit, optimizer, ft, generator, ft.steps, f"epoch {epoch}/{ev.eval_epochs}")
+        record = train_epoch(
+            scoped, fit, optimizer, ft, generator, ft.steps, f"epoch {epoch}/{ev.eval_epochs}"
+        )
         scoped.finalize()
         record.update({"epoch": epoch, "test": evaluate_prepared(scoped, test_data, ev.eval_batch_size)})
         if val is not None:

@@ -1,0 +1,242 @@
+"""Quality: the paper's main table, measured — expert / recovered / random accuracy and gap closure.
+
+For each dataset, training regime (scope) and seed: finetune the expert on NAME_<train-rows>,
+take the corpus gradients once, then for every label rule, projection dimension, k and
+strategy select k documents, train the base model on them and score it on the expert's test
+split, next to the expert (trained on the true rows) and random (k random corpus documents
+labelled by the same rule). Both figures are kept: the original's best test accuracy over
+epochs and the honest one (epoch chosen on a validation split of the training set).
+
+    python benchmarks/quality.py --quick
+    python benchmarks/quality.py --datasets ag_news --scopes head,top:4 --ks 1000,100
+    python benchmarks/quality.py --datasets ag_news --scopes top:4 --ks 100,500,1000,2500   # k sweep
+    python benchmarks/quality.py --datasets ag_news --scopes top:4 --projection-dims 0,512,1024,4096
+    python benchmarks/quality.py --datasets ag_news --scopes top:4 --label-rules auto,random
+
+Results go to benchmarks/results/quality.json (rewritten after every trained model, so an
+interrupted run keeps what it measured) and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, SelectConfig, parse_scope
+from weights2data.data import data_dir
+from weights2data.experiment import as_split, closure
+from weights2data.pipeline import Workspace, finetune_cached, pick_device
+from weights2data.recover import check_pair, corpus_gradients, recover
+from weights2data.store import cache_dir, write_json
+from weights2data.train import Task, train_eval
+
+LEARNING_RATES = {"head": 1e-3, "top": 1e-4, "full": 2e-5}  # per regime; full is the original's 2e-5
+QUICK = dict(
+    datasets="ag_news",
+    train_rows=200,
+    corpus="wiki_passages_1000",
+    scopes="head",
+    ks="100",
+    strategies="greedy,topk",
+    seeds="0",
+    eval_epochs=3,
+    max_eval_rows=300,
+    expert_epochs=2,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--datasets", default="ag_news,newsgroup,imdb,rotten_tomatoes")
+    p.add_argument("--train-rows", type=int, default=1000)
+    p.add_argument("--corpus", default="wiki_passages_10000")
+    p.add_argument("--scopes", default="top:4,head")
+    p.add_argument("--ks", default="1000,100")
+    p.add_argument("--strategies", default="greedy,greedy_batched,topk,topk_balanced,p_min")
+    p.add_argument("--label-rules", default="auto")
+    p.add_argument("--projection-dims", default="0")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--expert-epochs", type=int, default=3)
+    p.add_argument("--eval-epochs", type=int, default=10)
+    p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--max-eval-rows", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--time-budget", type=float, default=3600, help="seconds; stops cleanly after this")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default="benchmarks/results/quality.json")
+    args = p.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def csv(text: str, kind: type = str) -> list:
+    return [kind(x) for x in str(text).split(",") if x.strip()]
+
+
+class Budget(Exception):
+    """The time budget ran out; results so far are kept."""
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ws = Workspace(cache_dir(), data_dir(args.data_dir), device)
+    started = time.time()
+    out = {"args": vars(args), "device": str(device), "rows": [], "complete": False}
+    try:
+        for dataset in csv(args.datasets):
+            for scope in csv(args.scopes):
+                for seed in csv(args.seeds, int):
+                    run_group(ws, args, dataset, scope, seed, out, started)
+        out["complete"] = True
+    except Budget:
+        print(f"time budget of {args.time_budget:.0f} s reached; writing partial results")
+    out["seconds"] = round(time.time() - started, 1)
+    out["summary"] = summarise(out["rows"])
+    write_json(args.out, out)
+    print(markdown(out["summary"]))
+    print(f"\nwritten {args.out}")
+
+
+def run_group(
+    ws: Workspace, args: argparse.Namespace, dataset: str, scope: str, seed: int, out: dict, started: float
+) -> None:
+    """One expert; every label rule, projection, k and strategy trained against it."""
+    kind, _ = parse_scope(scope)
+    batch = 512 if ws.device.type == "cuda" else 64
+    data = DataConfig(dataset=f"{dataset}_{args.train_rows}")
+    expert_ft = FinetuneConfig(
+        train_scope=scope,
+        lr=LEARNING_RATES[kind],
+        epochs=args.expert_epochs,
+        batch_size=args.batch_size,
+        seed=seed,
+    )
+    test_ft = replace(expert_ft, epochs=1)
+    ev = EvalConfig(
+        max_eval_rows=args.max_eval_rows,
+        eval_epochs=args.eval_epochs,
+        patience=args.patience,
+        eval_batch_size=batch,
+    )
+    expert_data = ws.dataset(data.dataset, data, seed)
+    corpus = ws.dataset(args.corpus, data, seed).train
+    path, meta = finetune_cached(ws, args.model, expert_data, data, expert_ft)
+    task = Task.from_dict(meta["task"])
+    base, expert = ws.model(args.model), ws.model(str(path))
+    check_pair(base, expert)
+
+    def score(name: str, split, extra: dict) -> dict:
+        if time.time() - started > args.time_budget:
+            raise Budget
+        t0 = time.time()
+        result = train_eval(ws.model(args.model), split, expert_data.test, task, test_ft, ev, ws.cache)
+        row = {
+            "dataset": dataset,
+            "scope": scope,
+            "seed": seed,
+            "train": name,
+            **extra,
+            "best_epoch_test": result["best_epoch_test"],
+            "val_selected_test": result["val_selected_test"],
+            "epochs_run": len(result["epochs"]),
+            "seconds": round(time.time() - t0, 1),
+        }
+        out["rows"].append(row)
+        write_json(args.out, out)
+        print(json.dumps(row))
+        return row
+
+    expert_row = score("expert", expert_data.train, {"k": len(expert_data.train)})
+    for rule in csv(args.label_rules):
+        for dim in csv(args.projection_dims, int):
+            sel = SelectConfig(k=max(csv(args.ks, int)), labels=rule, projection_dim=dim, seed=seed)
+            grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
+            for k in csv(args.ks, int):
+                extra = {"k": k, "labels": rule, "projection_dim": dim}
+                rand = score(
+                    "random",
+                    as_split(
+                        recover(
+                            grads, corpus.texts, task.label_set, replace(sel, k=k), "random", progress=False
+                        )
+                    ),
+                    extra,
+                )
+                for strategy in csv(args.strategies):
+                    recovery = recover(grads, corpus.texts, task.label_set, replace(sel, k=k), strategy)
+                    row = score(
+                        strategy, as_split(recovery), {**extra, "select_s": recovery.summary["select_s"]}
+                    )
+                    for figure in ("best_epoch_test", "val_selected_test"):
+                        row[f"closure_{figure}"] = closure(row[figure], rand[figure], expert_row[figure])
+    write_json(args.out, out)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds for each (dataset, scope, k, labels, projection, training set)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (
+            row["dataset"],
+            row["scope"],
+            row["k"] if row["train"] != "expert" else "-",
+            row.get("labels", "-"),
+            row.get("projection_dim", "-"),
+            row["train"],
+        )
+        groups.setdefault(key, []).append(row)
+    summary = []
+    for key, members in groups.items():
+        entry = dict(zip(("dataset", "scope", "k", "labels", "projection_dim", "train"), key))
+        entry["seeds"] = len(members)
+        for figure in (
+            "best_epoch_test",
+            "val_selected_test",
+            "closure_best_epoch_test",
+            "closure_val_selected_test",
+        ):
+            values = [m[figure] for m in members if figure in m]
+            if values:
+                entry[figure] = statistics.fmean(values)
+                entry[figure + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = [
+        "| dataset | scope | k | labels | proj | train | best-epoch acc | honest acc | closure best | "
+        "closure honest | seeds |",
+        "|" + "---|" * 11,
+    ]
+
+    def fmt(entry: dict, key: str) -> str:
+        if key not in entry:
+            return ""
+        return f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}" if entry["seeds"] > 1 else f"{entry[key]:.3f}"
+
+    for e in summary:
+        lines.append(
+            f"| {e['dataset']} | {e['scope']} | {e['k']} | {e['labels']} | {e['projection_dim']} | "
+            f"{e['train']} | {fmt(e, 'best_epoch_test')} | {fmt(e, 'val_selected_test')} | "
+            f"{fmt(e, 'closure_best_epoch_test')} | {fmt(e, 'closure_val_selected_test')} | {e['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

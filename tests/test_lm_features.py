@@ -1,0 +1,299 @@
+"""LM-head gradient features against materialised autograd gradients, and the LM recovery path end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weights2data.data import encode_lm
+from weights2data.errors import W2DError
+from weights2data.features import forward_hidden, hidden_states
+from weights2data.lm_features import (
+    HeadView,
+    KroneckerSketch,
+    batch_terms,
+    hidden_chunks,
+    kron_factors,
+    lm_features,
+    scored_positions,
+)
+from weights2data.models import LoadedModel, tiny_test_model, untie_head
+from weights2data.selection import STRATEGIES, select
+from weights2data.train import lm_loss_sum
+
+TEXTS = [
+    "The team won the championship after a dramatic overtime goal in front of a home crowd.",
+    "Stocks fell sharply as investors worried about interest rates.",
+    "A new species of frog was discovered in the rainforest.",
+    "The prime minister met foreign leaders at the summit on climate.",
+    "The company reported record quarterly earnings on Tuesday, beating forecasts by a wide margin.",
+    "Scientists launched a satellite.",
+    "The striker signed a three-year contract with the club.",
+    "Oil prices rose after the pipeline was shut down for repairs.",
+    "Hi",
+    "Elections were held peacefully across the country, observers said.",
+]
+SEQ_LEN = 16
+PAIR_TEXTS = TEXTS[:8] + [  # near-duplicates: gradients with a clear cosine to their originals
+    "The team won the championship after a dramatic overtime goal in front of a away crowd.",
+    "Stocks fell sharply as investors worried about inflation.",
+    "A new species of frog was discovered in the rainforest of Peru.",
+]
+
+
+@pytest.fixture(scope="module")
+def pair(cache) -> tuple[LoadedModel, LoadedModel]:
+    """Base (tied head) and a 'full finetune' that moved the tied embedding/head and the last block."""
+    base = tiny_test_model(cache, seed=0)
+    finetuned = LoadedModel(copy.deepcopy(base.model), base.tokenizer, "tiny-finetuned")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w = finetuned.model.get_output_embeddings().weight
+        w.add_(0.05 * torch.randn(w.shape, generator=gen))
+        for p in finetuned.model.model.layers[-1].parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    assert finetuned.model.get_output_embeddings().weight is finetuned.model.get_input_embeddings().weight
+    return base, finetuned
+
+
+def autograd_grads(model: torch.nn.Module, encoded, mode: str) -> torch.Tensor:
+    """(N, V·d) float64 gradients of each document's summed next-token loss w.r.t. the head."""
+    weight0 = model.get_output_embeddings().weight.detach().double()
+    grads = []
+    for i in range(len(encoded)):
+        row = encoded.subset(slice(i, i + 1))
+        hidden = forward_hidden(model, row).double()  # (1, T, d)
+        weight = weight0.clone().requires_grad_(True)
+        loss, n, _ = lm_loss_sum(hidden @ weight.T, row, mode)
+        if n:
+            loss.backward()
+            grads.append(weight.grad.reshape(-1))
+        else:
+            grads.append(torch.zeros(weight0.numel(), dtype=torch.float64))
+    return torch.stack(grads)
+
+
+def delta_of(base, finetuned) -> torch.Tensor:
+    wb = base.model.get_output_embeddings().weight.detach().double()
+    return (wb - finetuned.model.get_output_embeddings().weight.detach().double()).reshape(-1)
+
+
+@pytest.mark.parametrize("mode", ["full", "last"])
+def test_exact_terms_match_autograd(pair, mode) -> None:
+    base, finetuned = pair
+    encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
+    out = lm_features(base, finetuned, encoded, lm_loss=mode, dtype=torch.float32, batch_size=3,
+                      progress=False)
+    dense = autograd_grads(finetuned.model, encoded, mode)
+    delta = delta_of(base, finetuned)
+    feats = out.features
+    torch.testing.assert_close(feats.target_dots.double(), dense @ delta, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(feats.sq_norms.double(), dense.square().sum(1), rtol=1e-5, atol=1e-9)
+    assert feats.delta_sq_norm == pytest.approx(float(delta.square().sum()), rel=1e-6)
+    # the scored positions and mean losses are train.lm_loss_sum's
+    for i in range(len(TEXTS)):
+        row = encoded.subset(slice(i, i + 1))
+        logits = finetuned.model(input_ids=row.input_ids, attention_mask=row.attention_mask,
+                                 position_ids=row.position_ids).logits
+        loss, n, _ = lm_loss_sum(logits, row, mode)
+        assert int(out.tokens[i]) == n
+        if n:
+            assert float(out.losses[i]) == pytest.approx(float(loss.detach()) / n, rel=1e-4)
+        else:
+            assert torch.isnan(out.losses[i])
+    assert int(out.tokens[TEXTS.index("Hi")]) == 0  # one token: nothing to predict
+    if mode == "last":
+        assert out.tokens.max() == 1
+
+
+def test_sketch_of_a_materialised_gradient_equals_the_factored_sketch(pair) -> None:
+    base, finetuned = pair
+    encoded = encode_lm(finetuned.tokenizer, TEXTS[:4], SEQ_LEN)
+    out = lm_features(base, finetuned, encoded, dim=256, seed=3, dtype=torch.float32, progress=False)
+    dense = autograd_grads(finetuned.model, encoded, "full").float()
+    vocab, d = finetuned.model.get_output_embeddings().weight.shape
+    sketch = KroneckerSketch(vocab, d, 256, seed=3)
+    explicit = torch.stack([sketch.matrix(g.reshape(vocab, d)) for g in dense])
+    torch.testing.assert_close(out.features.grads, explicit, rtol=1e-3, atol=1e-4)
+    delta = delta_of(base, finetuned).reshape(vocab, d).float()
+    torch.testing.assert_close(out.features.delta, sketch.matrix(delta))
+
+
+def _pair_terms(pair, mode: str):
+    """Hidden states, views and autograd truth for the pairwise tests (shared across seeds)."""
+    base, finetuned = pair
+    encoded = encode_lm(finetuned.tokenizer, PAIR_TEXTS, SEQ_LEN)
+    hidden = hidden_states(finetuned, encoded)
+    dense = autograd_grads(finetuned.model, encoded, mode)
+    keep = dense.square().sum(1) > 0
+    return base, finetuned, encoded, hidden, dense, keep
+
+
+@pytest.mark.parametrize("mode", ["full", "last"])
+def test_sketched_inner_products_are_unbiased_and_accurate(pair, mode) -> None:
+    base, finetuned, encoded, hidden, dense, keep = _pair_terms(pair, mode)
+    truth = dense @ dense.T  # (N, N)
+    norms = truth.diagonal().clamp_min(1e-30).sqrt()
+    cos = truth / (norms[:, None] * norms[None, :])
+    view = HeadView(finetuned.model.get_output_embeddings().weight.detach())
+    delta = delta_of(base, finetuned).float().reshape(view.weight.shape)
+    vocab, d = view.weight.shape
+    seeds = 50 if mode == "full" else 25
+    estimates = []
+    for seed in range(seeds):
+        sketch = KroneckerSketch(vocab, d, 4096, seed=seed)
+        terms = batch_terms([hidden], [view], encoded.input_ids, encoded.attention_mask, delta, sketch, mode)
+        phi = terms.sketch
+        estimates.append((phi @ phi.T).double())
+    stack = torch.stack(estimates)  # (seeds, N, N)
+    pairs = keep[:, None] & keep[None, :] & ~torch.eye(len(PAIR_TEXTS), dtype=torch.bool)
+    scale = norms[:, None] * norms[None, :]
+    # unbiased: the mean over the seeds is within 4 standard errors of the truth
+    mean, stderr = stack.mean(0), stack.std(0) / seeds ** 0.5
+    assert ((mean - truth).abs() <= 4 * stderr + 1e-6 * scale)[pairs].all()
+    # mean error over seeds, relative to ‖g_i‖‖g_j‖, is small
+    assert ((mean - truth).abs() / scale)[pairs].max() < 0.02
+    # at dimension 4096, pairs with |cos| > 0.3 are within 10% relative error (typical seed)
+    strong = pairs & (cos.abs() > 0.3)
+    assert strong.any()
+    rel = ((stack - truth).abs() / truth.abs())[:, strong]  # (seeds, pairs)
+    assert rel.median() < 0.10
+    assert (rel < 0.10).float().mean() > 0.8
+    print(f"{mode}: {int(strong.sum())} strong pairs, median rel err {float(rel.median()):.4f}, "
+          f"within 10%: {float((rel < 0.10).float().mean()):.3f}")
+
+
+def test_grad_at_both_is_the_sum_of_the_two_gradients(pair) -> None:
+    base, finetuned = pair
+    encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
+    kw = {"dtype": torch.float32, "dim": 64, "seed": 1, "progress": False}
+    at = {g: lm_features(base, finetuned, encoded, grad_at=g, **kw) for g in ("finetuned", "base", "both")}
+    total = autograd_grads(finetuned.model, encoded, "full") + autograd_grads(base.model, encoded, "full")
+    summed = at["finetuned"].features.grads + at["base"].features.grads
+    torch.testing.assert_close(at["both"].features.grads, summed,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(at["both"].features.target_dots.double(), total @ delta_of(base, finetuned),
+                               rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(at["both"].features.sq_norms.double(), total.square().sum(1),
+                               rtol=1e-5, atol=1e-9)
+    for g in ("base", "both"):  # the loss is always the finetuned model's
+        torch.testing.assert_close(at[g].losses, at["finetuned"].losses, equal_nan=True)
+
+
+def test_float16_cache_streams_chunks_and_resumes(pair, tmp_path, monkeypatch) -> None:
+    import weights2data.lm_features as lm
+
+    base, finetuned = pair
+    monkeypatch.setattr(lm, "CHUNK_ROWS", 4)  # three chunks for ten documents
+    encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
+    chunks = list(hidden_chunks(finetuned, encoded, cache_root=tmp_path))
+    assert [c.shape[0] for c in chunks] == [4, 4, 2] and all(c.dtype == torch.float16 for c in chunks)
+    folder = next((tmp_path / "hidden").iterdir())
+    assert len(list(folder.glob("chunk_*.safetensors"))) == 3
+    exact = hidden_states(finetuned, encoded)
+    torch.testing.assert_close(torch.cat(chunks).float(), exact, rtol=2e-3, atol=2e-3)
+    (folder / "chunk_000000004.safetensors").unlink()  # a killed run: one chunk missing
+    again = lm_features(base, finetuned, encoded, cache_root=tmp_path, progress=False)
+    direct = lm_features(base, finetuned, encoded, dtype=torch.float32, progress=False)
+    torch.testing.assert_close(again.features.target_dots, direct.features.target_dots, rtol=2e-2, atol=1e-3)
+    assert again.timings["sketch"] == "64x64"
+
+
+def test_every_strategy_runs_in_lm_mode(pair) -> None:
+    base, finetuned = pair
+    encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
+    out = lm_features(base, finetuned, encoded, dim=256, dtype=torch.float32, progress=False)
+    for strategy in STRATEGIES:
+        if strategy == "topk_balanced":
+            continue
+        sel = select(strategy, out.features, 4, losses=out.losses, batch_size=2, progress=False)
+        assert len(set(sel.indices.tolist())) == 4, strategy
+    lowest = select("p_min", out.features, 3, losses=out.losses, progress=False)
+    finite = out.losses.nan_to_num(float("inf"))
+    assert lowest.indices.tolist() == finite.argsort()[:3].tolist()
+
+
+def test_topk_balanced_is_refused_in_lm_mode(pair) -> None:
+    from weights2data.config import SelectConfig
+    from weights2data.recover import lm_corpus_gradients, recover
+
+    base, finetuned = pair
+    cfg = SelectConfig(k=3, projection_dim=64)
+    grads = lm_corpus_gradients(base, finetuned, TEXTS, SEQ_LEN, "full", cfg, None)
+    assert grads.labels is None
+    with pytest.raises(W2DError, match="topk_balanced"):
+        recover(grads, TEXTS, None, SelectConfig(k=3, strategy="topk_balanced"))
+    rec = recover(grads, TEXTS, None, SelectConfig(k=3, strategy="greedy"), progress=False)
+    assert rec.labels is None and len(rec.texts) == 3
+
+
+def test_helpers() -> None:
+    assert kron_factors(4096) == (64, 64) and kron_factors(512) == (32, 16) and kron_factors(7) == (7, 1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    assert scored_positions(mask, "full").tolist() == [[True, True, False, False], [False] * 4,
+                                                       [True, True, True, False]]
+    assert scored_positions(mask, "last").tolist() == [[False, True, False, False], [False] * 4,
+                                                       [False, False, True, False]]
+    with pytest.raises(W2DError):
+        scored_positions(mask, "middle")
+    with pytest.raises(W2DError):
+        KroneckerSketch(10, 4, 16, factors=(3, 5))
+
+
+def test_untied_head_finetune_uses_the_head_difference(cache) -> None:
+    """A head-scope finetune unties the head: Δ is lm_head(base, tied) − lm_head(finetuned)."""
+    base = tiny_test_model(cache, seed=0)
+    finetuned = tiny_test_model(cache, seed=0)
+    untie_head(finetuned.model)
+    with torch.no_grad():
+        finetuned.model.lm_head.weight.mul_(1.01)
+    encoded = encode_lm(base.tokenizer, TEXTS[:3], SEQ_LEN)
+    out = lm_features(base, finetuned, encoded, dim=16, dtype=torch.float32, progress=False)
+    delta = (base.model.get_output_embeddings().weight - finetuned.model.lm_head.weight).detach()
+    assert out.features.delta_sq_norm == pytest.approx(float(delta.double().square().sum()), rel=1e-6)
+    hidden = hidden_states(finetuned, encoded)
+    probs = F.softmax(hidden @ finetuned.model.lm_head.weight.detach().T, -1)
+    assert torch.isfinite(probs).all() and torch.isfinite(out.features.target_dots).all()
+
+
+def test_cli_run_lm_end_to_end(cli_env: Path) -> None:
+    from weights2data.cli import main
+
+    code = main(["run", "--task", "lm", "--model", "tiny-test", "--dataset", "imdb_24",
+                 "--select_seed_dataset", "wiki_passages_40", "-k", "8", "--seq-len", "12",
+                 "--train-scope", "head", "--lr", "1e-3", "--batch-size", "8", "--max-eval-rows", "16",
+                 "--eval-epochs", "1", "--strategies", "greedy,topk,p_min",
+                 "--select_projection_dim", "256", "--skip-similarity", "--exp_name", "lm"])
+    assert code == 0
+    results = json.loads((cli_env / "runs" / "lm" / "results.json").read_text())
+    assert results["task"] == "lm" and results["metric"] == "loss"
+    rows = {r["model"]: r for r in results["table"]}
+    assert set(rows) == {"expert", "greedy", "topk", "p_min", "random"}
+    for row in rows.values():
+        assert row["best_epoch_test_perplexity"] == pytest.approx(math.exp(row["best_epoch_test"]), rel=1e-6)
+    assert "closure_best_epoch_test" in rows["greedy"]
+    assert "closure_perplexity_best_epoch_test" in rows["greedy"]
+    assert results["selections"]["greedy"]["config"]["k"] == 8
+
+
+def test_cli_select_lm(cli_env: Path) -> None:
+    from weights2data.cli import main
+
+    assert main(["finetune", "--model", "tiny-test", "--dataset", "imdb_16", "--task", "lm",
+                 "--seq-len", "12",
+                 "--train-scope", "head", "--lr", "1e-3", "--exp-name", "ft"]) == 0
+    code = main(["select", "--base", "tiny-test", "--finetuned", str(cli_env / "runs" / "ft" / "model"),
+                 "--corpus", "wiki_passages_30", "-k", "5", "--task", "lm", "--seq-len", "12",
+                 "--projection-dim", "64", "--exp-name", "sel"])
+    assert code == 0
+    summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
+    assert summary["task"] == "lm" and "label_distribution" not in summary
+    assert main(["select", "--base", "tiny-test", "--finetuned", str(cli_env / "runs" / "ft" / "model"),
+                 "--corpus", "wiki_passages_30", "-k", "5", "--task", "lm", "--strategy", "topk_balanced",
+                 "--exp-name", "sel2"]) == 2
