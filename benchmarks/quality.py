@@ -200,7 +200,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault(key, []).append(row)
     summary = []
     for key, members in groups.items():
-        entry = dict(zip(("dataset", "scope", "k", "labels", "projection_dim", "train"), key))
+        entry = dict(zip(("dataset", "scope", "k", "labels", "projection_dim", "train"), key, strict=True))
         entry["seeds"] = len(members)
         for figure in (
             "best_epoch_test",

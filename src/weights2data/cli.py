@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,19 +28,36 @@ from weights2data.errors import W2DError
 
 log = logging.getLogger("weights2data")
 
-SECTIONS = {DataConfig: "data", FinetuneConfig: "finetune", EvalConfig: "eval", RuntimeConfig: "runtime",
-            SelectConfig: "select", RunConfig: "run"}
+SECTIONS = {
+    DataConfig: "data",
+    FinetuneConfig: "finetune",
+    EvalConfig: "eval",
+    RuntimeConfig: "runtime",
+    SelectConfig: "select",
+    RunConfig: "run",
+}
 
 # The original research code's flag names (seed README), accepted by `w2d run`.
 SEED_ALIASES = {
     DataConfig: {"seq_len": ["--sequence_length"], "data_dir": ["--data_dir"]},
-    FinetuneConfig: {"lr": ["--expert_lr"], "batch_size": ["--expert_batch_size"],
-                     "steps": ["--num_steps_per_expert"], "train_scope": ["--train_scope"]},
+    FinetuneConfig: {
+        "lr": ["--expert_lr"],
+        "batch_size": ["--expert_batch_size"],
+        "steps": ["--num_steps_per_expert"],
+        "train_scope": ["--train_scope"],
+    },
     EvalConfig: {"eval_epochs": ["--num_eval_epochs"]},
-    SelectConfig: {"k": ["-k", "--select_full_dataset_size"], "labels": ["--select_label_strategy"],
-                   "projection_dim": ["--select_projection_dim"]},
-    RunConfig: {"base": ["--model"], "corpus": ["--select_seed_dataset"],
-                "strategies": ["--select_batch_fill_strategy", "--strategy"], "optimizer_test": ["--optimizer_test"]},
+    SelectConfig: {
+        "k": ["-k", "--select_full_dataset_size"],
+        "labels": ["--select_label_strategy"],
+        "projection_dim": ["--select_projection_dim"],
+    },
+    RunConfig: {
+        "base": ["--model"],
+        "corpus": ["--select_seed_dataset"],
+        "strategies": ["--select_batch_fill_strategy", "--strategy"],
+        "optimizer_test": ["--optimizer_test"],
+    },
     RuntimeConfig: {"exp_name": ["--exp_name"], "results_dir": ["--results_dir"]},
 }
 # Original options whose other values select machinery we do not implement: refused by name.
@@ -53,8 +71,14 @@ FIXED_SEED_OPTIONS = {
 }
 DEMO_MODEL = "smollm2-135m"
 DEMO = {  # sized to finish within 10 minutes on a 2-core CPU; see README for the choice of scope
-    "dataset": "ag_news_500", "corpus": "wiki_passages_3000", "k": 300, "scope": "top:2", "lr": 1e-4,
-    "epochs": 2, "eval_rows": 500, "eval_epochs": 3,
+    "dataset": "ag_news_500",
+    "corpus": "wiki_passages_3000",
+    "k": 300,
+    "scope": "top:2",
+    "lr": 1e-4,
+    "epochs": 2,
+    "eval_rows": 500,
+    "eval_epochs": 3,
 }
 
 DATASET_HELP = """\
@@ -72,8 +96,12 @@ Hugging Face directory with safetensors weights, or a hub name (gpt2, llama3-1b,
 # ---------------------------------------------------------------- flags from dataclasses
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, list[str]] | None = None,
-                    skip: tuple[str, ...] = ()) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    aliases: dict[str, list[str]] | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
     """One flag per dataclass field (--field-name), with the field's help text and default."""
     group = parser.add_argument_group(f"{SECTIONS.get(cls, cls.__name__)} options")
     for f in fields(cls):
@@ -83,10 +111,18 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[st
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         dest = f"{cls.__name__}.{f.name}"
         if f.type == "bool":
-            group.add_argument(*names, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(
+                *names, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
         else:
-            group.add_argument(*names, dest=dest, type=_flag_type(f.type), default=argparse.SUPPRESS,
-                               metavar=f.name.upper(), help=help_text)
+            group.add_argument(
+                *names,
+                dest=dest,
+                type=_flag_type(f.type),
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=help_text,
+            )
 
 
 def _flag_type(annotation: str) -> Callable[[str], Any]:
@@ -100,7 +136,7 @@ def build_config(cls: type, args: argparse.Namespace, toml: dict[str, dict], **o
     table = dict(toml.get(section, {}))
     check_keys(table, cls, section)
     prefix = cls.__name__ + "."
-    flags = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    flags = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
     return cls(**{**table, **flags, **overrides})
 
 
@@ -122,18 +158,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     toml = read_toml(args)
     data, ft, rt = (build_config(c, args, toml) for c in (DataConfig, FinetuneConfig, RuntimeConfig))
-    run = open_run(rt, "finetune", {"model": args.model, "data": to_dict(data), "finetune": to_dict(ft)})
+    run = open_run(
+        args, rt, "finetune", {"model": args.model, "data": to_dict(data), "finetune": to_dict(ft)}
+    )
     ws = Workspace.from_config(rt, data)
     dataset = ws.dataset(data.dataset, data, ft.seed)
     started = time.time()
     path, meta = finetune_cached(ws, args.model, dataset, data, ft)
-    metrics = {"model": str(path), "seconds": round(time.time() - started, 1), "train_rows": len(dataset.train),
-               "history": meta["history"]}
+    metrics = {
+        "model": str(path),
+        "seconds": round(time.time() - started, 1),
+        "train_rows": len(dataset.train),
+        "history": meta["history"],
+    }
     link(run / "model", path)
     finish(run, rt, metrics)
     last = meta["history"][-1] if meta["history"] else {}
-    print(f"finetuned model: {path}\n  (linked from {run / 'model'}); final train loss "
-          f"{last.get('train_loss', float('nan')):.4f} after {sum(h['steps'] for h in meta['history'])} steps")
+    print(
+        f"finetuned model: {path}\n  (linked from {run / 'model'}); final train loss "
+        f"{last.get('train_loss', float('nan')):.4f} after {sum(h['steps'] for h in meta['history'])} steps"
+    )
     return 0
 
 
@@ -143,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     toml = read_toml(args)
     data, ev, rt = (build_config(c, args, toml) for c in (DataConfig, EvalConfig, RuntimeConfig))
-    run = open_run(rt, "evaluate", {"model": args.model, "data": to_dict(data), "eval": to_dict(ev)})
+    run = open_run(args, rt, "evaluate", {"model": args.model, "data": to_dict(data), "eval": to_dict(ev)})
     ws = Workspace.from_config(rt, data)
     dataset = ws.dataset(data.dataset, data)
     if dataset.test is None:
@@ -161,9 +205,21 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     from weights2data.train import resolve_task, train_eval
 
     toml = read_toml(args)
-    data, ft, ev, rt = (build_config(c, args, toml) for c in (DataConfig, FinetuneConfig, EvalConfig, RuntimeConfig))
-    run = open_run(rt, "train-eval", {"model": args.model, "train": args.train, "data": to_dict(data),
-                                      "finetune": to_dict(ft), "eval": to_dict(ev)})
+    data, ft, ev, rt = (
+        build_config(c, args, toml) for c in (DataConfig, FinetuneConfig, EvalConfig, RuntimeConfig)
+    )
+    run = open_run(
+        args,
+        rt,
+        "train-eval",
+        {
+            "model": args.model,
+            "train": args.train,
+            "data": to_dict(data),
+            "finetune": to_dict(ft),
+            "eval": to_dict(ev),
+        },
+    )
     ws = Workspace.from_config(rt, data)
     target = ws.dataset(data.dataset, data, ft.seed)
     train = ws.dataset(args.train, data, ft.seed).train
@@ -174,11 +230,13 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     check_train_labels(train, task, args.train)
     result = train_eval(loaded, train, target.test, task, ft, ev, cache_root=ws.cache)
     finish(run, rt, result)
-    print(f"{args.model} trained on {args.train}, tested on {target.name}: {result['metric']}\n"
-          f"  best over epochs (the original's figure; model selection on test): {result['best_epoch_test']:.4f}"
-          f" (epoch {result['best_epoch']})\n"
-          f"  honest ({result['honest_rule']}): {result['val_selected_test']:.4f}"
-          f" (epoch {result['val_selected_epoch']})")
+    print(
+        f"{args.model} trained on {args.train}, tested on {target.name}: {result['metric']}\n"
+        f"  best over epochs (the original's figure; selected on test): {result['best_epoch_test']:.4f}"
+        f" (epoch {result['best_epoch']})\n"
+        f"  honest ({result['honest_rule']}): {result['val_selected_test']:.4f}"
+        f" (epoch {result['val_selected_epoch']})"
+    )
     return 0
 
 
@@ -188,8 +246,18 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     toml = read_toml(args)
     data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
-    run = open_run(rt, "select", {"base": args.base, "finetuned": args.finetuned, "corpus": args.corpus,
-                                  "data": to_dict(data), "select": to_dict(sel)})
+    run = open_run(
+        args,
+        rt,
+        "select",
+        {
+            "base": args.base,
+            "finetuned": args.finetuned,
+            "corpus": args.corpus,
+            "data": to_dict(data),
+            "select": to_dict(sel),
+        },
+    )
     ws = Workspace.from_config(rt, data)
     corpus = ws.dataset(args.corpus, data, sel.seed).train
     if sel.k > len(corpus):
@@ -210,33 +278,51 @@ def cmd_select(args: argparse.Namespace) -> int:
     recovery = recover(grads, corpus.texts, label_set, sel)
     parquet, _ = write_recovery(recovery, run)
     finish(run, rt, recovery.summary)
-    print(f"selected {sel.k} of {len(corpus)} documents with {sel.strategy}: {parquet}\n"
-          f"  objective cos(sum of selected gradients, delta) = {recovery.summary['objective_cos']:.4f}\n"
-          f"  labels: {recovery.summary.get('label_distribution')}")
+    print(
+        f"selected {sel.k} of {len(corpus)} documents with {sel.strategy}: {parquet}\n"
+        f"  objective cos(sum of selected gradients, delta) = {recovery.summary['objective_cos']:.4f}\n"
+        f"  labels: {recovery.summary.get('label_distribution')}"
+    )
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     check_fixed_seed_options(args)
     toml = read_toml(args)
-    data, ft, ev, run_cfg, rt = (build_config(c, args, toml) for c in
-                                 (DataConfig, FinetuneConfig, EvalConfig, RunConfig, RuntimeConfig))
+    data, ft, ev, run_cfg, rt = (
+        build_config(c, args, toml)
+        for c in (DataConfig, FinetuneConfig, EvalConfig, RunConfig, RuntimeConfig)
+    )
     sel = build_config(SelectConfig, args, toml, seed=ft.seed)  # one --seed for the whole experiment
-    return run_and_print(rt, data, ft, ev, sel, run_cfg)
+    return run_and_print(args, rt, data, ft, ev, sel, run_cfg)
 
 
-def run_and_print(rt: RuntimeConfig, data: DataConfig, ft: FinetuneConfig, ev: EvalConfig,
-                  sel: SelectConfig, run_cfg: RunConfig) -> int:
+def run_and_print(
+    args: argparse.Namespace,
+    rt: RuntimeConfig,
+    data: DataConfig,
+    ft: FinetuneConfig,
+    ev: EvalConfig,
+    sel: SelectConfig,
+    run_cfg: RunConfig,
+) -> int:
     from weights2data.experiment import format_table, run_experiment
     from weights2data.pipeline import Workspace
 
-    config = {"data": to_dict(data), "finetune": to_dict(ft), "eval": to_dict(ev), "select": to_dict(sel),
-              "run": to_dict(run_cfg)}
-    run = open_run(rt, "run", config)
+    config = {
+        "data": to_dict(data),
+        "finetune": to_dict(ft),
+        "eval": to_dict(ev),
+        "select": to_dict(sel),
+        "run": to_dict(run_cfg),
+    }
+    run = open_run(args, rt, "run", config)
     results = run_experiment(Workspace.from_config(rt, data), run, data, ft, ev, sel, run_cfg)
     finish(run, rt, {"table": results["table"], "seconds": results["seconds"]})
-    print(f"\n{results['expert_dataset']}: expert vs {sel.k} documents recovered from {run_cfg.corpus} "
-          f"({ft.train_scope} scope, {results['seconds']:.0f} s)")
+    print(
+        f"\n{results['expert_dataset']}: expert vs {sel.k} documents recovered from {run_cfg.corpus} "
+        f"({ft.train_scope} scope, {results['seconds']:.0f} s)"
+    )
     print(format_table(results))
     print(f"results: {run / 'results.json'}")
     return 0
@@ -258,9 +344,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ev = EvalConfig(max_eval_rows=DEMO["eval_rows"], eval_epochs=DEMO["eval_epochs"], patience=3)
     sel = SelectConfig(k=DEMO["k"])
     run_cfg = RunConfig(base=DEMO_MODEL, corpus=DEMO["corpus"], strategies="greedy,topk")
-    print(f"demo: {DEMO_MODEL}, {DEMO['scope']} scope; expert on {DEMO['dataset']}; recover k = {DEMO['k']} "
-          f"from {DEMO['corpus']}; train on each and score on AG News test ({DEMO['eval_rows']} rows)")
-    return run_and_print(rt, data, ft, ev, sel, run_cfg)
+    print(
+        f"demo: {DEMO_MODEL}, {DEMO['scope']} scope; expert on {DEMO['dataset']}; recover k = {DEMO['k']} "
+        f"from {DEMO['corpus']}; train on each and score on AG News test ({DEMO['eval_rows']} rows)"
+    )
+    return run_and_print(args, rt, data, ft, ev, sel, run_cfg)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -288,26 +376,32 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
     toml = read_toml(args)
     data, rt = build_config(DataConfig, args, toml), build_config(RuntimeConfig, args, toml)
-    run = open_run(rt, "similarity", {"a": args.a, "b": args.b, "max_docs": args.max_docs, "seed": args.seed,
-                                      "data": to_dict(data)})
+    run = open_run(
+        args,
+        rt,
+        "similarity",
+        {"a": args.a, "b": args.b, "max_docs": args.max_docs, "seed": args.seed, "data": to_dict(data)},
+    )
     ws = Workspace.from_config(rt, data)
     a, b = ws.dataset(args.a, data).train, ws.dataset(args.b, data).train
     embedder = SentenceEmbedder(device=str(pick_device(rt.device)))
     metrics = dataset_similarity(a.texts, b.texts, embedder=embedder, max_docs=args.max_docs, seed=args.seed)
     finish(run, rt, {"a": args.a, "b": args.b, **metrics})
     leak = metrics["leakage"]
-    print(f"similarity of A = {args.a} ({metrics['n_selection']} texts) to B = {args.b} "
-          f"({metrics['n_truth']} texts)\n"
-          f"  Sinkhorn divergence     {metrics['sinkhorn_divergence']:.4f}  (0 = same distribution; "
-          f"{metrics['ot_n_selection']} vs {metrics['ot_n_truth']} embedded)\n"
-          f"  matching distance       {metrics['matching_distance']:.4f}\n"
-          f"  example containment     {metrics['example_containment']:.4f}  "
-          f"(share of B's examples in A; near: {metrics['near_example_containment']:.4f})\n"
-          f"  vocabulary containment  {metrics['vocabulary_containment']:.4f}  "
-          f"(share of B's word types in A)\n"
-          f"  leakage                 exact {leak['exact_duplicate_fraction']:.4f}, near "
-          f"{leak['near_duplicate_fraction']:.4f}  (share of A copied from B)\n"
-          f"metrics: {run / 'metrics.json'}")
+    print(
+        f"similarity of A = {args.a} ({metrics['n_selection']} texts) to B = {args.b} "
+        f"({metrics['n_truth']} texts)\n"
+        f"  Sinkhorn divergence     {metrics['sinkhorn_divergence']:.4f}  (0 = same distribution; "
+        f"{metrics['ot_n_selection']} vs {metrics['ot_n_truth']} embedded)\n"
+        f"  matching distance       {metrics['matching_distance']:.4f}\n"
+        f"  example containment     {metrics['example_containment']:.4f}  "
+        f"(share of B's examples in A; near: {metrics['near_example_containment']:.4f})\n"
+        f"  vocabulary containment  {metrics['vocabulary_containment']:.4f}  "
+        f"(share of B's word types in A)\n"
+        f"  leakage                 exact {leak['exact_duplicate_fraction']:.4f}, near "
+        f"{leak['near_duplicate_fraction']:.4f}  (share of A copied from B)\n"
+        f"metrics: {run / 'metrics.json'}"
+    )
     return 0
 
 
@@ -323,10 +417,14 @@ def check_train_labels(train: Any, task: Any, name: str) -> None:
 # ---------------------------------------------------------------- run directories and output
 
 
-def open_run(rt: RuntimeConfig, command: str, config: dict) -> Path:
+def open_run(args: argparse.Namespace, rt: RuntimeConfig, command: str, config: dict) -> Path:
+    """Create the run directory; main() removes it again if the command fails before finishing."""
     from weights2data.store import RunDir, stable_hash
 
-    run = RunDir.create(rt.results_dir, rt.exp_name or f"{command}-{stable_hash(config, 8)}")
+    path = Path(rt.results_dir) / (rt.exp_name or f"{command}-{stable_hash(config, 8)}")
+    if not path.exists():
+        args.new_run_dir = path
+    run = RunDir.create(rt.results_dir, path.name)
     run.write_config({"command": command, **config, "runtime": to_dict(rt)})
     run.attach_log()
     log.info("run directory: %s", run.path)
@@ -354,8 +452,11 @@ def link(path: Path, target: Path) -> None:
 
 
 def format_metrics(name: str, metrics: dict) -> str:
-    parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-             if isinstance(v, int | float)]
+    parts = [
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in metrics.items()
+        if isinstance(v, int | float)
+    ]
     return f"{name}: " + ", ".join(parts)
 
 
@@ -365,7 +466,8 @@ def format_metrics(name: str, metrics: dict) -> str:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="w2d",
-        description="weights2data: recover an approximation of a language model's finetuning data from its weights.",
+        description="weights2data: recover an approximation of a language model's finetuning data "
+        "from its weights.",
         epilog=DATASET_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -373,11 +475,20 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=DATASET_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=DATASET_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
-        p.add_argument("--config", metavar="TOML", help="TOML file with [data], [finetune], [eval], [runtime] "
-                       "tables giving defaults; explicit flags win")
+        p.add_argument(
+            "--config",
+            metavar="TOML",
+            help="TOML file with [data], [finetune], [eval], [runtime] "
+            "tables giving defaults; explicit flags win",
+        )
         return p
 
     p = command("finetune", cmd_finetune, "finetune a model on a dataset and save it (safetensors)")
@@ -390,60 +501,99 @@ def make_parser() -> argparse.ArgumentParser:
     for cls in (DataConfig, EvalConfig, RuntimeConfig):
         add_config_args(p, cls)
 
-    p = command("train-eval", cmd_train_eval,
-                "finetune a base model on one training set and score it on another dataset's test split "
-                "after every epoch; reports the original's best-over-epochs figure and an honest one")
+    p = command(
+        "train-eval",
+        cmd_train_eval,
+        "finetune a base model on one training set and score it on another dataset's test split "
+        "after every epoch; reports the original's best-over-epochs figure and an honest one",
+    )
     p.add_argument("--model", default=DEMO_MODEL, help="base model (default: %(default)s)")
-    p.add_argument("--train", required=True, help="training set (any dataset argument, e.g. a selection.parquet)")
+    p.add_argument(
+        "--train", required=True, help="training set (any dataset argument, e.g. a selection.parquet)"
+    )
     for cls in (DataConfig, FinetuneConfig, EvalConfig, RuntimeConfig):
         add_config_args(p, cls)
 
-    p = command("select", cmd_select,
-                "recover a labelled subset of a corpus from base and finetuned weights "
-                "(writes selection.parquet + summary.json)")
+    p = command(
+        "select",
+        cmd_select,
+        "recover a labelled subset of a corpus from base and finetuned weights "
+        "(writes selection.parquet + summary.json)",
+    )
     p.add_argument("--base", required=True, help="base model (before finetuning)")
     p.add_argument("--finetuned", required=True, help="finetuned model (any directory transformers can load)")
     p.add_argument("--corpus", required=True, help="candidate corpus (a dataset argument)")
     add_config_args(p, SelectConfig, {"k": ["-k"]})
     add_config_args(p, DataConfig, skip=("dataset",))
-    p.add_argument("--lm-loss", choices=("full", "last"), default=None,
-                   help="--task lm: the loss whose gradients are matched, full (every next token) or last "
-                   "(default: the finetuned model's saved setting, else full); --projection-dim 0 means a "
-                   "4096-dimensional Kronecker sketch for LM")
+    p.add_argument(
+        "--lm-loss",
+        choices=("full", "last"),
+        default=None,
+        help="--task lm: the loss whose gradients are matched, full (every next token) or last "
+        "(default: the finetuned model's saved setting, else full); --projection-dim 0 means a "
+        "4096-dimensional Kronecker sketch for LM",
+    )
     add_config_args(p, RuntimeConfig)
 
-    p = command("run", cmd_run,
-                "the whole experiment: finetune the expert, select from the corpus, train on the expert's "
-                "data / the selection / random documents, and compare on the expert's test split. Accepts "
-                "the original run.py flag names.")
+    p = command(
+        "run",
+        cmd_run,
+        "the whole experiment: finetune the expert, select from the corpus, train on the expert's "
+        "data / the selection / random documents, and compare on the expert's test split. Accepts "
+        "the original run.py flag names.",
+    )
     for cls in (RunConfig, DataConfig, FinetuneConfig, EvalConfig, SelectConfig, RuntimeConfig):
-        add_config_args(p, cls, SEED_ALIASES.get(cls), skip=("strategy", "seed") if cls is SelectConfig else ())
+        add_config_args(
+            p, cls, SEED_ALIASES.get(cls), skip=("strategy", "seed") if cls is SelectConfig else ()
+        )
     seed = p.add_argument_group("original options with one supported value (others are refused)")
     for name, (supported, why) in FIXED_SEED_OPTIONS.items():
         seed.add_argument(f"--{name}", default=None, help=f"only {supported}: {why}")
 
-    p = command("demo", cmd_demo, "the recovery experiment on the embedded default (smollm2-135m, AG News, "
-                "Wikipedia passages), sized for a laptop CPU")
+    p = command(
+        "demo",
+        cmd_demo,
+        "the recovery experiment on the embedded default (smollm2-135m, AG News, "
+        "Wikipedia passages), sized for a laptop CPU",
+    )
     p.add_argument("--data-dir", default=None, help="data directory (default: $W2D_DATA_DIR)")
     add_config_args(p, RuntimeConfig)
 
-    p = command("report", cmd_report, "an HTML and markdown report of one or more `w2d run` directories: "
-                "scores and gap closure, metric vs k, per-epoch curves, label histograms, similarity, "
-                "sample recovered documents")
+    p = command(
+        "report",
+        cmd_report,
+        "an HTML and markdown report of one or more `w2d run` directories: "
+        "scores and gap closure, metric vs k, per-epoch curves, label histograms, similarity, "
+        "sample recovered documents",
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `w2d run`")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report for one run, "
-                   "<common parent>/report-<hash> for several)")
-    p.add_argument("--data-dir", default=None, help="where the expert's training data is found, for the true "
-                   "label distribution (default: $W2D_DATA_DIR)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: RUN_DIR/report for one run, <common parent>/report-<hash> for several)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the expert's training data is found, for the true "
+        "label distribution (default: $W2D_DATA_DIR)",
+    )
 
-    p = command("similarity", cmd_similarity,
-                "dataset similarity of A's training texts to B's: optimal-transport distances between "
-                "sentence embeddings, containment of B's examples and vocabulary in A, leakage of B into A")
+    p = command(
+        "similarity",
+        cmd_similarity,
+        "dataset similarity of A's training texts to B's: optimal-transport distances between "
+        "sentence embeddings, containment of B's examples and vocabulary in A, leakage of B into A",
+    )
     p.add_argument("a", metavar="A", help="dataset argument, e.g. a selection.parquet (the selection side)")
     p.add_argument("b", metavar="B", help="dataset argument, e.g. ag_news_1000 (the truth side)")
-    p.add_argument("--max-docs", type=int, default=2000,
-                   help="texts per side embedded for the optimal-transport distances (a seeded subsample; "
-                   "default: %(default)s)")
+    p.add_argument(
+        "--max-docs",
+        type=int,
+        default=2000,
+        help="texts per side embedded for the optimal-transport distances (a seeded subsample; "
+        "default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of that subsample (default: %(default)s)")
     add_config_args(p, DataConfig, skip=("dataset", "verbalizer", "seq_len", "task"))
     add_config_args(p, RuntimeConfig, skip=("cache_dir", "allow_pickle"))
@@ -463,6 +613,13 @@ def setup_logging() -> None:
     hf_logging.disable_progress_bar()
 
 
+def discard_unfinished_run(args: argparse.Namespace) -> None:
+    """A run directory this command created but never finished holds nothing a user should trust."""
+    path = getattr(args, "new_run_dir", None)
+    if path is not None and path.exists() and not (path / "metrics.json").exists():
+        shutil.rmtree(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     before = list(log.handlers)
@@ -471,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except W2DError as exc:
         print(f"w2d: error: {exc}", file=sys.stderr)
+        discard_unfinished_run(args)
         return 2
     except KeyboardInterrupt:
         print("w2d: interrupted; finished cache chunks are kept and the next run resumes", file=sys.stderr)

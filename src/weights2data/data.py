@@ -128,7 +128,8 @@ def _load_part(part: str, root: Path | None, text_column: str, label_column: str
         known = sorted(set(SEED_DATASETS) | _data_dir_names(root))
         raise W2DError(
             f"unknown dataset '{part}': not a file or directory, and not one of {', '.join(known)} "
-            f"(optionally with _N, e.g. ag_news_1000). Data directory: {root or f'unset (set ${DATA_DIR_ENV})'}"
+            f"(optionally with _N, e.g. ag_news_1000). "
+            f"Data directory: {root or f'unset (set ${DATA_DIR_ENV})'}"
         )
     return dataset if n is None else take_first(dataset, n, seed, name=part)
 
@@ -271,7 +272,8 @@ def _load_hub(name: str, root: Path | None) -> Dataset:
     source = SEED_DATASETS[name]
     if not hub_reachable():
         raise W2DError(
-            f"dataset '{name}' is not in the data directory ({root or f'unset: set ${DATA_DIR_ENV}'}) and the "
+            f"dataset '{name}' is not in the data directory "
+            f"({root or f'unset: set ${DATA_DIR_ENV}'}) and the "
             f"Hugging Face hub is unreachable (would fetch {source.repo}). Put it in <data_dir>/{name}/ as "
             "train.parquet / test.parquet (+ labels.json), or pass a local file."
         )
@@ -351,7 +353,7 @@ def make_label_set(
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in tokens]
     bad = [
         f"{name!r} -> {tok!r} ({len(i)} tokens)"
-        for name, tok, i in zip(label_names, tokens, ids)
+        for name, tok, i in zip(label_names, tokens, ids, strict=True)
         if len(i) != 1
     ]
     if bad:

@@ -34,8 +34,15 @@ log = logging.getLogger(__name__)
 RANDOM = "random"
 
 
-def run_experiment(ws: Workspace, run_dir: Path, data: DataConfig, expert_ft: FinetuneConfig,
-                   ev: EvalConfig, sel: SelectConfig, run: RunConfig) -> dict:
+def run_experiment(
+    ws: Workspace,
+    run_dir: Path,
+    data: DataConfig,
+    expert_ft: FinetuneConfig,
+    ev: EvalConfig,
+    sel: SelectConfig,
+    run: RunConfig,
+) -> dict:
     """Expert → selection(s) → expert / recovered / random scores; writes results.json."""
     started = time.time()
     expert_data = ws.dataset(data.dataset, data, expert_ft.seed)
@@ -50,14 +57,18 @@ def run_experiment(ws: Workspace, run_dir: Path, data: DataConfig, expert_ft: Fi
     check_pair(base, expert)
     if task.kind == "lm":
         if "topk_balanced" in run.strategy_list:
-            raise W2DError("topk_balanced balances labels, and a language-modelling selection has none: "
-                           "use topk (or greedy)")
+            raise W2DError(
+                "topk_balanced balances labels, and a language-modelling selection has none: "
+                "use topk (or greedy)"
+            )
         grads = lm_corpus_gradients(base, expert, corpus.texts, task.seq_len, task.lm_loss, sel, ws.cache)
     else:
         grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
     del base, expert
-    recoveries = {name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))
-                  for name in dict.fromkeys([*run.strategy_list, RANDOM])}
+    recoveries = {
+        name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))
+        for name in dict.fromkeys([*run.strategy_list, RANDOM])
+    }
     for name, recovery in recoveries.items():
         write_recovery(recovery, run_dir / f"selection-{name}")
     test_ft = replace(expert_ft, optimizer=run.optimizer_test or expert_ft.optimizer, steps=None, epochs=1)
@@ -76,8 +87,13 @@ def run_experiment(ws: Workspace, run_dir: Path, data: DataConfig, expert_ft: Fi
         "scores": scores,
         "table": closure_table(scores, task),
         "selections": {n: r.summary for n, r in recoveries.items()},
-        "config": {"data": to_dict(data), "finetune": to_dict(expert_ft), "eval": to_dict(ev),
-                   "select": to_dict(sel), "run": to_dict(run)},
+        "config": {
+            "data": to_dict(data),
+            "finetune": to_dict(expert_ft),
+            "eval": to_dict(ev),
+            "select": to_dict(sel),
+            "run": to_dict(run),
+        },
     }
     if not run.skip_similarity:
         results["similarity"] = similarity_block(recoveries, expert_data.train.texts)
@@ -108,14 +124,18 @@ def closure_table(scores: dict, task: Task) -> list[dict]:
         for figure in ("best_epoch_test", "val_selected_test"):
             row[figure] = score[figure]
             if name not in ("expert", RANDOM):
-                row[f"closure_{figure}"] = closure(score[figure], scores[RANDOM][figure], scores["expert"][figure])
+                row[f"closure_{figure}"] = closure(
+                    score[figure], scores[RANDOM][figure], scores["expert"][figure]
+                )
         if task.kind == "lm":  # the metric is the loss; perplexity alongside, and closure on perplexity
             for figure in ("best_epoch_test", "val_selected_test"):
                 row[f"{figure}_perplexity"] = perplexity(score[figure])
                 if name not in ("expert", RANDOM):
                     row[f"closure_perplexity_{figure}"] = closure(
-                        perplexity(score[figure]), perplexity(scores[RANDOM][figure]),
-                        perplexity(scores["expert"][figure]))
+                        perplexity(score[figure]),
+                        perplexity(scores[RANDOM][figure]),
+                        perplexity(scores["expert"][figure]),
+                    )
         rows.append(row)
     return rows
 
@@ -144,14 +164,20 @@ def format_table(results: dict) -> str:
         closure_text = ""
         if "closure_best_epoch_test" in row:
             closure_text = f"{row['closure_best_epoch_test']:.2f} / {row['closure_val_selected_test']:.2f}"
-        line = (f"{row['model']:<16}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
-                f"{closure_text:>26}")
+        line = (
+            f"{row['model']:<16}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
+            f"{closure_text:>26}"
+        )
         if lm:
             ppl_closure = ""
             if "closure_perplexity_best_epoch_test" in row:
-                ppl_closure = (f"{row['closure_perplexity_best_epoch_test']:.2f} / "
-                               f"{row['closure_perplexity_val_selected_test']:.2f}")
-            line += (f"{row['best_epoch_test_perplexity']:>16.4f}{row['val_selected_test_perplexity']:>12.4f}"
-                     f"{ppl_closure:>16}")
+                ppl_closure = (
+                    f"{row['closure_perplexity_best_epoch_test']:.2f} / "
+                    f"{row['closure_perplexity_val_selected_test']:.2f}"
+                )
+            line += (
+                f"{row['best_epoch_test_perplexity']:>16.4f}{row['val_selected_test_perplexity']:>12.4f}"
+                f"{ppl_closure:>16}"
+            )
         lines.append(line)
     return "\n".join(lines)

@@ -4,8 +4,8 @@ Document i's next-token loss gradient w.r.t. the LM head W (V × d) is
 g_i = Σ_t e_t h_tᵀ, with h_t the final hidden state at a scored position and
 e_t = softmax(W h_t) − onehot(y_{t+1}). It has rank ≤ T, so:
 
-- ⟨g_i, Δ⟩ = Σ_t e_tᵀ (Δ h_t) is exact for one extra head matmul per token (the logits
-  and Δ h_t come out of one matmul against the stacked [W; Δ]);
+- ⟨g_i, Δ⟩ = Σ_t e_tᵀ (Δ h_t) = Σ_t (Δᵀ e_t)·h_t is exact for one extra head-sized matmul
+  per token (e_t against [Δ | R_e], which also yields the sketch's R_eᵀ e_t);
 - ‖g_i‖² = Σ_{t,s} (e_t·e_s)(h_t·h_s) is exact from a T × T Gram per document;
 - cross terms ⟨g_i, g_j⟩ come from a Kronecker-factored sketch
   Φ(g) = R_eᵀ g R_h = Σ_t (R_eᵀ e_t)(h_tᵀ R_h), with R_e (V × a) and R_h (d × b) random
@@ -168,50 +168,61 @@ def batch_terms(
     delta: Tensor,
     sketch: KroneckerSketch,
     mode: str = "full",
-    stacked: list[Tensor] | None = None,
+    combined: Tensor | None = None,
 ) -> BatchTerms:
     """Exact ⟨g, Δ⟩ and ‖g‖², the sketch Φ(g) and the loss, for a batch of documents.
 
     hiddens[m] (B, T, d) are the final hidden states read by views[m]; the gradient is the sum
     over all views (one view: gradients at one model; two: the `both` option). The loss is the
-    first view's. `stacked[m]` may hold the precomputed [W_m; Δ] (2V, d).
+    first view's. Per scored position: one head matmul for the logits, then one matmul of the
+    softmax errors against [Δ | R_e] (V × (d + a); pass it as `combined` to build it once)
+    giving both Δᵀ e_t (so e_tᵀ Δ h_t = (Δᵀ e_t)·h_t) and R_eᵀ e_t.
     """
     device = sketch.r_e.device
     scored = scored_positions(attention_mask, mode).to(device)
     doc, pos = torch.nonzero(scored, as_tuple=True)  # row-major: each document's positions contiguous
     targets = input_ids.to(device)[doc, pos + 1]
-    n_docs, vocab = scored.shape[0], delta.shape[0]
-    errors, hidden, rows, dots = [], [], [], []
+    n_docs, d = scored.shape[0], delta.shape[1]
+    if combined is None:
+        combined = torch.cat([delta, sketch.r_e], dim=1)
+    errors, hidden, projected, rows, dots = [], [], [], [], []
     loss_sum = torch.zeros(n_docs, device=device)
+    picks = torch.arange(len(targets), device=device)
     for m, (h_all, view) in enumerate(zip(hiddens, views, strict=True)):
         h = h_all.to(device)[doc, pos].float()  # (M, d)
-        both = stacked[m] if stacked is not None else torch.cat([view.weight, delta])
-        out = h @ both.T  # (M, 2V): logits | Δ h
-        logits, dh = out[:, :vocab], out[:, vocab:]
-        if view.bias is not None:
-            logits += view.bias
+        logits = F.linear(h, view.weight, view.bias)  # (M, V)
         e = torch.softmax(logits, dim=-1)  # one fused pass over the (M, V) block
-        rows_m = torch.arange(len(targets), device=device)
+        del logits
         if m == 0:  # −log p[y]; clamped where p[y] underflows (a loss above ~87 nats)
-            loss_sum.index_add_(0, doc, -e[rows_m, targets].clamp_min(1e-38).log())
-        e[rows_m, targets] -= 1.0  # e = p − onehot(y)
-        dots.append(torch.linalg.vecdot(e, dh))  # (M,) e_tᵀ Δ h_t
+            loss_sum.index_add_(0, doc, -e[picks, targets].clamp_min(1e-38).log())
+        e[picks, targets] -= 1.0  # e = p − onehot(y)
+        z = e @ combined  # (M, d + a): Δᵀ e_t | R_eᵀ e_t
+        dots.append(torch.linalg.vecdot(z[:, :d], h))  # (M,) e_tᵀ Δ h_t
+        projected.append(z[:, d:])
         errors.append(e)
         hidden.append(h)
         rows.append(doc)
-    e, h, rows = torch.cat(errors), torch.cat(hidden), torch.cat(rows)
-    target_dots = torch.zeros(n_docs, device=device).index_add_(0, rows, torch.cat(dots))
-    er, hr = e @ sketch.r_e, h @ sketch.r_h  # (M, a), (M, b)
+    target_dots = torch.zeros(n_docs, device=device).index_add_(0, torch.cat(rows), torch.cat(dots))
+    if len(errors) == 1:  # positions already grouped by document: no copies
+        e, h, er, rows = errors[0], hidden[0], projected[0], rows[0]
+    else:  # group every view's positions by document (one copy)
+        rows = torch.cat(rows)
+        order = torch.argsort(rows, stable=True)
+        e, h, er = torch.cat(errors)[order], torch.cat(hidden)[order], torch.cat(projected)[order]
+        rows = rows[order]
+    hr = h @ sketch.r_h  # (M, b)
     a, b = sketch.factors
     sketched = torch.zeros(n_docs, a * b, device=device)
-    sketched.index_add_(0, rows, (er[:, :, None] * hr[:, None, :]).reshape(len(rows), a * b))
     sq_norms = torch.zeros(n_docs, device=device)
-    order = torch.argsort(rows, stable=True)  # positions of every view, grouped by document
     counts = torch.bincount(rows, minlength=n_docs).tolist()
-    for i, block in enumerate(order.split(counts)):
-        if len(block):
+    start = 0
+    for i, n in enumerate(counts):
+        if n:
+            block = slice(start, start + n)
             eb, hb = e[block], h[block]
-            sq_norms[i] = ((eb @ eb.T) * (hb @ hb.T)).sum()
+            sq_norms[i] = ((eb @ eb.T) * (hb @ hb.T)).sum()  # Σ_{t,s} (e_t·e_s)(h_t·h_s)
+            sketched[i] = (er[block].T @ hr[block]).reshape(-1)  # Σ_t (R_eᵀ e_t)(h_tᵀ R_h)
+            start += n
     tokens = scored.sum(1)
     return BatchTerms(sketched, target_dots, sq_norms, loss_sum, tokens)
 
@@ -324,7 +335,7 @@ def lm_features(
     names = ["finetuned", "base"] if grad_at != "finetuned" else ["finetuned"]
     models = {"finetuned": finetuned, "base": base}
     views = [head_view(models[n]) for n in names]
-    stacked = [torch.cat([v.weight.to(device), delta]) for v in views]
+    combined = torch.cat([delta, sketch.r_e], dim=1)  # (V, d + a), shared by every view
     grad_views = [i for i, n in enumerate(names) if grad_at in (n, "both")]
     streams = {}
     for n in names:
@@ -353,9 +364,9 @@ def lm_features(
             # loss from the finetuned view; gradient from grad_views
             if grad_views == [0]:
                 terms = batch_terms(hs, views, batch.input_ids, batch.attention_mask, delta, sketch, lm_loss,
-                                    stacked)
+                                    combined)
             else:
-                terms = _terms_with_loss_view(hs, views, stacked, grad_views, batch, delta, sketch, lm_loss)
+                terms = _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch, lm_loss)
             out_sketch[sl] = terms.sketch.cpu()
             target_dots[sl], sq_norms[sl] = terms.target_dots.cpu(), terms.sq_norms.cpu()
             tokens[sl] = terms.tokens.cpu()
@@ -378,10 +389,10 @@ def lm_features(
     return LMFeatures(features, losses, tokens, timings)
 
 
-def _terms_with_loss_view(hs, views, stacked, grad_views, batch, delta, sketch, lm_loss) -> BatchTerms:
+def _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch, lm_loss) -> BatchTerms:
     """`base` / `both`: the gradient sums the chosen views; the loss still comes from the finetuned one."""
     terms = batch_terms([hs[i] for i in grad_views], [views[i] for i in grad_views], batch.input_ids,
-                        batch.attention_mask, delta, sketch, lm_loss, [stacked[i] for i in grad_views])
+                        batch.attention_mask, delta, sketch, lm_loss, combined)
     if 0 not in grad_views:
         terms.loss_sum = finetuned_loss_sum(hs[0], views[0], batch, lm_loss)
     return terms

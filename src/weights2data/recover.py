@@ -23,8 +23,17 @@ from weights2data.store import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-              "intermediate_size", "n_embd", "n_layer", "n_head")
+SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "intermediate_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
 
 
 def check_pair(base: LoadedModel, finetuned: LoadedModel) -> None:
@@ -48,8 +57,9 @@ def check_pair(base: LoadedModel, finetuned: LoadedModel) -> None:
         raise W2DError("base and finetuned models do not match: " + "; ".join(problems[:8]))
 
 
-def resolve_label_set(cfg: SelectConfig, data: DataConfig, finetuned: LoadedModel,
-                      label_dataset: Dataset | None) -> LabelSet:
+def resolve_label_set(
+    cfg: SelectConfig, data: DataConfig, finetuned: LoadedModel, label_dataset: Dataset | None
+) -> LabelSet:
     """From --label-set (a dataset or a token list), else the finetuned model's metadata."""
     if label_dataset is not None:
         if not label_dataset.has_labels:
@@ -82,8 +92,9 @@ class Recovery:
         return [self.label_set.names[i] for i in self.labels.tolist()]
 
 
-def finetuned_hidden(base: LoadedModel, finetuned: LoadedModel, encoded: Encoded,
-                     cache_root: Path | None) -> torch.Tensor:
+def finetuned_hidden(
+    base: LoadedModel, finetuned: LoadedModel, encoded: Encoded, cache_root: Path | None
+) -> torch.Tensor:
     """(N, d) last hidden states of the finetuned model.
 
     When the finetune left the lower blocks as they were (head or top:N), the inputs of the
@@ -92,8 +103,12 @@ def finetuned_hidden(base: LoadedModel, finetuned: LoadedModel, encoded: Encoded
     start = first_changed_layer(base.model, finetuned.model)
     blocks = len(decoder_layers(finetuned.model))
     if start in (0, blocks) or not hasattr(finetuned.model.base_model, "rotary_emb"):
-        return hidden_states(finetuned, encoded, last_only=True, cache_root=cache_root, desc="finetuned hidden")
-    lower = hidden_states(finetuned, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}")
+        return hidden_states(
+            finetuned, encoded, last_only=True, cache_root=cache_root, desc="finetuned hidden"
+        )
+    lower = hidden_states(
+        finetuned, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}"
+    )
     return final_hidden_from(finetuned, lower, encoded, start, desc=f"finetuned blocks {start}+")
 
 
@@ -108,8 +123,15 @@ class CorpusGradients:
     kind: str = "classification"  # or "lm": no labels, losses are mean next-token losses
 
 
-def lm_corpus_gradients(base: LoadedModel, finetuned: LoadedModel, texts: list[str], seq_len: int,
-                        lm_loss: str, cfg: SelectConfig, cache_root: Path | None) -> CorpusGradients:
+def lm_corpus_gradients(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    texts: list[str],
+    seq_len: int,
+    lm_loss: str,
+    cfg: SelectConfig,
+    cache_root: Path | None,
+) -> CorpusGradients:
     """Language modelling: sketched head gradients with exact ⟨g, Δ⟩ and ‖g‖² (lm_features).
 
     --projection-dim 0 (the classification default: exact) means the default 4096-dimensional
@@ -119,20 +141,37 @@ def lm_corpus_gradients(base: LoadedModel, finetuned: LoadedModel, texts: list[s
     from weights2data.lm_features import DEFAULT_DIM, lm_features
 
     encoded = encode_lm(finetuned.tokenizer, texts, seq_len)
-    out = lm_features(base, finetuned, encoded, lm_loss=lm_loss, grad_at=cfg.grad_at,
-                      dim=cfg.projection_dim or DEFAULT_DIM, projection=cfg.projection, seed=cfg.seed,
-                      cache_root=cache_root)
+    out = lm_features(
+        base,
+        finetuned,
+        encoded,
+        lm_loss=lm_loss,
+        grad_at=cfg.grad_at,
+        dim=cfg.projection_dim or DEFAULT_DIM,
+        projection=cfg.projection,
+        seed=cfg.seed,
+        cache_root=cache_root,
+    )
     return CorpusGradients(out.features, None, out.losses, {**out.timings, "lm_loss": lm_loss}, kind="lm")
 
 
-def corpus_gradients(base: LoadedModel, finetuned: LoadedModel, texts: list[str], label_set: LabelSet,
-                     data: DataConfig, cfg: SelectConfig, cache_root: Path | None) -> CorpusGradients:
+def corpus_gradients(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    texts: list[str],
+    label_set: LabelSet,
+    data: DataConfig,
+    cfg: SelectConfig,
+    cache_root: Path | None,
+) -> CorpusGradients:
     """Hidden states of the corpus (cached), labels, losses and factored head gradients."""
     started = time.time()
     encoded = encode_classification(finetuned.tokenizer, texts, data.seq_len)
     hidden = {"finetuned": finetuned_hidden(base, finetuned, encoded, cache_root)}
     if cfg.grad_at != "finetuned":
-        hidden["base"] = hidden_states(base, encoded, last_only=True, cache_root=cache_root, desc="base hidden states")
+        hidden["base"] = hidden_states(
+            base, encoded, last_only=True, cache_root=cache_root, desc="base hidden states"
+        )
     hidden_s = time.time() - started
     rows = {"base": label_rows(base, label_set), "finetuned": label_rows(finetuned, label_set)}
     labelled = assign_labels(label_probs(hidden["finetuned"], *rows["finetuned"]), cfg.labels, cfg.seed)
@@ -143,16 +182,31 @@ def corpus_gradients(base: LoadedModel, finetuned: LoadedModel, texts: list[str]
     return CorpusGradients(features, labelled.labels, labelled.losses, timings)
 
 
-def recover(grads: CorpusGradients, corpus_texts: list[str], label_set: LabelSet | None, cfg: SelectConfig,
-            strategy: str | None = None, progress: bool = True) -> Recovery:
+def recover(
+    grads: CorpusGradients,
+    corpus_texts: list[str],
+    label_set: LabelSet | None,
+    cfg: SelectConfig,
+    strategy: str | None = None,
+    progress: bool = True,
+) -> Recovery:
     """Run one strategy over precomputed corpus gradients."""
     strategy = strategy or cfg.strategy
     if strategy == "topk_balanced" and grads.labels is None:
-        raise W2DError("topk_balanced balances labels, and a language-modelling selection has none: "
-                       "use topk (or greedy)")
+        raise W2DError(
+            "topk_balanced balances labels, and a language-modelling selection has none: use topk (or greedy)"
+        )
     started = time.time()
-    selection = select(strategy, grads.features, cfg.k, labels=grads.labels, losses=grads.losses,
-                       seed=cfg.seed, batch_size=cfg.batch_reset, progress=progress)
+    selection = select(
+        strategy,
+        grads.features,
+        cfg.k,
+        labels=grads.labels,
+        losses=grads.losses,
+        seed=cfg.seed,
+        batch_size=cfg.batch_reset,
+        progress=progress,
+    )
     rows = selection.indices
     labels = None if grads.labels is None else grads.labels[rows]
     summary = {
@@ -168,8 +222,12 @@ def recover(grads: CorpusGradients, corpus_texts: list[str], label_set: LabelSet
         summary["task"] = grads.kind
     if labels is not None:
         counts = Counter(labels.tolist())
-        summary["label_distribution"] = {label_set.names[i]: counts.get(i, 0) for i in range(len(label_set.names))}
-    return Recovery(rows, [corpus_texts[i] for i in rows.tolist()], labels, label_set, selection.scores, summary)
+        summary["label_distribution"] = {
+            label_set.names[i]: counts.get(i, 0) for i in range(len(label_set.names))
+        }
+    return Recovery(
+        rows, [corpus_texts[i] for i in rows.tolist()], labels, label_set, selection.scores, summary
+    )
 
 
 def write_recovery(recovery: Recovery, out_dir: Path) -> tuple[Path, Path]:
@@ -177,8 +235,11 @@ def write_recovery(recovery: Recovery, out_dir: Path) -> tuple[Path, Path]:
     columns = {"text": recovery.texts}
     if recovery.labels is not None:
         columns |= {"label": recovery.labels.tolist(), "label_name": recovery.label_names()}
-    columns |= {"corpus_row": recovery.rows.tolist(), "rank": list(range(len(recovery.texts))),
-                "score": recovery.scores.float().tolist()}
+    columns |= {
+        "corpus_row": recovery.rows.tolist(),
+        "rank": list(range(len(recovery.texts))),
+        "score": recovery.scores.float().tolist(),
+    }
     table = pa.table(columns)
     parquet, summary = out_dir / "selection.parquet", out_dir / "summary.json"
     with atomic_path(parquet) as tmp:

@@ -1,0 +1,74 @@
+"""`w2d run` and `w2d select` end to end on the tiny model, and their bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from weights2data.cli import main
+from weights2data.experiment import closure
+
+RUN = [
+    "run", "--model", "tiny-test", "--dataset", "ag_news_64", "--select_seed_dataset", "wiki_passages_120",
+    "-k", "24", "--strategies", "greedy,topk", "--eval-epochs", "2", "--max-eval-rows", "48",
+    "--batch-size", "16", "--skip-similarity", "--results_dir", "runs",
+]  # fmt: skip
+
+
+def test_closure() -> None:
+    assert closure(0.8, 0.6, 1.0) == pytest.approx(0.5)
+    assert closure(2.5, 3.0, 2.0) == pytest.approx(0.5)  # losses: lower is better, same formula
+    assert math.isnan(closure(0.7, 0.6, 0.6))
+
+
+def test_run_end_to_end(cli_env) -> None:
+    assert main([*RUN, "--exp_name", "tiny", "--train-scope", "top:1", "--lr", "1e-3"]) == 0
+    results = json.loads((cli_env / "runs" / "tiny" / "results.json").read_text())
+    assert [row["model"] for row in results["table"]] == ["expert", "greedy", "topk", "random"]
+    assert "closure_val_selected_test" in results["table"][1]
+    assert set(results["selections"]) == {"greedy", "topk", "random"}
+    for name in ("greedy", "topk", "random"):
+        table = pq.read_table(cli_env / "runs" / "tiny" / f"selection-{name}" / "selection.parquet")
+        assert table.num_rows == 24 and set(table.column("label_name").to_pylist()) <= {
+            "World", "Sports", "Business", "Sci/Tech",
+        }  # fmt: skip
+    assert (cli_env / "runs" / "tiny" / "metrics.json").exists()
+
+
+def test_select_command(cli_env) -> None:
+    assert main(["finetune", "--model", "tiny-test", "--dataset", "ag_news_32", "--train-scope", "head",
+                 "--lr", "1e-2", "--results-dir", "runs", "--exp-name", "ft"]) == 0  # fmt: skip
+    args = ["select", "--base", "tiny-test", "--finetuned", "runs/ft/model", "--corpus", "wiki_passages_80",
+            "-k", "10", "--results-dir", "runs", "--exp-name", "sel"]  # fmt: skip
+    assert main(args) == 0
+    table = pq.read_table(cli_env / "runs" / "sel" / "selection.parquet").to_pydict()
+    assert table["rank"] == list(range(10)) and len(set(table["corpus_row"])) == 10
+    summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
+    assert summary["strategy"] == "greedy" and sum(summary["label_distribution"].values()) == 10
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--opt", "GCG"], "only the SELECT optimiser"),
+        (["--num_experts", "3"], "only one expert"),
+        (["-k", "500"], "larger than the corpus"),
+        (["--strategies", "magic"], "unknown strategy"),
+    ],
+)
+def test_run_bad_input(cli_env, capsys, extra: list[str], message: str) -> None:
+    assert main([*RUN, "--exp_name", "bad", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (cli_env / "runs" / "bad").exists()  # nothing half-written is left behind
+
+
+def test_select_bad_input(cli_env, capsys) -> None:
+    args = ["select", "--base", "tiny-test", "--finetuned", "tiny-test:1", "--corpus", "wiki_passages_50",
+            "-k", "5", "--results-dir", "runs", "--exp-name", "nolabels"]  # fmt: skip
+    assert main(args) == 2
+    assert "needs a label set" in capsys.readouterr().err
+    assert main([*args[:-1], "nolabels2", "--label-set", "A,B"]) == 0
