@@ -1,0 +1,204 @@
+"""Language-modelling recovery end to end, and what the LM gradient features cost.
+
+The protocol of `w2d run --task lm`: finetune smollm2-135m with plain next-token loss on
+IMDB review texts (the expert), recover k Wikipedia passages from (base, expert) weights,
+train the base model on the true texts, on each selection and on k random passages, and
+compare test perplexities on IMDB test texts. Gap closure = (random − recovered) /
+(random − expert), on the loss (the product's figure) and on perplexity (the paper's:
+Llama-3.2-3B on MS MARCO, k = 5000 of 20,000 NQ passages: SELECT 2.30, random 3.31,
+expert ≈ 2.0, closure ≈ 0.77).
+
+Cost: `lm_features.lm_features` without a cache (forward pass + exact terms + sketch)
+timed against the bare forward pass over the same documents, both the full model
+(`model(...)`, logits included: what scoring a document's LM loss costs) and the body
+alone (`model.base_model(...)`, the final hidden states).
+
+    python benchmarks/lm_recovery.py --quick   # imdb_200, wiki_passages_1000, k = 100
+    python benchmarks/lm_recovery.py           # imdb_1000, wiki_passages_10000, k = 1000
+
+Prints a markdown table; writes benchmarks/results/lm_recovery.json (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig
+from weights2data.data import encode_lm
+from weights2data.experiment import format_table, run_experiment
+from weights2data.lm_features import lm_features
+from weights2data.pipeline import Workspace
+from weights2data.store import cache_dir, write_json
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "results" / "lm_recovery.json"
+MODEL = "smollm2-135m"
+PAPER = {"select_ppl": 2.30, "random_ppl": 3.31, "expert_ppl": 2.0, "closure": 0.77}
+SIZES = {
+    "quick": {"dataset": "imdb_200", "corpus": "wiki_passages_1000", "k": 100, "timing_docs": 256},
+    "full": {"dataset": "imdb_1000", "corpus": "wiki_passages_10000", "k": 1000, "timing_docs": 1024},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (minutes on a 2-core CPU)")
+    p.add_argument("--scope", default="head", help="train scope of the expert and of every trained model")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=2, help="expert epochs")
+    p.add_argument("--eval-epochs", type=int, default=3, help="epochs for the models trained on each set")
+    p.add_argument("--eval-rows", type=int, default=500)
+    p.add_argument("--strategies", default="greedy,topk,p_min")
+    p.add_argument("--lm-loss", default="full", choices=("full", "last"))
+    p.add_argument("--projection-dim", type=int, default=4096)
+    p.add_argument("--timing-docs", type=int, default=None, help="documents for the cost measurement")
+    p.add_argument("--dataset", default=None, help="override the expert's dataset (e.g. imdb_500)")
+    p.add_argument("--corpus", default=None, help="override the corpus (e.g. wiki_passages_3000)")
+    p.add_argument("-k", type=int, default=None, help="override k")
+    p.add_argument("--cost-only", action="store_true",
+                   help="re-measure only the feature cost (same sizes) and update the cost block of an "
+                   "existing --out file; the experiment's expert must be cached")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def time_forward(model: torch.nn.Module, encoded, body_only: bool, batch: int = 32) -> float:
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    for s in range(0, len(encoded), batch):
+        b = encoded.subset(slice(s, s + batch))
+        kwargs = {"input_ids": b.input_ids.to(device), "attention_mask": b.attention_mask.to(device),
+                  "position_ids": b.position_ids.to(device)}
+        out = model.base_model(**kwargs).last_hidden_state if body_only else model(**kwargs).logits
+        float(out[0, 0, 0])  # synchronise
+    return time.perf_counter() - start
+
+
+def cost(ws: Workspace, base_spec: str, expert_path: str, corpus: list[str], seq_len: int, lm_loss: str,
+         dim: int) -> dict:
+    """Feature time over forward time on the same documents (no cache: the forward pass is in both)."""
+    base, expert = ws.model(base_spec), ws.model(expert_path)
+    encoded = encode_lm(expert.tokenizer, corpus, seq_len)
+    time_forward(expert.model, encoded.subset(slice(0, 32)), body_only=False)  # warm-up
+
+    def features_time(part: slice) -> float:
+        start = time.perf_counter()
+        lm_features(base, expert, encoded.subset(part), lm_loss=lm_loss, dim=dim, cache_root=None,
+                    dtype=torch.float32, progress=False)
+        return time.perf_counter() - start
+
+    # each half timed in the order A B C then C B A, so a shared machine's drifting load hits all three alike
+    halves = [slice(0, len(corpus) // 2), slice(len(corpus) // 2, len(corpus))]
+    forward_full = time_forward(expert.model, encoded.subset(halves[0]), body_only=False)
+    forward_body = time_forward(expert.model, encoded.subset(halves[0]), body_only=True)
+    features = features_time(halves[0]) + features_time(halves[1])
+    forward_body += time_forward(expert.model, encoded.subset(halves[1]), body_only=True)
+    forward_full += time_forward(expert.model, encoded.subset(halves[1]), body_only=False)
+    return {
+        "docs": len(corpus),
+        "tokens_per_doc": float(encoded.attention_mask.sum(1).float().mean()),
+        "forward_full_s": round(forward_full, 2),
+        "forward_body_s": round(forward_body, 2),
+        "features_s": round(features, 2),
+        "docs_per_s_features": round(len(corpus) / features, 1),
+        "ratio_vs_forward": round(features / forward_full, 3),
+        "ratio_vs_body_forward": round(features / forward_body, 3),
+    }
+
+
+def markdown(results: dict) -> str:
+    rows = {r["model"]: r for r in results["run"]["table"]}
+    lines = ["| model | test loss (honest) | perplexity (honest) | perplexity (best epoch) | closure loss | "
+             "closure ppl |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        c1 = f"{r['closure_val_selected_test']:.3f}" if "closure_val_selected_test" in r else ""
+        key = "closure_perplexity_val_selected_test"
+        c2 = f"{r[key]:.3f}" if key in r else ""
+        lines.append(f"| {name} | {r['val_selected_test']:.4f} | {r['val_selected_test_perplexity']:.3f} | "
+                     f"{r['best_epoch_test_perplexity']:.3f} | {c1} | {c2} |")
+    c = results["cost"]
+    lines += ["", f"cost over {c['docs']} documents: features {c['features_s']} s, forward (with logits) "
+              f"{c['forward_full_s']} s, body-only forward {c['forward_body_s']} s -> ratio "
+              f"{c['ratio_vs_forward']} vs forward, {c['ratio_vs_body_forward']} vs body",
+              f"paper (Llama-3.2-3B, MS MARCO): SELECT {PAPER['select_ppl']}, random {PAPER['random_ppl']}, "
+              f"expert ~{PAPER['expert_ppl']}, closure ~{PAPER['closure']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("W2D_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    size = dict(SIZES["quick" if args.quick else "full"])
+    overrides = {"dataset": args.dataset, "corpus": args.corpus, "k": args.k}
+    size.update({key: value for key, value in overrides.items() if value is not None})
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from weights2data.config import RuntimeConfig
+
+    rt = RuntimeConfig(cache_dir=args.cache_dir, device=args.device)
+    data = DataConfig(dataset=size["dataset"], task="lm", seq_len=32)
+    ws = Workspace.from_config(rt, data)
+    ft = FinetuneConfig(train_scope=args.scope, lr=args.lr, epochs=args.epochs, batch_size=16,
+                        lm_loss=args.lm_loss)
+    ev = EvalConfig(max_eval_rows=args.eval_rows, eval_epochs=args.eval_epochs, patience=args.eval_epochs)
+    sel = SelectConfig(k=size["k"], projection_dim=args.projection_dim)
+    run_cfg = RunConfig(base=MODEL, corpus=size["corpus"], strategies=args.strategies, skip_similarity=True)
+    run_dir = Path(cache_dir(args.cache_dir)) / "bench-runs" / f"lm-{'quick' if args.quick else 'full'}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if args.cost_only:
+        from weights2data.pipeline import finetune_cached
+        from weights2data.store import read_json
+
+        results = read_json(args.out)
+        expert_path, _ = finetune_cached(ws, MODEL, ws.dataset(size["dataset"], data, ft.seed), data, ft)
+        n_timing = args.timing_docs or size["timing_docs"]
+        corpus = ws.dataset(size["corpus"], data, sel.seed).train.texts[:n_timing]
+        results["cost"] = cost(ws, MODEL, str(expert_path), corpus, data.seq_len, args.lm_loss,
+                               args.projection_dim)
+        results["cost"]["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+        write_json(args.out, results)
+        print("\n" + markdown(results))
+        return 0
+    run = run_experiment(ws, run_dir, data, ft, ev, sel, run_cfg)
+    print("\n" + format_table(run), flush=True)
+    corpus = ws.dataset(size["corpus"], data, sel.seed).train.texts[: args.timing_docs or size["timing_docs"]]
+    measured = cost(ws, MODEL, run["expert_model"], corpus, data.seq_len, args.lm_loss, args.projection_dim)
+    results = {
+        "benchmark": "lm_recovery",
+        "mode": "quick" if args.quick else "full",
+        "model": MODEL,
+        "scope": args.scope,
+        "expert_dataset": size["dataset"],
+        "corpus": size["corpus"],
+        "k": size["k"],
+        "lm_loss": args.lm_loss,
+        "projection_dim": args.projection_dim,
+        "paper": PAPER,
+        "run": {key: run[key] for key in ("table", "scores", "selections", "seconds", "metric", "task")},
+        "cost": measured,
+        "seconds": round(time.time() - started, 1),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "device": str(ws.device)},
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    }
+    write_json(args.out, results)
+    print("\n" + markdown(results))
+    print(f"\nresults: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
