@@ -154,3 +154,9 @@ def test_toml_int_for_a_float_field_is_fine(tmp_path: Path) -> None:
     args, toml = _args(tmp_path, "[finetune]\nlr = 1\nsteps = 5\n")
     ft = build_config(FinetuneConfig, args, toml)
     assert ft.lr == 1 and ft.steps == 5
+
+
+def test_learning_rate_defaults_follow_the_scope() -> None:
+    assert FinetuneConfig(train_scope="head").lr == 1e-3
+    assert FinetuneConfig(train_scope="top:2").lr == 1e-4
+    assert FinetuneConfig(train_scope="head", lr=0.5).lr == 0.5
