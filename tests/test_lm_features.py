@@ -13,12 +13,11 @@ import torch.nn.functional as F
 
 from weights2data.data import encode_lm
 from weights2data.errors import W2DError
-from weights2data.features import forward_hidden, hidden_states
+from weights2data.features import forward_hidden, hidden_chunks, hidden_states
 from weights2data.lm_features import (
     HeadView,
     KroneckerSketch,
     batch_terms,
-    hidden_chunks,
     kron_factors,
     lm_features,
     scored_positions,
@@ -88,8 +87,9 @@ def delta_of(base, finetuned) -> torch.Tensor:
 def test_exact_terms_match_autograd(pair, mode) -> None:
     base, finetuned = pair
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
-    out = lm_features(base, finetuned, encoded, lm_loss=mode, dtype=torch.float32, batch_size=3,
-                      progress=False)
+    out = lm_features(
+        base, finetuned, encoded, lm_loss=mode, dtype=torch.float32, batch_size=3, progress=False
+    )
     dense = autograd_grads(finetuned.model, encoded, mode)
     delta = delta_of(base, finetuned)
     feats = out.features
@@ -99,8 +99,9 @@ def test_exact_terms_match_autograd(pair, mode) -> None:
     # the scored positions and mean losses are train.lm_loss_sum's
     for i in range(len(TEXTS)):
         row = encoded.subset(slice(i, i + 1))
-        logits = finetuned.model(input_ids=row.input_ids, attention_mask=row.attention_mask,
-                                 position_ids=row.position_ids).logits
+        logits = finetuned.model(
+            input_ids=row.input_ids, attention_mask=row.attention_mask, position_ids=row.position_ids
+        ).logits
         loss, n, _ = lm_loss_sum(logits, row, mode)
         assert int(out.tokens[i]) == n
         if n:
@@ -155,7 +156,7 @@ def test_sketched_inner_products_are_unbiased_and_accurate(pair, mode) -> None:
     pairs = keep[:, None] & keep[None, :] & ~torch.eye(len(PAIR_TEXTS), dtype=torch.bool)
     scale = norms[:, None] * norms[None, :]
     # unbiased: the mean over the seeds is within 4 standard errors of the truth
-    mean, stderr = stack.mean(0), stack.std(0) / seeds ** 0.5
+    mean, stderr = stack.mean(0), stack.std(0) / seeds**0.5
     assert ((mean - truth).abs() <= 4 * stderr + 1e-6 * scale)[pairs].all()
     # mean error over seeds, relative to ‖g_i‖‖g_j‖, is small
     assert ((mean - truth).abs() / scale)[pairs].max() < 0.02
@@ -165,8 +166,10 @@ def test_sketched_inner_products_are_unbiased_and_accurate(pair, mode) -> None:
     rel = ((stack - truth).abs() / truth.abs())[:, strong]  # (seeds, pairs)
     assert rel.median() < 0.10
     assert (rel < 0.10).float().mean() > 0.8
-    print(f"{mode}: {int(strong.sum())} strong pairs, median rel err {float(rel.median()):.4f}, "
-          f"within 10%: {float((rel < 0.10).float().mean()):.3f}")
+    print(
+        f"{mode}: {int(strong.sum())} strong pairs, median rel err {float(rel.median()):.4f}, "
+        f"within 10%: {float((rel < 0.10).float().mean()):.3f}"
+    )
 
 
 def test_grad_at_both_is_the_sum_of_the_two_gradients(pair) -> None:
@@ -176,23 +179,24 @@ def test_grad_at_both_is_the_sum_of_the_two_gradients(pair) -> None:
     at = {g: lm_features(base, finetuned, encoded, grad_at=g, **kw) for g in ("finetuned", "base", "both")}
     total = autograd_grads(finetuned.model, encoded, "full") + autograd_grads(base.model, encoded, "full")
     summed = at["finetuned"].features.grads + at["base"].features.grads
-    torch.testing.assert_close(at["both"].features.grads, summed,
-                               rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(at["both"].features.target_dots.double(), total @ delta_of(base, finetuned),
-                               rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(at["both"].features.sq_norms.double(), total.square().sum(1),
-                               rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(at["both"].features.grads, summed, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        at["both"].features.target_dots.double(), total @ delta_of(base, finetuned), rtol=1e-5, atol=1e-9
+    )
+    torch.testing.assert_close(
+        at["both"].features.sq_norms.double(), total.square().sum(1), rtol=1e-5, atol=1e-9
+    )
     for g in ("base", "both"):  # the loss is always the finetuned model's
         torch.testing.assert_close(at[g].losses, at["finetuned"].losses, equal_nan=True)
 
 
 def test_float16_cache_streams_chunks_and_resumes(pair, tmp_path, monkeypatch) -> None:
-    import weights2data.lm_features as lm
+    import weights2data.features as features
 
     base, finetuned = pair
-    monkeypatch.setattr(lm, "CHUNK_ROWS", 4)  # three chunks for ten documents
+    monkeypatch.setattr(features, "CHUNK_ROWS", 4)  # three chunks for ten documents
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
-    chunks = list(hidden_chunks(finetuned, encoded, cache_root=tmp_path))
+    chunks = list(hidden_chunks(finetuned, encoded, cache_root=tmp_path, dtype=torch.float16))
     assert [c.shape[0] for c in chunks] == [4, 4, 2] and all(c.dtype == torch.float16 for c in chunks)
     folder = next((tmp_path / "hidden").iterdir())
     assert len(list(folder.glob("chunk_*.safetensors"))) == 3
@@ -236,10 +240,16 @@ def test_topk_balanced_is_refused_in_lm_mode(pair) -> None:
 def test_helpers() -> None:
     assert kron_factors(4096) == (64, 64) and kron_factors(512) == (32, 16) and kron_factors(7) == (7, 1)
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    assert scored_positions(mask, "full").tolist() == [[True, True, False, False], [False] * 4,
-                                                       [True, True, True, False]]
-    assert scored_positions(mask, "last").tolist() == [[False, True, False, False], [False] * 4,
-                                                       [False, False, True, False]]
+    assert scored_positions(mask, "full").tolist() == [
+        [True, True, False, False],
+        [False] * 4,
+        [True, True, True, False],
+    ]
+    assert scored_positions(mask, "last").tolist() == [
+        [False, True, False, False],
+        [False] * 4,
+        [False, False, True, False],
+    ]
     with pytest.raises(W2DError):
         scored_positions(mask, "middle")
     with pytest.raises(W2DError):
@@ -265,11 +275,40 @@ def test_untied_head_finetune_uses_the_head_difference(cache) -> None:
 def test_cli_run_lm_end_to_end(cli_env: Path) -> None:
     from weights2data.cli import main
 
-    code = main(["run", "--task", "lm", "--model", "tiny-test", "--dataset", "imdb_24",
-                 "--select_seed_dataset", "wiki_passages_40", "-k", "8", "--seq-len", "12",
-                 "--train-scope", "head", "--lr", "1e-3", "--batch-size", "8", "--max-eval-rows", "16",
-                 "--eval-epochs", "1", "--strategies", "greedy,topk,p_min",
-                 "--select_projection_dim", "256", "--skip-similarity", "--exp_name", "lm"])
+    code = main(
+        [
+            "run",
+            "--task",
+            "lm",
+            "--model",
+            "tiny-test",
+            "--dataset",
+            "imdb_24",
+            "--select_seed_dataset",
+            "wiki_passages_40",
+            "-k",
+            "8",
+            "--seq-len",
+            "12",
+            "--train-scope",
+            "head",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "8",
+            "--max-eval-rows",
+            "16",
+            "--eval-epochs",
+            "1",
+            "--strategies",
+            "greedy,topk,p_min",
+            "--select_projection_dim",
+            "256",
+            "--skip-similarity",
+            "--exp_name",
+            "lm",
+        ]
+    )
     assert code == 0
     results = json.loads((cli_env / "runs" / "lm" / "results.json").read_text())
     assert results["task"] == "lm" and results["metric"] == "loss"
@@ -285,15 +324,71 @@ def test_cli_run_lm_end_to_end(cli_env: Path) -> None:
 def test_cli_select_lm(cli_env: Path) -> None:
     from weights2data.cli import main
 
-    assert main(["finetune", "--model", "tiny-test", "--dataset", "imdb_16", "--task", "lm",
-                 "--seq-len", "12",
-                 "--train-scope", "head", "--lr", "1e-3", "--exp-name", "ft"]) == 0
-    code = main(["select", "--base", "tiny-test", "--finetuned", str(cli_env / "runs" / "ft" / "model"),
-                 "--corpus", "wiki_passages_30", "-k", "5", "--task", "lm", "--seq-len", "12",
-                 "--projection-dim", "64", "--exp-name", "sel"])
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                "tiny-test",
+                "--dataset",
+                "imdb_16",
+                "--task",
+                "lm",
+                "--seq-len",
+                "12",
+                "--train-scope",
+                "head",
+                "--lr",
+                "1e-3",
+                "--exp-name",
+                "ft",
+            ]
+        )
+        == 0
+    )
+    code = main(
+        [
+            "select",
+            "--base",
+            "tiny-test",
+            "--finetuned",
+            str(cli_env / "runs" / "ft" / "model"),
+            "--corpus",
+            "wiki_passages_30",
+            "-k",
+            "5",
+            "--task",
+            "lm",
+            "--seq-len",
+            "12",
+            "--projection-dim",
+            "64",
+            "--exp-name",
+            "sel",
+        ]
+    )
     assert code == 0
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert summary["task"] == "lm" and "label_distribution" not in summary
-    assert main(["select", "--base", "tiny-test", "--finetuned", str(cli_env / "runs" / "ft" / "model"),
-                 "--corpus", "wiki_passages_30", "-k", "5", "--task", "lm", "--strategy", "topk_balanced",
-                 "--exp-name", "sel2"]) == 2
+    assert (
+        main(
+            [
+                "select",
+                "--base",
+                "tiny-test",
+                "--finetuned",
+                str(cli_env / "runs" / "ft" / "model"),
+                "--corpus",
+                "wiki_passages_30",
+                "-k",
+                "5",
+                "--task",
+                "lm",
+                "--strategy",
+                "topk_balanced",
+                "--exp-name",
+                "sel2",
+            ]
+        )
+        == 2
+    )

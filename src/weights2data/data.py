@@ -420,3 +420,22 @@ def _pad(rows: list[list[int]], width: int, pad_id: int, left: bool) -> Encoded:
         ids[i, cols] = torch.tensor(row)
         mask[i, cols] = 1
     return Encoded(ids, mask)
+
+
+def scored_positions(attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, T) bool: position t is scored when its target token t+1 exists (right-padded rows).
+
+    `full` scores every such position; `last` only the last one of each row (the original's).
+    """
+    if mode not in ("full", "last"):
+        raise W2DError(f"unknown lm_loss '{mode}': choose from full, last")
+    mask = attention_mask.bool()
+    scored = torch.zeros_like(mask)
+    scored[:, :-1] = mask[:, 1:]
+    if mode == "last":
+        lengths = attention_mask.sum(1)
+        last = torch.zeros_like(mask)
+        rows = torch.nonzero(lengths >= 2).squeeze(1)
+        last[rows, lengths[rows] - 2] = True
+        scored = last
+    return scored

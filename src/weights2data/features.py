@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask
 
 from weights2data.data import Encoded
+from weights2data.errors import W2DError
 from weights2data.models import LoadedModel, decoder_layers
 from weights2data.store import atomic_path, read_json, write_json
 
@@ -81,11 +82,36 @@ def hidden_states(
     `layer=None` is the final normed hidden state (what the LM head reads); an integer is
     the input of that block (what a top:N finetune reads).
     """
+    chunks = list(
+        hidden_chunks(
+            loaded, encoded, layer=layer, last_only=last_only, cache_root=cache_root,
+            batch_size=batch_size, dtype=dtype, desc=desc,
+        )
+    )  # fmt: skip
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def hidden_chunks(
+    loaded: LoadedModel,
+    encoded: Encoded,
+    *,
+    layer: int | None = None,
+    last_only: bool = False,
+    cache_root: Path | None = None,
+    batch_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    desc: str = "hidden states",
+) -> Iterator[torch.Tensor]:
+    """The rows of `hidden_states`, in order, one chunk of up to CHUNK_ROWS at a time.
+
+    With a cache, finished chunks are read back and missing ones computed and written
+    atomically, so a killed run resumes; at most one chunk is held in memory.
+    """
     if cache_root is None:
-        chunks = _compute_chunks(
+        yield from _compute_chunks(
             loaded, encoded, layer, last_only, batch_size, dtype, range(len(encoded)), desc
         )
-        return torch.cat(list(chunks)) if len(encoded) else torch.empty(0)
+        return
     key = {
         "weights": loaded.body_fingerprint if layer is None else loaded.prefix_fingerprint(layer),
         "inputs": encoded_fingerprint(encoded),
@@ -95,45 +121,22 @@ def hidden_states(
         "rows": len(encoded),
     }
     folder = cache_root / "hidden" / hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:20]
-    return _cached_chunks(loaded, encoded, key, folder, batch_size, dtype, desc)
-
-
-def _cached_chunks(
-    loaded: LoadedModel,
-    encoded: Encoded,
-    key: dict,
-    folder: Path,
-    batch_size: int,
-    dtype: torch.dtype,
-    desc: str,
-) -> torch.Tensor:
     meta_path = folder / "meta.json"
     if meta_path.exists() and read_json(meta_path) != key:
-        raise RuntimeError(f"hidden-state cache {folder} does not match its key; delete the folder")
+        raise W2DError(f"hidden-state cache {folder} does not match its key; delete the folder")
     write_json(meta_path, key)
-    starts = range(0, len(encoded), CHUNK_ROWS)
-    todo = [s for s in starts if not (folder / f"chunk_{s:09d}.safetensors").exists()]
-    if todo and len(todo) < len(starts):
-        log.info("resuming %s: %d of %d chunks already on disk", desc, len(starts) - len(todo), len(starts))
-    for start in todo:
+    for start in range(0, len(encoded), CHUNK_ROWS):
+        path = folder / f"chunk_{start:09d}.safetensors"
+        if path.exists():
+            yield load_file(str(path))["hidden"]
+            continue
         rows = range(start, min(start + CHUNK_ROWS, len(encoded)))
         chunk = torch.cat(
-            list(
-                _compute_chunks(
-                    loaded,
-                    encoded,
-                    key["layer"],
-                    key["last_only"],
-                    batch_size,
-                    dtype,
-                    rows,
-                    f"{desc} {start}+",
-                )
-            )
+            list(_compute_chunks(loaded, encoded, layer, last_only, batch_size, dtype, rows, desc))
         )
-        with atomic_path(folder / f"chunk_{start:09d}.safetensors") as tmp:
+        with atomic_path(path) as tmp:
             save_file({"hidden": chunk.contiguous()}, str(tmp))
-    return torch.cat([load_file(str(folder / f"chunk_{s:09d}.safetensors"))["hidden"] for s in starts])
+        yield chunk
 
 
 def _compute_chunks(

@@ -18,55 +18,31 @@ are consumed chunk by chunk: what stays in memory is the (N, a·b) sketch and th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from weights2data.data import Encoded
+from weights2data.data import Encoded, scored_positions
 from weights2data.errors import W2DError
-from weights2data.features import CHUNK_ROWS, _compute_chunks, encoded_fingerprint
+from weights2data.features import hidden_chunks
 from weights2data.models import LoadedModel
 from weights2data.selection import DenseFeatures
-from weights2data.store import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-LM_LOSSES = ("full", "last")
 GRAD_AT = ("finetuned", "base", "both")
 PROJECTIONS = ("rademacher", "normal")
 DEFAULT_DIM = 4096
 
 
 # ---------------------------------------------------------------- scored positions
-
-
-def scored_positions(attention_mask: Tensor, mode: str) -> Tensor:
-    """(B, T) bool: hidden position t is scored when its target t+1 exists (train.lm_loss_sum's rule).
-
-    Rows are right-padded (data.encode_lm). `last` keeps only the last scored position of a row.
-    """
-    if mode not in LM_LOSSES:
-        raise W2DError(f"unknown lm_loss '{mode}': choose from {', '.join(LM_LOSSES)}")
-    mask = attention_mask.bool()
-    scored = torch.zeros_like(mask)
-    scored[:, :-1] = mask[:, 1:]
-    if mode == "last":
-        lengths = attention_mask.sum(1)
-        last = torch.zeros_like(mask)
-        rows = torch.nonzero(lengths >= 2).squeeze(1)
-        last[rows, lengths[rows] - 2] = True
-        scored = last
-    return scored
 
 
 # ---------------------------------------------------------------- the Kronecker sketch
@@ -135,7 +111,7 @@ class KroneckerSketch:
 
 def _orthonormal_columns(m: Tensor) -> Tensor:
     """Q of m = QR with R's diagonal positive (Cholesky QR: one small Gram, fast for tall m)."""
-    gram = (m.T.double() @ m.double())
+    gram = m.T.double() @ m.double()
     upper = torch.linalg.cholesky(gram).T  # R
     return m @ torch.linalg.inv(upper).float()
 
@@ -230,50 +206,6 @@ def batch_terms(
 # ---------------------------------------------------------------- streaming hidden states
 
 
-def hidden_chunks(
-    loaded: LoadedModel,
-    encoded: Encoded,
-    *,
-    cache_root: Path | None = None,
-    dtype: torch.dtype = torch.float16,
-    batch_size: int = 32,
-    desc: str = "hidden states",
-) -> Iterator[Tensor]:
-    """Final hidden states (rows, T, d), in order, a chunk at a time.
-
-    With a cache the chunks live where `features.hidden_states(..., last_only=False, dtype=dtype)`
-    keeps them (same key, so either reuses the other's work); missing chunks are computed and
-    written, finished ones read back; at most one chunk is held at a time.
-    """
-    if cache_root is None:
-        yield from _compute_chunks(loaded, encoded, None, False, batch_size, dtype, range(len(encoded)), desc)
-        return
-    key = {  # features.hidden_states' key for the final hidden states
-        "weights": loaded.body_fingerprint,
-        "inputs": encoded_fingerprint(encoded),
-        "layer": None,
-        "last_only": False,
-        "dtype": str(dtype),
-        "rows": len(encoded),
-    }
-    folder = cache_root / "hidden" / hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:20]
-    meta_path = folder / "meta.json"
-    if meta_path.exists() and read_json(meta_path) != key:
-        raise W2DError(f"hidden-state cache {folder} does not match its key; delete the folder")
-    write_json(meta_path, key)
-    for start in range(0, len(encoded), CHUNK_ROWS):
-        path = folder / f"chunk_{start:09d}.safetensors"
-        if path.exists():
-            yield load_file(str(path))["hidden"]
-            continue
-        rows = range(start, min(start + CHUNK_ROWS, len(encoded)))
-        chunk = torch.cat(list(_compute_chunks(loaded, encoded, None, False, batch_size, dtype, rows,
-                                               f"{desc} {start}+")))
-        with atomic_path(path) as tmp:
-            save_file({"hidden": chunk.contiguous()}, str(tmp))
-        yield chunk
-
-
 # ---------------------------------------------------------------- corpus features
 
 
@@ -340,8 +272,13 @@ def lm_features(
     streams = {}
     for n in names:
         same_body = n == "base" and base.body_fingerprint == finetuned.body_fingerprint
-        streams[n] = None if same_body else hidden_chunks(
-            models[n], encoded, cache_root=cache_root, dtype=dtype, desc=f"{n} hidden states")
+        streams[n] = (
+            None
+            if same_body
+            else hidden_chunks(
+                models[n], encoded, cache_root=cache_root, dtype=dtype, desc=f"{n} hidden states"
+            )
+        )
     n_docs = len(encoded)
     out_sketch = torch.empty(n_docs, dim)
     target_dots, sq_norms = torch.empty(n_docs), torch.empty(n_docs)
@@ -360,39 +297,54 @@ def lm_features(
         for s in range(0, rows, batch_size):
             sl = slice(done + s, done + min(s + batch_size, rows))
             batch = encoded.subset(sl)
-            hs = [chunk[n][s:s + batch_size] for n in names]
+            hs = [chunk[n][s : s + batch_size] for n in names]
             # loss from the finetuned view; gradient from grad_views
             if grad_views == [0]:
-                terms = batch_terms(hs, views, batch.input_ids, batch.attention_mask, delta, sketch, lm_loss,
-                                    combined)
+                terms = batch_terms(
+                    hs, views, batch.input_ids, batch.attention_mask, delta, sketch, lm_loss, combined
+                )
             else:
                 terms = _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch, lm_loss)
             out_sketch[sl] = terms.sketch.cpu()
             target_dots[sl], sq_norms[sl] = terms.target_dots.cpu(), terms.sq_norms.cpu()
             tokens[sl] = terms.tokens.cpu()
             losses[sl] = (terms.loss_sum.cpu() / terms.tokens.cpu().clamp_min(1)).masked_fill(
-                terms.tokens.cpu() == 0, math.nan)
+                terms.tokens.cpu() == 0, math.nan
+            )
         head_s += time.time() - tock
         done += rows
         bar.update(rows)
     bar.close()
-    features = DenseFeatures(out_sketch, sketch.matrix(delta).cpu(), target_dots=target_dots,
-                             sq_norms=sq_norms)
+    features = DenseFeatures(
+        out_sketch, sketch.matrix(delta).cpu(), target_dots=target_dots, sq_norms=sq_norms
+    )
     features.delta_sq_norm = float(delta.double().square().sum())  # exact, not the sketched norm
     empty = int((tokens == 0).sum())
     if empty:
-        log.warning("%d corpus documents have fewer than 2 tokens: zero gradient, never selected first",
-                    empty)
-    timings = {"hidden_states_s": round(hidden_s, 2), "head_gradients_s": round(head_s, 2),
-               "features_s": round(time.time() - started, 2),
-               "sketch": f"{sketch.factors[0]}x{sketch.factors[1]}"}
+        log.warning(
+            "%d corpus documents have fewer than 2 tokens: zero gradient, never selected first", empty
+        )
+    timings = {
+        "hidden_states_s": round(hidden_s, 2),
+        "head_gradients_s": round(head_s, 2),
+        "features_s": round(time.time() - started, 2),
+        "sketch": f"{sketch.factors[0]}x{sketch.factors[1]}",
+    }
     return LMFeatures(features, losses, tokens, timings)
 
 
 def _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch, lm_loss) -> BatchTerms:
     """`base` / `both`: the gradient sums the chosen views; the loss still comes from the finetuned one."""
-    terms = batch_terms([hs[i] for i in grad_views], [views[i] for i in grad_views], batch.input_ids,
-                        batch.attention_mask, delta, sketch, lm_loss, combined)
+    terms = batch_terms(
+        [hs[i] for i in grad_views],
+        [views[i] for i in grad_views],
+        batch.input_ids,
+        batch.attention_mask,
+        delta,
+        sketch,
+        lm_loss,
+        combined,
+    )
     if 0 not in grad_views:
         terms.loss_sum = finetuned_loss_sum(hs[0], views[0], batch, lm_loss)
     return terms

@@ -28,6 +28,7 @@ from weights2data.data import (
     encode_classification,
     encode_lm,
     make_label_set,
+    scored_positions,
 )
 from weights2data.errors import W2DError
 from weights2data.features import hidden_states, run_top_layers
@@ -170,13 +171,7 @@ def batch_loss(
 def lm_loss_sum(logits: torch.Tensor, batch: Encoded, mode: str) -> tuple[torch.Tensor, int, int]:
     """Next-token loss over right-padded rows: every token (`full`) or the last one (`last`)."""
     ids = batch.input_ids.to(logits.device)
-    scored = batch.attention_mask[:, 1:].to(logits.device).bool()  # (B, T-1): target t+1 exists
-    if mode == "last":
-        lengths = batch.attention_mask.sum(1).to(logits.device)
-        last = torch.zeros_like(scored)
-        rows = torch.nonzero(lengths >= 2).squeeze(1)
-        last[rows, lengths[rows] - 2] = True
-        scored = last
+    scored = scored_positions(batch.attention_mask, mode)[:, :-1].to(logits.device)  # (B, T-1)
     pred, target = logits[:, :-1][scored], ids[:, 1:][scored]
     loss = F.cross_entropy(pred, target, reduction="sum")
     return loss, int(scored.sum()), int((pred.argmax(-1) == target).sum())
