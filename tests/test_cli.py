@@ -140,21 +140,8 @@ def test_bad_toml_is_one_line_exit_2(
 def test_finetune_then_evaluate(cli_env: Path, capsys: pytest.CaptureFixture) -> None:
     runs = cli_env / "results"
     common = ["--results-dir", str(runs)]
-    code, out, err = run(
-        [
-            "finetune",
-            "--model",
-            "tiny-test",
-            "--dataset",
-            "ag_news_64",
-            "--epochs",
-            "1",
-            "--exp-name",
-            "ft",
-            *common,
-        ],
-        capsys,
-    )
+    finetune = ["finetune", "--model", "tiny-test", "--dataset", "ag_news_64", "--epochs", "1", *common]
+    code, out, err = run([*finetune, "--exp-name", "ft"], capsys)
     assert code == 0, err
     model = runs / "ft" / "model"
     assert model.is_symlink() and (model / "w2d.json").exists() and (model / "model.safetensors").exists()
@@ -167,21 +154,7 @@ def test_finetune_then_evaluate(cli_env: Path, capsys: pytest.CaptureFixture) ->
     assert config["command"] == "finetune" and config["model"] == "tiny-test"
     assert "finetuned model:" in out
 
-    code, out, err = run(
-        [
-            "finetune",
-            "--model",
-            "tiny-test",
-            "--dataset",
-            "ag_news_64",
-            "--epochs",
-            "1",
-            "--exp-name",
-            "ft2",
-            *common,
-        ],
-        capsys,
-    )
+    code, out, err = run([*finetune, "--exp-name", "ft2"], capsys)
     assert code == 0 and "reusing" in err
     assert (runs / "ft2" / "model").resolve() == model.resolve()
 

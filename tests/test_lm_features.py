@@ -324,71 +324,12 @@ def test_cli_run_lm_end_to_end(cli_env: Path) -> None:
 def test_cli_select_lm(cli_env: Path) -> None:
     from weights2data.cli import main
 
-    assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                "tiny-test",
-                "--dataset",
-                "imdb_16",
-                "--task",
-                "lm",
-                "--seq-len",
-                "12",
-                "--train-scope",
-                "head",
-                "--lr",
-                "1e-3",
-                "--exp-name",
-                "ft",
-            ]
-        )
-        == 0
-    )
-    code = main(
-        [
-            "select",
-            "--base",
-            "tiny-test",
-            "--finetuned",
-            str(cli_env / "runs" / "ft" / "model"),
-            "--corpus",
-            "wiki_passages_30",
-            "-k",
-            "5",
-            "--task",
-            "lm",
-            "--seq-len",
-            "12",
-            "--projection-dim",
-            "64",
-            "--exp-name",
-            "sel",
-        ]
-    )
-    assert code == 0
+    finetune = ["finetune", "--model", "tiny-test", "--dataset", "imdb_16", "--task", "lm", "--seq-len", "12",
+                "--train-scope", "head", "--lr", "1e-3", "--exp-name", "ft"]  # fmt: skip
+    assert main(finetune) == 0
+    select = ["select", "--base", "tiny-test", "--finetuned", str(cli_env / "runs" / "ft" / "model"),
+              "--corpus", "wiki_passages_30", "-k", "5", "--task", "lm"]  # fmt: skip
+    assert main([*select, "--seq-len", "12", "--projection-dim", "64", "--exp-name", "sel"]) == 0
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert summary["task"] == "lm" and "label_distribution" not in summary
-    assert (
-        main(
-            [
-                "select",
-                "--base",
-                "tiny-test",
-                "--finetuned",
-                str(cli_env / "runs" / "ft" / "model"),
-                "--corpus",
-                "wiki_passages_30",
-                "-k",
-                "5",
-                "--task",
-                "lm",
-                "--strategy",
-                "topk_balanced",
-                "--exp-name",
-                "sel2",
-            ]
-        )
-        == 2
-    )
+    assert main([*select, "--strategy", "topk_balanced", "--exp-name", "sel2"]) == 2

@@ -259,9 +259,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         },
     )
     ws = Workspace.from_config(rt, data)
-    corpus = ws.dataset(args.corpus, data, sel.seed).train
-    if sel.k > len(corpus):
-        raise W2DError(f"k = {sel.k} is larger than the corpus ({len(corpus)} documents)")
+    corpus = ws.corpus(args.corpus, data, sel.k, sel.seed)
     base, finetuned = ws.model(args.base), ws.model(args.finetuned)
     check_pair(base, finetuned)
     saved_task = finetuned.meta.get("task") or {}

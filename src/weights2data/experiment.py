@@ -48,9 +48,7 @@ def run_experiment(
     expert_data = ws.dataset(data.dataset, data, expert_ft.seed)
     if expert_data.test is None:
         raise W2DError(f"dataset '{expert_data.name}' has no test split to score the models on")
-    corpus = ws.dataset(run.corpus, data, sel.seed).train
-    if sel.k > len(corpus):
-        raise W2DError(f"k = {sel.k} is larger than the corpus ({len(corpus)} documents)")
+    corpus = ws.corpus(run.corpus, data, sel.k, sel.seed)
     expert_path, meta = finetune_cached(ws, run.base, expert_data, data, expert_ft)
     task = Task.from_dict(meta["task"])
     base, expert = ws.model(run.base), ws.model(str(expert_path))

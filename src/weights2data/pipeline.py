@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from weights2data.config import DataConfig, FinetuneConfig, RuntimeConfig, to_dict
-from weights2data.data import Dataset, data_dir, load_dataset
+from weights2data.data import Dataset, Split, data_dir, load_dataset
 from weights2data.errors import W2DError
 from weights2data.models import META_FILE, LoadedModel, load_model, save_model
 from weights2data.store import cache_dir, read_json, stable_hash
@@ -41,6 +41,13 @@ class Workspace:
 
     def model(self, spec: str) -> LoadedModel:
         return load_model(spec, cache=self.cache, allow_pickle=self.allow_pickle, device=self.device)
+
+    def corpus(self, spec: str, data: DataConfig, k: int, seed: int = 0) -> Split:
+        """The candidate corpus (a dataset's training split), checked to hold at least k documents."""
+        corpus = self.dataset(spec, data, seed).train
+        if k > len(corpus):
+            raise W2DError(f"k = {k} is larger than the corpus ({len(corpus)} documents)")
+        return corpus
 
     def dataset(self, spec: str, data: DataConfig, seed: int = 0) -> Dataset:
         return load_dataset(
