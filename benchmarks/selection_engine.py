@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from weights2data.reference import original_greedy
+from weights2data.screening import use_screen
 from weights2data.selection import DenseFeatures, FactoredFeatures, GradientFeatures, objective, select
 
 FACTORED = "factored C=4 d=576"
@@ -113,7 +114,8 @@ def engine_rows(sizes: list[int], dims: list, device: torch.device, gen: torch.G
                 del grads
             k = n // 10
             repeats = 3 if n <= 10_000 else 1  # greedy at N = 100k runs for minutes: once
-            row = {"N": n, "D": d, "k": k}
+            screened = isinstance(features, DenseFeatures) and use_screen(features.grads)
+            row = {"N": n, "D": d, "k": k, "greedy_engine": "int8 screen" if screened else "float32 step"}
             row["greedy"] = time_strategy("greedy", features, k, repeats, device)
             row["topk"] = time_strategy("topk", features, k, 3, device)
             print(
@@ -165,13 +167,13 @@ def reference_row(n: int, d: int, k: int, gen: torch.Generator) -> dict:
 
 def markdown(rows: list[dict], ref: dict) -> str:
     lines = [
-        "| N | D | k | greedy s | greedy peak extra MB | topk s | greedy objective |",
-        "|---|---|---|---|---|---|---|",
+        "| N | D | k | greedy engine | greedy s | greedy peak extra MB | topk s | greedy objective |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g, t = r["greedy"], r["topk"]
         lines.append(
-            f"| {r['N']} | {r['D']} | {r['k']} | {g['seconds']:.2f} | {g['peak_extra_mb']:.0f} "
+            f"| {r['N']} | {r['D']} | {r['k']} | {r.get('greedy_engine', '')} | {g['seconds']:.2f} | {g['peak_extra_mb']:.0f} "
             f"| {t['seconds']:.4f} | {g['objective']:.5f} |"
         )
     tie = ref["gap_at_parting"]

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from weights2data.errors import W2DError
+from weights2data.screening import screened_greedy, use_screen
 
 STRATEGIES = ("greedy", "greedy_batched", "topk", "topk_balanced", "bottomk", "p_min", "p_max", "random")
 
@@ -158,7 +159,19 @@ def greedy(
     State: r_dot = ⟨R, Δ⟩ and r_sq = ‖R‖² as float64 scalars, c = ⟨g_i, R⟩ as a float32
     (N,) vector, so ‖R + g_i‖² = r_sq + 2 c_i + ‖g_i‖² and each pick costs one Gram row
     ⟨g_i, g_j⟩ (`dots_with`), an N × D matrix-vector product bound by memory bandwidth.
+    Large dense problems on a CPU take the same picks through an int8 screen (`screening`).
     """
+    if isinstance(features, DenseFeatures) and use_screen(features.grads):
+        picks, scores, _ = screened_greedy(
+            features.grads,
+            features.target_dots,
+            features.sq_norms,
+            features.delta_sq_norm,
+            k,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return picks, scores
     t, sq = features.target_dots, features.sq_norms
     chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)
     picks, scores = [], []
