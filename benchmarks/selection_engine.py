@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from weights2data import screening
 from weights2data.reference import original_greedy
-from weights2data.screening import use_screen
 from weights2data.selection import DenseFeatures, FactoredFeatures, GradientFeatures, objective, select
 
 FACTORED = "factored C=4 d=576"
@@ -99,6 +99,7 @@ def time_strategy(
         "runs_s": [round(r[0], 4) for r in runs],
         "peak_extra_mb": max(r[1] for r in runs),
         "objective": runs[0][2].objective,
+        "engine": runs[0][2].engine,
     }
 
 
@@ -114,8 +115,7 @@ def engine_rows(sizes: list[int], dims: list, device: torch.device, gen: torch.G
                 del grads
             k = n // 10
             repeats = 3 if n <= 10_000 else 1  # greedy at N = 100k runs for minutes: once
-            screened = isinstance(features, DenseFeatures) and use_screen(features.grads)
-            row = {"N": n, "D": d, "k": k, "greedy_engine": "int8 screen" if screened else "float32 step"}
+            row = {"N": n, "D": d, "k": k}
             row["greedy"] = time_strategy("greedy", features, k, repeats, device)
             row["topk"] = time_strategy("topk", features, k, 3, device)
             print(
@@ -165,7 +165,33 @@ def reference_row(n: int, d: int, k: int, gen: torch.Generator) -> dict:
     }
 
 
-def markdown(rows: list[dict], ref: dict) -> str:
+def screen_row(n: int, d: int, k: int, gen: torch.Generator) -> dict:
+    """The int8-screened greedy against the float32 step on the same CPU input: time and picks."""
+    grads, delta = dense_data(n, d, gen)
+    f = DenseFeatures(grads, delta)
+    screened_s, _, (picks, _, stats) = measure(
+        lambda: screening.screened_greedy(
+            grads, f.target_dots, f.sq_norms, f.delta_sq_norm, k, progress=False
+        ),
+        torch.device("cpu"),
+    )
+    plain_s, _, plain = measure(lambda: select("greedy", f, k, progress=False), torch.device("cpu"))
+    same = picks == plain.indices
+    return {
+        "N": n,
+        "D": d,
+        "k": k,
+        "screened_s": screened_s,
+        "float32_step_s": plain_s,
+        "speedup": plain_s / screened_s,
+        "identical_steps": k if bool(same.all()) else int((~same).int().argmax()),
+        "objective_screened": objective(f, picks),
+        "objective_float32_step": plain.objective,
+        **stats,
+    }
+
+
+def markdown(rows: list[dict], ref: dict | None, screen: dict | None) -> str:
     lines = [
         "| N | D | k | greedy engine | greedy s | greedy peak extra MB | topk s | greedy objective |",
         "|---|---|---|---|---|---|---|---|",
@@ -173,19 +199,28 @@ def markdown(rows: list[dict], ref: dict) -> str:
     for r in rows:
         g, t = r["greedy"], r["topk"]
         lines.append(
-            f"| {r['N']} | {r['D']} | {r['k']} | {r.get('greedy_engine', '')} | {g['seconds']:.2f} | {g['peak_extra_mb']:.0f} "
-            f"| {t['seconds']:.4f} | {g['objective']:.5f} |"
+            f"| {r['N']} | {r['D']} | {r['k']} | {g['engine'].get('engine', '')} | {g['seconds']:.2f} "
+            f"| {g['peak_extra_mb']:.0f} | {t['seconds']:.4f} | {g['objective']:.5f} |"
         )
-    tie = ref["gap_at_parting"]
-    lines += [
-        "",
-        f"Original-style greedy (float64, renormalising) N={ref['N']} D={ref['D']} k={ref['k']}: "
-        f"{ref['original_s']:.1f}s vs engine {ref['engine_s']:.2f}s ({ref['speedup']:.1f}x); "
-        f"identical for {ref['identical_steps']} steps"
-        + (f" (then parted, cosine gap {tie:.1e})" if tie is not None else "")
-        + f"; objective {ref['objective_engine']:.5f} vs {ref['objective_original']:.5f}; "
-        f"agree: {ref['agree']}",
-    ]
+    if ref:
+        tie = ref["gap_at_parting"]
+        lines += [
+            "",
+            f"Original-style greedy (float64, renormalising) N={ref['N']} D={ref['D']} k={ref['k']}: "
+            f"{ref['original_s']:.1f}s vs engine {ref['engine_s']:.2f}s ({ref['speedup']:.1f}x); "
+            f"identical for {ref['identical_steps']} steps"
+            + (f" (then parted, cosine gap {tie:.1e})" if tie is not None else "")
+            + f"; objective {ref['objective_engine']:.5f} vs {ref['objective_original']:.5f}; "
+            f"agree: {ref['agree']}",
+        ]
+    if screen:
+        lines.append(
+            f"int8-screened greedy vs the float32 step N={screen['N']} D={screen['D']} k={screen['k']}: "
+            f"{screen['screened_s']:.1f}s vs {screen['float32_step_s']:.1f}s ({screen['speedup']:.2f}x); "
+            f"identical for {screen['identical_steps']} steps; objective "
+            f"{screen['objective_screened']:.6f} vs {screen['objective_float32_step']:.6f}; "
+            f"{screen['rows_read_per_pick']} rows read exactly per pick"
+        )
     return "\n".join(lines)
 
 
@@ -202,14 +237,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N=10k only, D <= 1024, k=1000 (< 5 min)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/selection_engine.json"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", default=None, help="comma-separated N values (default 10000,100000)")
+    parser.add_argument("--dims", default=None, help="comma-separated D values, 'factored' for C=4 d=576")
+    parser.add_argument("--no-reference", action="store_true", help="skip the original-loop and screen rows")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(args.seed)
     sizes = [10_000] if args.quick else [10_000, 100_000]
     dims = [FACTORED, 1024] if args.quick else [FACTORED, 1024, 4096]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    if args.dims:
+        dims = [FACTORED if x == "factored" else int(x) for x in args.dims.split(",")]
     rows = engine_rows(sizes, dims, device, gen)
-    ref = reference_row(2000, 1024, 200, gen) if args.quick else reference_row(10_000, 1024, 1000, gen)
-    print(markdown(rows, ref))
+    ref = screen = None
+    if not args.no_reference:
+        ref = reference_row(2000, 1024, 200, gen) if args.quick else reference_row(10_000, 1024, 1000, gen)
+        if device.type == "cpu" and screening.int8_kernel_available():
+            n, k = (20_000, 1000) if args.quick else (50_000, 5000)
+            screen = screen_row(n, 1024, k, gen)
+    print(markdown(rows, ref, screen))
     write_json(
         args.out,
         {
@@ -224,6 +271,7 @@ def main() -> None:
             else "peak RSS sampled every 2 ms minus RSS before the call",
             "engine": rows,
             "reference": ref,
+            "screen_vs_float32_step": screen,
         },
     )
     print(f"wrote {args.out}")

@@ -44,10 +44,11 @@ def test_screen_reads_few_rows_on_correlated_gradients():
 def test_screened_restarts_match_the_plain_engine(monkeypatch):
     grads, delta = _gradients(800, 48, 0.5, seed=5)
     features = DenseFeatures(grads, delta)
-    plain, plain_scores = greedy(features, 60, batch_size=7, progress=False)
+    plain, plain_scores, _ = greedy(features, 60, batch_size=7, progress=False)
     monkeypatch.setattr(screening, "MIN_ELEMENTS", 0)
-    routed, routed_scores = greedy(features, 60, batch_size=7, progress=False)
+    routed, routed_scores, stats = greedy(features, 60, batch_size=7, progress=False)
     assert routed.tolist() == plain.tolist()
+    assert stats["engine"] == "int8 screen"
     torch.testing.assert_close(routed_scores, plain_scores, rtol=1e-5, atol=1e-6)
 
 

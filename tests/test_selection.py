@@ -144,7 +144,8 @@ def test_exact_overrides_and_greedy_on_structured_data():
     """Larger correlated data: float32 engine vs float64 reference until the first near-tie."""
     grads, delta = _dense(n=2000, d=64, seed=9, common=0.3)
     features = DenseFeatures(grads, delta, target_dots=grads @ delta, sq_norms=grads.square().sum(1))
-    picks, scores = greedy(features, 300, progress=False)
+    picks, scores, stats = greedy(features, 300, progress=False)
+    assert stats == {"engine": "float32 step"}
     ref = original_greedy(grads.double().numpy(), delta.double().numpy(), 300)
     agree = int(np.argmax(np.append(picks.numpy() != ref, True)))
     assert agree > 50

@@ -215,6 +215,7 @@ def recover(
         "corpus_size": len(corpus_texts),
         "objective_cos": selection.objective,
         "select_s": round(time.time() - started, 2),
+        **({"greedy_engine": selection.engine} if selection.engine else {}),
         **grads.timings,
         "config": to_dict(cfg),
     }

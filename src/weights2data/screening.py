@@ -150,7 +150,11 @@ def screened_greedy(
         y = quantised.dots(grads[j]).float()  # (N,)
         moved += y
         slack.add_(y.abs().double(), alpha=_OUTPUT_ROUNDING)
-    stats = {"full_passes": full_passes, "rows_read_per_pick": rows_read / k}
+    stats = {
+        "engine": "int8 screen",
+        "full_passes": full_passes,
+        "rows_read_per_pick": round(rows_read / k, 1),
+    }
     return torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float32), stats
 
 

@@ -122,6 +122,7 @@ class Selection:
     indices: Tensor  # (k,) int64, in pick order
     scores: Tensor  # (k,) the strategy's score at pick time (NaN for random)
     objective: float  # cos(Σ_chosen g, Δ); NaN when no features were given
+    engine: dict = field(default_factory=dict)  # how greedy ran: engine name, work counts
 
 
 def _shape2(x: Tensor, name: str) -> tuple[int, int]:
@@ -153,8 +154,8 @@ def greedy(
     *,
     batch_size: int | None = None,
     progress: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """SELECT: (indices, cos at pick time), each (k,); R restarts from 0 every `batch_size` picks.
+) -> tuple[Tensor, Tensor, dict]:
+    """SELECT: (indices, cos at pick time, engine stats); R restarts from 0 every `batch_size` picks.
 
     State: r_dot = ⟨R, Δ⟩ and r_sq = ‖R‖² as float64 scalars, c = ⟨g_i, R⟩ as a float32
     (N,) vector, so ‖R + g_i‖² = r_sq + 2 c_i + ‖g_i‖² and each pick costs one Gram row
@@ -162,7 +163,7 @@ def greedy(
     Large dense problems on a CPU take the same picks through an int8 screen (`screening`).
     """
     if isinstance(features, DenseFeatures) and use_screen(features.grads):
-        picks, scores, _ = screened_greedy(
+        return screened_greedy(
             features.grads,
             features.target_dots,
             features.sq_norms,
@@ -171,7 +172,6 @@ def greedy(
             batch_size=batch_size,
             progress=progress,
         )
-        return picks, scores
     t, sq = features.target_dots, features.sq_norms
     chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)
     picks, scores = [], []
@@ -188,7 +188,8 @@ def greedy(
         r_dot += float(t[j])
         r_sq += 2 * float(c[j]) + float(sq[j])
         c += features.dots_with(j)
-    return torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float32)
+    stats = {"engine": "float32 step"}
+    return torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float32), stats
 
 
 # --- strategies ---------------------------------------------------------------------------
@@ -210,6 +211,7 @@ def select(
     `features` may be None only for p_min, p_max and random (then objective is NaN);
     topk_balanced needs `labels` (N,), p_min / p_max need `losses` (N,).
     """
+    engine: dict = {}
     if strategy not in STRATEGIES:
         raise W2DError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     n = _count(strategy, features, labels, losses)
@@ -219,7 +221,7 @@ def select(
         if batch_size < 1:
             raise W2DError(f"batch_size must be at least 1, got {batch_size}")
         size = batch_size if strategy == "greedy_batched" else None
-        indices, scores = greedy(features, k, batch_size=size, progress=progress)
+        indices, scores, engine = greedy(features, k, batch_size=size, progress=progress)
     elif strategy == "topk":
         indices, scores = _ranked(cosines(features), k, descending=True)
     elif strategy == "bottomk":
@@ -233,7 +235,7 @@ def select(
         indices, scores = torch.randperm(n, generator=generator)[:k], torch.full((k,), math.nan)
     indices = indices.cpu()
     value = math.nan if features is None else objective(features, indices)
-    return Selection(indices=indices, scores=scores.cpu(), objective=value)
+    return Selection(indices=indices, scores=scores.cpu(), objective=value, engine=engine)
 
 
 def _count(
