@@ -63,7 +63,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--strategies", default="greedy,greedy_batched,topk,topk_balanced,p_min")
     p.add_argument("--label-rules", default="auto")
     p.add_argument("--projection-dims", default="0")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", default="0", help="each seed draws the expert's training rows and every "
+                   "training run's order and initial state anew")
+    p.add_argument("--corpus-seed", type=int, default=0, help="which NAME_N subset of the corpus; fixed "
+                   "across --seeds, so the corpus's hidden states are computed once")
     p.add_argument("--expert-epochs", type=int, default=3)
     p.add_argument("--eval-epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=4)
@@ -132,7 +135,7 @@ def run_group(
         eval_batch_size=batch,
     )
     expert_data = ws.dataset(data.dataset, data, seed)
-    corpus = ws.dataset(args.corpus, data, seed).train
+    corpus = ws.dataset(args.corpus, data, args.corpus_seed).train
     path, meta = finetune_cached(ws, args.model, expert_data, data, expert_ft)
     task = Task.from_dict(meta["task"])
     base, expert = ws.model(args.model), ws.model(str(path))

@@ -57,8 +57,11 @@ def test_int8_rows_norms_and_kernel():
     rows = Int8Rows.build(grads, chunk=16)
     assert rows.codes.shape == (50, 128) and not rows.codes[:, 80:].any()
     q = rows.codes[:, :80].double() * rows.scales.double()[:, None]
-    torch.testing.assert_close(rows.residual_norms, (grads.double() - q).norm(dim=1), rtol=1e-9, atol=0)
-    torch.testing.assert_close(rows.code_norms, q.norm(dim=1), rtol=1e-9, atol=0)
+    true_residual, true_code = (grads.double() - q).norm(dim=1), q.norm(dim=1)
+    # the stored norms are upper bounds, and tight ones
+    assert torch.all(rows.residual_norms >= true_residual) and torch.all(rows.code_norms >= true_code)
+    torch.testing.assert_close(rows.residual_norms, true_residual, rtol=1e-3, atol=0)
+    torch.testing.assert_close(rows.code_norms, true_code, rtol=1e-4, atol=0)
     assert float((rows.residual_norms / rows.code_norms).max()) < 0.02
     x = grads[7]
     exact = q @ x.to(torch.bfloat16).double()

@@ -70,15 +70,17 @@ class Int8Rows:
         code_norms = torch.empty(n, dtype=torch.float64)
         residual_norms = torch.empty(n, dtype=torch.float64)
         for s in range(0, n, chunk):
-            g = grads[s : s + chunk].double()  # (rows, D)
+            g = grads[s : s + chunk].float()  # (rows, D)
             scale = (g.abs().amax(1) / _CODE_MAX).clamp_min(1e-30).to(torch.bfloat16)
-            q = torch.round(g / scale.double()[:, None]).clamp_(-_CODE_MAX, _CODE_MAX)
+            q = torch.round(g / scale.float()[:, None]).clamp_(-_CODE_MAX, _CODE_MAX)
             codes[s : s + chunk, :d] = q.to(torch.int8)
             scales[s : s + chunk] = scale
-            q.mul_(scale.double()[:, None])
-            code_norms[s : s + chunk] = q.norm(dim=1)
-            residual_norms[s : s + chunk] = (g - q).norm(dim=1)
-        return cls(codes, scales, code_norms * (1 + 1e-12), residual_norms * (1 + 1e-12))
+            q.mul_(scale.float()[:, None])  # exact: an 8-bit code times an 8-bit scale
+            code_norms[s : s + chunk] = q.norm(dim=1).double()
+            # float32 rounding of g − q is at most 2⁻²⁴ |g| per element; allow for it
+            slack = 2.0**-23 * g.norm(dim=1).double()
+            residual_norms[s : s + chunk] = (g - q).norm(dim=1).double() * (1 + 1e-5) + slack
+        return cls(codes, scales, code_norms * (1 + 1e-5), residual_norms)
 
     def dots(self, x: Tensor) -> Tensor:
         """(N,) the kernel's ⟨x̂, q_i⟩, x̂ = x in bfloat16 (the result is rounded to bfloat16)."""
@@ -113,26 +115,19 @@ def screened_greedy(
     for step in tqdm(range(k), desc="greedy (int8 screen)", disable=not progress):
         if step % (batch_size or k) == 0:
             total = torch.zeros(d, dtype=torch.float64)  # R
-            known = torch.zeros(n, dtype=torch.float64)  # c_i at the row's last exact read τ_i
-            moved = torch.zeros(n)  # Σ_{j since τ_i} y_j(i)
-            slack = torch.zeros(n, dtype=torch.float64)  # rounding bound on known and moved
-            walked = torch.zeros(2, dtype=torch.float64)  # Σ_j ‖g_j‖, Σ_j ‖x̂_j − g_j‖ + γ‖x̂_j‖
-            walked_at = torch.zeros(n, 2, dtype=torch.float64)  # `walked` at τ_i
+            estimate = torch.zeros(n, dtype=torch.float64)  # c_i at the last exact read + Σ y since
+            width = torch.zeros(n, dtype=torch.float64)  # bound on |estimate − c_i|
             r_dot, r_sq = 0.0, 0.0
-        since = walked - walked_at  # (N, 2)
-        width = quantised.residual_norms * since[:, 0] + quantised.code_norms * since[:, 1] + slack
         num = t + r_dot  # (N,) ⟨R + g_i, Δ⟩
         base = sq + r_sq  # (N,) ‖g_i‖² + ‖R‖²
-        rows = _survivors(num, base, known + moved, width, chosen)
+        rows = _survivors(num, base, estimate, width, chosen)
         if len(rows) > FULL_PASS_SHARE * n:
-            known = (grads @ total.float()).double()
-            moved.zero_()
-            slack = norms * (full_rounding * float(total.norm()))
-            walked_at[:] = walked
+            estimate = (grads @ total.float()).double()
+            width = norms * (full_rounding * float(total.norm()))
             full_passes += 1
-            rows = _survivors(num, base, known, slack, chosen)
+            rows = _survivors(num, base, estimate, width, chosen)
         exact = grads[rows].double() @ total  # (m,) ⟨R, g_i⟩
-        known[rows], moved[rows], slack[rows], walked_at[rows] = exact, 0.0, 0.0, walked
+        estimate[rows], width[rows] = exact, 0.0
         rows_read += len(rows)
         score = num[rows] / (base[rows] + 2 * exact).clamp_min(_TINY).sqrt()
         best = int(score.argmax())
@@ -145,11 +140,12 @@ def screened_greedy(
         g = grads[j].double()
         total += g
         x_hat = grads[j].to(torch.bfloat16).double()
-        walked[0] += float(norms[j])
-        walked[1] += float((x_hat - g).norm()) + kernel_rounding * float(x_hat.norm())
-        y = quantised.dots(grads[j]).float()  # (N,)
-        moved += y
-        slack.add_(y.abs().double(), alpha=_OUTPUT_ROUNDING)
+        estimate.add_(quantised.dots(grads[j]))
+        # ‖g_j‖ ‖r_i‖ + ‖q_i‖ (‖x̂_j − g_j‖ + the kernel's float32 sums + its bfloat16 result,
+        # using |y| ≤ ‖x̂_j‖ ‖q_i‖)
+        width.add_(quantised.residual_norms, alpha=float(norms[j]))
+        x_error = float((x_hat - g).norm()) + (kernel_rounding + _OUTPUT_ROUNDING) * float(x_hat.norm())
+        width.add_(quantised.code_norms, alpha=x_error)
     stats = {
         "engine": "int8 screen",
         "full_passes": full_passes,
