@@ -53,16 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (minutes on a 2-core CPU)")
     p.add_argument("--scope", default="head", help="train scope of the expert and of every trained model")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of every trained model (at 1e-3 a "
-                   "head-only LM expert overshoots in one epoch and its change carries no signal)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="Adam learning rate of every trained model (at 1e-3 a head-only LM expert overshoots "
+        "in one epoch and its weight change carries no signal)",
+    )
     p.add_argument("--epochs", type=int, default=2, help="expert epochs")
     p.add_argument("--eval-epochs", type=int, default=3, help="epochs for the models trained on each set")
     p.add_argument("--eval-rows", type=int, default=500)
     p.add_argument("--strategies", default="greedy,topk,p_min")
     p.add_argument("--lm-loss", default="full", choices=("full", "last"))
     p.add_argument("--projection-dim", type=int, default=4096)
-    p.add_argument("--target", default="delta", choices=("delta", "adam"),
-                   help="what the selection explains: the head's change as is, or with Adam undone")
     p.add_argument("--timing-docs", type=int, default=None, help="documents for the cost measurement")
     p.add_argument("--dataset", default=None, help="override the expert's dataset (e.g. imdb_500)")
     p.add_argument("--corpus", default=None, help="override the corpus (e.g. wiki_passages_3000)")
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ft = FinetuneConfig(train_scope=args.scope, lr=args.lr, epochs=args.epochs, batch_size=16,
                         lm_loss=args.lm_loss)
     ev = EvalConfig(max_eval_rows=args.eval_rows, eval_epochs=args.eval_epochs, patience=args.eval_epochs)
-    sel = SelectConfig(k=size["k"], projection_dim=args.projection_dim, target=args.target)
+    sel = SelectConfig(k=size["k"], projection_dim=args.projection_dim)
     run_cfg = RunConfig(base=MODEL, corpus=size["corpus"], strategies=args.strategies, skip_similarity=True)
     run_dir = Path(cache_dir(args.cache_dir)) / "bench-runs" / f"lm-{'quick' if args.quick else 'full'}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         "k": size["k"],
         "lm_loss": args.lm_loss,
         "projection_dim": args.projection_dim,
-        "target": args.target,
         "lr": args.lr,
         "paper": PAPER,
         "run": {key: run[key] for key in ("table", "scores", "selections", "seconds", "metric", "task")},

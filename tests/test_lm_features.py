@@ -17,9 +17,7 @@ from weights2data.features import forward_hidden, hidden_chunks, hidden_states
 from weights2data.lm_features import (
     HeadView,
     KroneckerSketch,
-    adam_target,
     batch_terms,
-    gradient_scales,
     kron_factors,
     lm_features,
     scored_positions,
@@ -126,30 +124,6 @@ def test_sketch_of_a_materialised_gradient_equals_the_factored_sketch(pair) -> N
     torch.testing.assert_close(out.features.grads, explicit, rtol=1e-3, atol=1e-4)
     delta = delta_of(base, finetuned).reshape(vocab, d).float()
     torch.testing.assert_close(out.features.delta, sketch.matrix(delta))
-
-
-def test_adam_target_from_factored_gradient_scales(pair) -> None:
-    base, finetuned = pair
-    encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
-    dense = autograd_grads(finetuned.model, encoded, "full")  # (N, V·d)
-    vocab, d = finetuned.model.get_output_embeddings().weight.shape
-    squares = dense.square().sum(0).reshape(vocab, d)
-    hidden = forward_hidden(finetuned.model, encoded)
-    view = HeadView(finetuned.model.get_output_embeddings().weight.detach().float())
-    rows, cols = gradient_scales(hidden, view, encoded.input_ids, encoded.attention_mask, "full")
-    torch.testing.assert_close(rows.double(), squares.sum(1), rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(cols.double(), squares.sum(0), rtol=1e-4, atol=1e-9)
-    delta = delta_of(base, finetuned).reshape(vocab, d).float()
-    expected = delta * rows.sqrt()[:, None] * cols.sqrt()[None, :]
-    torch.testing.assert_close(adam_target(delta, rows, cols), expected)
-    # lm_features aims at it: the exact target terms are ⟨g_i, adam_target(Δ)⟩
-    out = lm_features(base, finetuned, encoded, target="adam", dtype=torch.float32, progress=False)
-    torch.testing.assert_close(
-        out.features.target_dots.double(), dense @ expected.double().reshape(-1), rtol=1e-4, atol=1e-9
-    )
-    assert out.timings["target"] == "adam"
-    with pytest.raises(W2DError, match="--target"):
-        lm_features(base, finetuned, encoded, target="sgd", progress=False)
 
 
 def _pair_terms(pair, mode: str):

@@ -207,12 +207,6 @@ class SelectConfig:
         "dimensions, for parity with the original",
     )
     projection: str = opt("rademacher", "JL projection matrix: rademacher or normal")
-    target: str = opt(
-        "delta",
-        "what the selection explains (language modelling): delta, the head's weight change as it is "
-        "(right for SGD), or adam, the change with Adam's per-weight normalisation undone by an "
-        "estimate of the gradients' second moment from the corpus",
-    )
     batch_reset: int = opt(32, "greedy_batched: the running sum restarts every this many picks")
     seed: int = opt(0, "seed for random labels, random selection and projections")
 
@@ -223,7 +217,6 @@ class SelectConfig:
         _choice("labels", self.labels, ("auto", "random"))
         _choice("grad_at", self.grad_at, ("finetuned", "base", "both"))
         _choice("projection", self.projection, ("rademacher", "normal"))
-        _choice("target", self.target, ("delta", "adam"))
         if self.k < 1:
             raise W2DError(f"k must be at least 1 (got {self.k})")
         if self.projection_dim < 0:

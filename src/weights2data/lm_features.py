@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 GRAD_AT = ("finetuned", "base", "both")
 PROJECTIONS = ("rademacher", "normal")
-TARGETS = ("delta", "adam")
 DEFAULT_DIM = 4096
 
 
@@ -204,46 +203,6 @@ def batch_terms(
     return BatchTerms(sketched, target_dots, sq_norms, loss_sum, tokens)
 
 
-# ---------------------------------------------------------------- Adam-aware target
-
-
-def gradient_scales(
-    hidden: Tensor, view: HeadView, input_ids: Tensor, attention_mask: Tensor, mode: str
-) -> tuple[Tensor, Tensor]:
-    """Row (V,) and column (d,) sums of Σ_i g_i ∘ g_i over a batch of documents.
-
-    A separable estimate of the per-weight gradient second moment, v ≈ rows ⊗ cols / Σ rows,
-    from factors only: for g = Eᵀ H (E: T × V errors, H: T × d hidden states),
-    Σ_k g[v, k]² = Σ_{t,s} E[t, v] E[s, v] (H Hᵀ)[t, s] and
-    Σ_v g[v, k]² = Σ_{t,s} H[t, k] H[s, k] (E Eᵀ)[t, s].
-    """
-    device = view.weight.device
-    scored = scored_positions(attention_mask, mode).to(device)
-    doc, pos = torch.nonzero(scored, as_tuple=True)
-    h = hidden.to(device)[doc, pos].float()  # (M, d)
-    e = torch.softmax(F.linear(h, view.weight, view.bias), dim=-1)  # (M, V)
-    e[torch.arange(len(doc), device=device), input_ids.to(device)[doc, pos + 1]] -= 1.0
-    rows, cols = torch.zeros(e.shape[1], device=device), torch.zeros(h.shape[1], device=device)
-    start = 0
-    for n in torch.bincount(doc, minlength=scored.shape[0]).tolist():
-        if n:
-            eb, hb = e[start : start + n], h[start : start + n]
-            rows += (eb * ((hb @ hb.T) @ eb)).sum(0)
-            cols += (hb * ((eb @ eb.T) @ hb)).sum(0)
-            start += n
-    return rows, cols
-
-
-def adam_target(delta: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Δ mapped back to gradient space for an Adam-trained head: Δ ∘ √v̂.
-
-    Adam moves each weight by about lr · E[g] / √E[g²] per step, so a rarely-used row of the
-    head (tiny gradients, but of one consistent sign) moves as far as a busy one and dominates Δ.
-    Multiplying by √v̂ (the separable estimate from `gradient_scales`) undoes that normalisation.
-    """
-    return delta * rows.clamp_min(0).sqrt()[:, None] * cols.clamp_min(0).sqrt()[None, :]
-
-
 # ---------------------------------------------------------------- streaming hidden states
 
 
@@ -286,7 +245,6 @@ def lm_features(
     projection: str = "rademacher",
     seed: int = 0,
     factors: tuple[int, int] | None = None,
-    target: str = "delta",
     cache_root: Path | None = None,
     dtype: torch.dtype = torch.float16,
     batch_size: int = 16,
@@ -295,12 +253,8 @@ def lm_features(
     """Φ(g_i), exact ⟨g_i, Δ⟩ and ‖g_i‖², and the finetuned loss for every document of `encoded`.
 
     `encoded` comes from data.encode_lm (right-padded). Gradients are taken at the finetuned
-    weights (or `base`, or `both`: the sum of the two), Δ = W_head(base) − W_head(finetuned);
-    `target="adam"` aims at `adam_target(Δ)` instead, its scales taken from the first chunk of
-    documents at the finetuned weights.
+    weights (or `base`, or `both`: the sum of the two), Δ = W_head(base) − W_head(finetuned).
     """
-    if target not in TARGETS:
-        raise W2DError(f"unknown --target '{target}': choose from {', '.join(TARGETS)}")
     if grad_at not in GRAD_AT:
         raise W2DError(f"unknown --grad-at '{grad_at}': choose from {', '.join(GRAD_AT)}")
     scored_positions(encoded.attention_mask[:1], lm_loss)  # validates the mode
@@ -313,6 +267,7 @@ def lm_features(
     names = ["finetuned", "base"] if grad_at != "finetuned" else ["finetuned"]
     models = {"finetuned": finetuned, "base": base}
     views = [head_view(models[n]) for n in names]
+    combined = torch.cat([delta, sketch.r_e], dim=1)  # (V, d + a), shared by every view
     grad_views = [i for i, n in enumerate(names) if grad_at in (n, "both")]
     streams = {}
     for n in names:
@@ -328,19 +283,12 @@ def lm_features(
     out_sketch = torch.empty(n_docs, dim)
     target_dots, sq_norms = torch.empty(n_docs), torch.empty(n_docs)
     losses, tokens = torch.empty(n_docs), torch.empty(n_docs, dtype=torch.long)
-    head_s = 0.0
+    hidden_s = head_s = 0.0
     done = 0
-    tick = time.time()
-    first = {n: next(s) for n, s in streams.items() if s is not None}
-    hidden_s = time.time() - tick
-    if target == "adam":
-        delta = adam_target(delta, *_chunk_scales(first["finetuned"], views[0], encoded, lm_loss, batch_size))
-    combined = torch.cat([delta, sketch.r_e], dim=1)  # (V, d + a), shared by every view
     bar = tqdm(total=n_docs, desc="LM head gradients", unit="doc", disable=not progress or n_docs < 256)
     while done < n_docs:
         tick = time.time()
-        chunk = first or {n: next(s) for n, s in streams.items() if s is not None}
-        first = None
+        chunk = {n: next(s) for n, s in streams.items() if s is not None}
         if "base" in names and streams["base"] is None:
             chunk["base"] = chunk["finetuned"]
         rows = next(iter(chunk.values())).shape[0]
@@ -381,23 +329,8 @@ def lm_features(
         "head_gradients_s": round(head_s, 2),
         "features_s": round(time.time() - started, 2),
         "sketch": f"{sketch.factors[0]}x{sketch.factors[1]}",
-        "target": target,
     }
     return LMFeatures(features, losses, tokens, timings)
-
-
-def _chunk_scales(
-    hidden: Tensor, view: HeadView, encoded: Encoded, lm_loss: str, batch_size: int
-) -> tuple[Tensor, Tensor]:
-    """`gradient_scales` summed over the documents of one cached chunk (its first rows)."""
-    rows = cols = 0
-    for s in range(0, hidden.shape[0], batch_size):
-        batch = encoded.subset(slice(s, s + batch_size))
-        r, c = gradient_scales(
-            hidden[s : s + batch_size], view, batch.input_ids, batch.attention_mask, lm_loss
-        )
-        rows, cols = rows + r, cols + c
-    return rows, cols
 
 
 def _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch, lm_loss) -> BatchTerms:

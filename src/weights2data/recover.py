@@ -150,7 +150,6 @@ def lm_corpus_gradients(
         dim=cfg.projection_dim or DEFAULT_DIM,
         projection=cfg.projection,
         seed=cfg.seed,
-        target=cfg.target,
         cache_root=cache_root,
     )
     return CorpusGradients(out.features, None, out.losses, {**out.timings, "lm_loss": lm_loss}, kind="lm")
@@ -166,8 +165,6 @@ def corpus_gradients(
     cache_root: Path | None,
 ) -> CorpusGradients:
     """Hidden states of the corpus (cached), labels, losses and factored head gradients."""
-    if cfg.target != "delta":
-        raise W2DError(f"--target {cfg.target} applies to language-modelling selections (--task lm)")
     started = time.time()
     encoded = encode_classification(finetuned.tokenizer, texts, data.seq_len)
     hidden = {"finetuned": finetuned_hidden(base, finetuned, encoded, cache_root)}
