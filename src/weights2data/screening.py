@@ -36,7 +36,12 @@ _TINY = 1e-300
 
 
 def int8_kernel_available() -> bool:
-    """Whether this torch build has the CPU int8-weight matrix product the screen uses."""
+    """Whether this torch build has the CPU int8-weight matrix product the screen uses.
+
+    `torch._weight_int8pack_mm` is a private op (the kernel behind int8 weight-only
+    quantisation), so it is probed and checked rather than assumed; without it, greedy keeps
+    the float32 step.
+    """
     op = getattr(torch, "_weight_int8pack_mm", None)
     if op is None:
         return False
