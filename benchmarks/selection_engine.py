@@ -128,6 +128,11 @@ def engine_rows(sizes: list[int], dims: list, device: torch.device, gen: torch.G
     return rows
 
 
+def identical_steps(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading picks two selections share (their length when identical)."""
+    return int(np.argmax(np.append(a != b, True)))
+
+
 def reference_row(n: int, d: int, k: int, gen: torch.Generator) -> dict:
     """The engine (float32, CPU) against the original's loop (float64, renormalising)."""
     grads, delta = dense_data(n, d, gen)
@@ -136,7 +141,7 @@ def reference_row(n: int, d: int, k: int, gen: torch.Generator) -> dict:
     engine_s, _, sel = measure(lambda: select("greedy", features, k, progress=False), torch.device("cpu"))
     original_s, _, ref = measure(lambda: original_greedy(g64, d64, k), torch.device("cpu"))
     picks = sel.indices.numpy()
-    parted = int(np.argmax(np.append(picks != ref, True)))
+    parted = identical_steps(picks, ref)
     gap = None
     if parted < k:  # the two candidates' exact cosines, given the common prefix
         cand = g64[picks[:parted]].sum(0) + g64[[picks[parted], ref[parted]]]
@@ -176,7 +181,6 @@ def screen_row(n: int, d: int, k: int, gen: torch.Generator) -> dict:
         torch.device("cpu"),
     )
     plain_s, _, plain = measure(lambda: select("greedy", f, k, progress=False), torch.device("cpu"))
-    same = picks == plain.indices
     return {
         "N": n,
         "D": d,
@@ -184,7 +188,7 @@ def screen_row(n: int, d: int, k: int, gen: torch.Generator) -> dict:
         "screened_s": screened_s,
         "float32_step_s": plain_s,
         "speedup": plain_s / screened_s,
-        "identical_steps": k if bool(same.all()) else int((~same).int().argmax()),
+        "identical_steps": identical_steps(picks.numpy(), plain.indices.numpy()),
         "objective_screened": objective(f, picks),
         "objective_float32_step": plain.objective,
         **stats,

@@ -67,7 +67,7 @@ def test_int8_rows_norms_and_kernel():
     exact = q @ x.to(torch.bfloat16).double()
     # the kernel's result is rounded to bfloat16; the screen budgets 2⁻⁷ of it
     sums = 80 * 2.0**-24 * float(x.norm()) * q.norm(dim=1)  # float32 sums of 80 products
-    assert torch.all((rows.dots(x).double() - exact).abs() <= 2.0**-7 * exact.abs() + sums)
+    assert torch.all((rows.dots(x.to(torch.bfloat16)).double() - exact).abs() <= 2.0**-7 * exact.abs() + sums)
 
 
 def test_zero_rows_and_negative_targets():

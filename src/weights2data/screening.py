@@ -87,11 +87,11 @@ class Int8Rows:
             residual_norms[s : s + chunk] = (g - q).norm(dim=1).double() * (1 + 1e-5) + slack
         return cls(codes, scales, code_norms * (1 + 1e-5), residual_norms)
 
-    def dots(self, x: Tensor) -> Tensor:
-        """(N,) the kernel's ⟨x̂, q_i⟩, x̂ = x in bfloat16 (the result is rounded to bfloat16)."""
-        x_hat = torch.zeros(1, self.codes.shape[1], dtype=torch.bfloat16)
-        x_hat[0, : len(x)] = x
-        return torch._weight_int8pack_mm(x_hat, self.codes, self.scales)[0]
+    def dots(self, x_hat: Tensor) -> Tensor:
+        """(N,) the kernel's ⟨x̂, q_i⟩ for a bfloat16 (D,) vector x̂ (the result is rounded to bfloat16)."""
+        padded = torch.zeros(1, self.codes.shape[1], dtype=torch.bfloat16)
+        padded[0, : len(x_hat)] = x_hat
+        return torch._weight_int8pack_mm(padded, self.codes, self.scales)[0]
 
 
 def screened_greedy(
@@ -144,8 +144,9 @@ def screened_greedy(
         r_sq += 2 * float(exact[best]) + float(sq[j])
         g = grads[j].double()
         total += g
-        x_hat = grads[j].to(torch.bfloat16).double()
-        estimate.add_(quantised.dots(grads[j]))
+        x_hat = grads[j].to(torch.bfloat16)  # what the kernel multiplies
+        estimate.add_(quantised.dots(x_hat))
+        x_hat = x_hat.double()
         # ‖g_j‖ ‖r_i‖ + ‖q_i‖ (‖x̂_j − g_j‖ + the kernel's float32 sums + its bfloat16 result,
         # using |y| ≤ ‖x̂_j‖ ‖q_i‖)
         width.add_(quantised.residual_norms, alpha=float(norms[j]))
