@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from weights2data.config import DataConfig, SelectConfig
 from weights2data.data import encode_classification, make_label_set
 from weights2data.errors import W2DError
-from weights2data.features import forward_hidden
+from weights2data.features import forward_hidden, hidden_states
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
 from weights2data.recover import check_pair, corpus_gradients, recover, write_recovery
 from weights2data.selection import DenseFeatures, select
@@ -155,3 +155,27 @@ def test_check_pair_names_the_difference(pair, cache) -> None:
     other.model.config.hidden_size = 128
     with pytest.raises(W2DError, match="hidden_size"):
         check_pair(base, other)
+
+
+def test_cached_rows_are_reused_by_other_sets(pair, tmp_path, monkeypatch) -> None:
+    import weights2data.features as features
+
+    _, finetuned = pair
+    encoded = encode_classification(finetuned.tokenizer, TEXTS, 16)
+    monkeypatch.setattr(features, "CHUNK_ROWS", 5)
+    hidden_states(finetuned, encoded.subset(slice(0, 8)), last_only=True, cache_root=tmp_path)
+    run, real_forward = [], features.forward_hidden
+
+    def counted(model, batch, layer):
+        run.append(len(batch))
+        return real_forward(model, batch, layer)
+
+    monkeypatch.setattr(features, "forward_hidden", counted)
+    mixed = torch.tensor([7, 2, 11, 2, 9, 0])  # cached rows, a repeat and rows never seen
+    got = hidden_states(finetuned, encoded.subset(mixed), last_only=True, cache_root=tmp_path)
+    assert sum(run) == 2  # rows 11 and 9 only
+    torch.testing.assert_close(got, hidden_states(finetuned, encoded.subset(mixed), last_only=True))
+    run.clear()
+    layered = hidden_states(finetuned, encoded.subset(mixed), layer=1, cache_root=tmp_path)
+    assert sum(run) == 6  # another layer is another family: nothing to reuse
+    assert layered.shape == (6, 15, finetuned.model.config.hidden_size)

@@ -3,17 +3,22 @@
 Everything downstream of the frozen part of a model (the trained head or top blocks, the
 per-example head gradients) is a cheap function of hidden states, so the model's forward
 pass runs once per document and its outputs are stored in chunks keyed by the body
-weights, the token ids and the layer. A killed run keeps its finished chunks.
+weights, the token ids and the layer. A killed run keeps its finished chunks, and a set of
+documents that were already run in another set (a selection from a cached corpus, a
+concatenation of cached corpora) reads their rows instead of running the model again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask
@@ -64,6 +69,57 @@ def encoded_fingerprint(encoded: Encoded) -> str:
     h.update(encoded.input_ids.numpy().tobytes())
     h.update(encoded.attention_mask.numpy().tobytes())
     return h.hexdigest()
+
+
+def row_fingerprints(encoded: Encoded) -> np.ndarray:
+    """(N, 12) uint8: one digest per row of token ids and attention mask."""
+    rows = np.concatenate([encoded.input_ids.numpy(), encoded.attention_mask.numpy()], axis=1)
+    digests = [hashlib.blake2b(row.tobytes(), digest_size=12).digest() for row in rows]
+    return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(rows), 12)
+
+
+class CachedRows:
+    """Where each cached row of one (weights, layer, last_only, dtype) family lives on disk."""
+
+    def __init__(self, places: dict[bytes, tuple[Path, int]]) -> None:
+        self.places = places  # row digest → (chunk file, row in it)
+
+    @classmethod
+    def scan(cls, hidden_root: Path, family: dict, skip: Path) -> CachedRows:
+        places: dict[bytes, tuple[Path, int]] = {}
+        for meta_path in sorted(hidden_root.glob("*/meta.json")):
+            folder = meta_path.parent
+            rows_path = folder / "rows.npy"
+            if folder == skip or not rows_path.exists():
+                continue
+            meta = read_json(meta_path)
+            if any(meta.get(name) != value for name, value in family.items()):
+                continue
+            digests = np.load(rows_path)
+            for chunk in sorted(folder.glob("chunk_*.safetensors")):
+                start = int(chunk.stem.split("_")[1])
+                with safe_open(str(chunk), "pt") as f:
+                    count = f.get_slice("hidden").get_shape()[0]
+                for offset in range(count):
+                    places.setdefault(digests[start + offset].tobytes(), (chunk, offset))
+        return cls(places)
+
+    def gather(self, digests: np.ndarray) -> tuple[dict[int, torch.Tensor], list[int]]:
+        """The rows found (position in `digests` → tensor) and the positions not cached."""
+        by_chunk: dict[Path, list[tuple[int, int]]] = defaultdict(list)
+        missing = []
+        for position, digest in enumerate(digests):
+            place = self.places.get(digest.tobytes())
+            if place is None:
+                missing.append(position)
+            else:
+                by_chunk[place[0]].append((position, place[1]))
+        found = {}
+        for chunk, pairs in by_chunk.items():
+            with safe_open(str(chunk), "pt") as f:
+                rows = f.get_slice("hidden")  # read row by row: a top:N chunk holds (rows, T, d)
+                found.update({position: rows[offset : offset + 1][0] for position, offset in pairs})
+        return found, missing
 
 
 def hidden_states(
@@ -120,20 +176,32 @@ def hidden_chunks(
         "dtype": str(dtype),
         "rows": len(encoded),
     }
-    folder = cache_root / "hidden" / hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:20]
+    hidden_root = cache_root / "hidden"
+    folder = hidden_root / hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:20]
     meta_path = folder / "meta.json"
     if meta_path.exists() and read_json(meta_path) != key:
         raise W2DError(f"hidden-state cache {folder} does not match its key; delete the folder")
     write_json(meta_path, key)
+    digests = row_fingerprints(encoded)
+    if not (folder / "rows.npy").exists():
+        with atomic_path(folder / "rows.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, digests)
+    cached: CachedRows | None = None  # other sets' rows, looked up once a chunk is missing
     for start in range(0, len(encoded), CHUNK_ROWS):
         path = folder / f"chunk_{start:09d}.safetensors"
         if path.exists():
             yield load_file(str(path))["hidden"]
             continue
+        if cached is None:
+            family = {name: value for name, value in key.items() if name not in ("inputs", "rows")}
+            cached = CachedRows.scan(hidden_root, family, skip=folder)
         rows = range(start, min(start + CHUNK_ROWS, len(encoded)))
-        chunk = torch.cat(
-            list(_compute_chunks(loaded, encoded, layer, last_only, batch_size, dtype, rows, desc))
+        found, missing = cached.gather(digests[start : rows.stop])
+        computed = _compute_chunks(
+            loaded, encoded, layer, last_only, batch_size, dtype, [rows[i] for i in missing], desc
         )
+        found.update(zip(missing, torch.cat(list(computed)).unbind(), strict=True) if missing else ())
+        chunk = torch.stack([found[i] for i in range(len(rows))])
         with atomic_path(path) as tmp:
             save_file({"hidden": chunk.contiguous()}, str(tmp))
         yield chunk
@@ -146,12 +214,12 @@ def _compute_chunks(
     last_only: bool,
     batch_size: int,
     dtype: torch.dtype,
-    rows: range,
+    rows: Sequence[int],
     desc: str,
 ) -> Iterator[torch.Tensor]:
-    batches = range(rows.start, rows.stop, batch_size)
-    for start in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 4):
-        batch = encoded.subset(slice(start, min(start + batch_size, rows.stop)))
+    batches = torch.as_tensor(list(rows), dtype=torch.long).split(batch_size)
+    for index in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 4):
+        batch = encoded.subset(index)
         hidden = forward_hidden(loaded.model, batch, layer)
         if last_only:
             hidden = hidden[:, -1]
