@@ -8,6 +8,11 @@ compare test perplexities on IMDB test texts. Gap closure = (random − recovere
 Llama-3.2-3B on MS MARCO, k = 5000 of 20,000 NQ passages: SELECT 2.30, random 3.31,
 expert ≈ 2.0, closure ≈ 0.77).
 
+Ceiling (`--oracle-only`, after a run): each true training text in turn takes its most
+similar untaken corpus passage (all-MiniLM-L6-v2 cosine), and the base model is trained on
+those k passages like any selection. It reads the data a method must recover, so it is no
+method: it shows how far this corpus can stand in for the true texts at all.
+
 Cost: `lm_features.lm_features` without a cache (forward pass + exact terms + sketch)
 timed against the bare forward pass over the same documents, both the full model
 (`model(...)`, logits included: what scoring a document's LM loss costs) and the body
@@ -15,6 +20,7 @@ alone (`model.base_model(...)`, the final hidden states).
 
     python benchmarks/lm_recovery.py --quick   # imdb_200, wiki_passages_1000, k = 100
     python benchmarks/lm_recovery.py           # imdb_1000, wiki_passages_10000, k = 1000
+    python benchmarks/lm_recovery.py --oracle-only   # adds the ceiling row to that run's JSON
 
 Prints a markdown table; writes benchmarks/results/lm_recovery.json (atomically).
 """
@@ -27,16 +33,20 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig
-from weights2data.data import encode_lm
-from weights2data.experiment import format_table, run_experiment
+from weights2data.data import Split, encode_lm
+from weights2data.experiment import closure_table, format_table, run_experiment
 from weights2data.lm_features import lm_features
-from weights2data.pipeline import Workspace
-from weights2data.store import cache_dir, write_json
+from weights2data.metrics import SentenceEmbedder
+from weights2data.pipeline import Workspace, finetune_cached
+from weights2data.store import cache_dir, read_json, write_json
+from weights2data.train import Task, train_eval
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -73,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cost-only", action="store_true",
                    help="re-measure only the feature cost (same sizes) and update the cost block of an "
                    "existing --out file; the experiment's expert must be cached")
+    p.add_argument("--oracle-only", action="store_true",
+                   help="train on the k passages nearest the true texts (a ceiling, not a method) and add "
+                   "that row to an existing --out file; its expert must be cached")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="auto")
@@ -124,8 +137,26 @@ def cost(ws: Workspace, base_spec: str, expert_path: str, corpus: list[str], seq
     }
 
 
+def nearest_to_truth(truth: list[str], corpus: list[str], k: int) -> list[int]:
+    """Corpus rows: each true text in turn takes its most similar untaken passage, until k are taken."""
+    embedder = SentenceEmbedder()
+    ranked = np.argsort(-(embedder.embed(truth) @ embedder.embed(corpus).T), axis=1)  # (n_true, N)
+    next_rank = np.zeros(len(truth), dtype=int)
+    taken: set[int] = set()
+    picks: list[int] = []
+    while len(picks) < min(k, len(corpus)):
+        i = len(picks) % len(truth)
+        while int(ranked[i, next_rank[i]]) in taken:
+            next_rank[i] += 1
+        picks.append(int(ranked[i, next_rank[i]]))
+        taken.add(picks[-1])
+    return picks
+
+
 def markdown(results: dict) -> str:
     rows = {r["model"]: r for r in results["run"]["table"]}
+    if "oracle" in results:
+        rows["oracle: nearest to the true texts (a ceiling)"] = results["oracle"]["row"]
     lines = ["| model | test loss (honest) | perplexity (honest) | perplexity (best epoch) | closure loss | "
              "closure ppl |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -164,10 +195,28 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cache_dir(args.cache_dir)) / "bench-runs" / f"lm-{'quick' if args.quick else 'full'}"
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    if args.oracle_only:
+        results = read_json(args.out)
+        expert_data = ws.dataset(size["dataset"], data, ft.seed)
+        _, meta = finetune_cached(ws, MODEL, expert_data, data, ft)
+        task = Task.from_dict(meta["task"])
+        corpus = ws.corpus(size["corpus"], data, sel.k, sel.seed).texts  # as run_experiment takes it
+        picks = nearest_to_truth(expert_data.train.texts, corpus, size["k"])
+        test_ft = replace(ft, steps=None, epochs=1)  # as run_experiment trains every selection
+        score = train_eval(ws.model(MODEL), Split([corpus[i] for i in picks], None), expert_data.test,
+                           task, test_ft, ev, ws.cache)
+        scores = {name: results["run"]["scores"][name] for name in ("expert", "random")} | {"oracle": score}
+        results["oracle"] = {
+            "rule": "each true training text in turn takes its most similar untaken corpus passage "
+                    "(all-MiniLM-L6-v2 cosine)",
+            "row": closure_table(scores, task)[-1],
+            "score": score,
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        }
+        write_json(args.out, results)
+        print("\n" + markdown(results))
+        return 0
     if args.cost_only:
-        from weights2data.pipeline import finetune_cached
-        from weights2data.store import read_json
-
         results = read_json(args.out)
         expert_path, _ = finetune_cached(ws, MODEL, ws.dataset(size["dataset"], data, ft.seed), data, ft)
         n_timing = args.timing_docs or size["timing_docs"]
