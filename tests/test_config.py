@@ -14,7 +14,7 @@ from weights2data.errors import W2DError
 def test_defaults_are_valid_and_match_the_original() -> None:
     data, ft = DataConfig(), FinetuneConfig()
     assert (data.seq_len, data.verbalizer, data.task) == (32, "letters", "auto")
-    assert (ft.optimizer, ft.lr, ft.train_scope, ft.lm_loss) == ("adam", 2e-5, "full", "full")
+    assert (ft.optimizer, ft.lr, ft.train_scope, ft.lm_loss) == ("adam", None, "full", "full")
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
@@ -156,7 +156,10 @@ def test_toml_int_for_a_float_field_is_fine(tmp_path: Path) -> None:
     assert ft.lr == 1 and ft.steps == 5
 
 
-def test_learning_rate_defaults_follow_the_scope() -> None:
-    assert FinetuneConfig(train_scope="head").lr == 1e-3
-    assert FinetuneConfig(train_scope="top:2").lr == 1e-4
-    assert FinetuneConfig(train_scope="head", lr=0.5).lr == 0.5
+def test_learning_rate_defaults_follow_the_scope_and_task() -> None:
+    assert FinetuneConfig(train_scope="head").lr is None  # filled in once the task is known
+    assert FinetuneConfig(train_scope="head").for_task("classification").lr == 1e-3
+    assert FinetuneConfig(train_scope="head").for_task("lm").lr == 1e-4
+    assert FinetuneConfig(train_scope="top:2").for_task("classification").lr == 1e-4
+    assert FinetuneConfig().for_task("lm").lr == 2e-5
+    assert FinetuneConfig(train_scope="head", lr=0.5).for_task("lm").lr == 0.5

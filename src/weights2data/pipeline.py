@@ -93,6 +93,7 @@ def finetune_cached(
     """
     base = ws.model(base_spec)
     task = resolve_task(data, dataset, base, cfg.lm_loss)
+    cfg = cfg.for_task(task.kind)  # the key and the metadata record the learning rate used
     key = finetune_key(base, dataset, task, cfg)
     target = ws.cache / "finetuned" / key
     if (target / META_FILE).exists():

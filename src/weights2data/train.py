@@ -262,6 +262,7 @@ def finetune(
     loaded: LoadedModel, train: Split, task: Task, cfg: FinetuneConfig, cache_root: Path | None = None
 ) -> dict:
     """Finetune `loaded` in place on `train`; returns the training history."""
+    cfg = cfg.for_task(task.kind)
     torch.manual_seed(cfg.seed)
     scoped = ScopedModel(loaded, cfg.train_scope, task)
     data = prepare(scoped, train, cache_root)
@@ -319,6 +320,7 @@ def train_eval(
     test metric at the epoch with the best loss on a validation split held out of
     `train`, or at the last epoch when `train` is too small to hold one out).
     """
+    ft = ft.for_task(task.kind)
     torch.manual_seed(ft.seed)
     fit_split, val_split = hold_out(train, ev.val_fraction, ft.seed)
     scoped = ScopedModel(loaded, ft.train_scope, task)
