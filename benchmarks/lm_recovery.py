@@ -33,7 +33,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ import torch
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig
 from weights2data.data import Split, encode_lm
-from weights2data.experiment import closure_table, format_table, run_experiment
+from weights2data.experiment import closure_table, format_table, run_experiment, selection_training
 from weights2data.lm_features import lm_features
 from weights2data.metrics import SentenceEmbedder
 from weights2data.pipeline import Workspace, finetune_cached
@@ -202,9 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         task = Task.from_dict(meta["task"])
         corpus = ws.corpus(size["corpus"], data, sel.k, sel.seed).texts  # as run_experiment takes it
         picks = nearest_to_truth(expert_data.train.texts, corpus, size["k"])
-        test_ft = replace(ft, steps=None, epochs=1)  # as run_experiment trains every selection
         score = train_eval(ws.model(MODEL), Split([corpus[i] for i in picks], None), expert_data.test,
-                           task, test_ft, ev, ws.cache)
+                           task, selection_training(ft), ev, ws.cache)
         scores = {name: results["run"]["scores"][name] for name in ("expert", "random")} | {"oracle": score}
         results["oracle"] = {
             "rule": "each true training text in turn takes its most similar untaken corpus passage "

@@ -30,7 +30,7 @@ import torch
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, SelectConfig, parse_scope
 from weights2data.data import data_dir
-from weights2data.experiment import as_split, closure
+from weights2data.experiment import as_split, closure, selection_training
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
 from weights2data.recover import check_pair, corpus_gradients, recover
 from weights2data.store import cache_dir, write_json
@@ -127,7 +127,7 @@ def run_group(
         batch_size=args.batch_size,
         seed=seed,
     )
-    test_ft = replace(expert_ft, epochs=1)
+    test_ft = selection_training(expert_ft)
     ev = EvalConfig(
         max_eval_rows=args.max_eval_rows,
         eval_epochs=args.eval_epochs,

@@ -69,7 +69,7 @@ def run_experiment(
     }
     for name, recovery in recoveries.items():
         write_recovery(recovery, run_dir / f"selection-{name}")
-    test_ft = replace(expert_ft, optimizer=run.optimizer_test or expert_ft.optimizer, steps=None, epochs=1)
+    test_ft = selection_training(expert_ft, run.optimizer_test)
     training_sets = {"expert": expert_data.train} | {n: as_split(r) for n, r in recoveries.items()}
     scores = {}
     for name, split in training_sets.items():
@@ -98,6 +98,11 @@ def run_experiment(
     results["seconds"] = round(time.time() - started, 1)
     write_json(run_dir / "results.json", results)
     return results
+
+
+def selection_training(expert_ft: FinetuneConfig, optimizer: str | None = None) -> FinetuneConfig:
+    """How every compared model trains: the expert's settings, epoch by epoch (EvalConfig sets how many)."""
+    return replace(expert_ft, optimizer=optimizer or expert_ft.optimizer, steps=None, epochs=1)
 
 
 def as_split(recovery: Recovery) -> Split:

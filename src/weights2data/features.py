@@ -182,10 +182,10 @@ def hidden_chunks(
     if meta_path.exists() and read_json(meta_path) != key:
         raise W2DError(f"hidden-state cache {folder} does not match its key; delete the folder")
     write_json(meta_path, key)
-    digests = row_fingerprints(encoded)
-    if not (folder / "rows.npy").exists():
-        with atomic_path(folder / "rows.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, digests)
+    rows_path = folder / "rows.npy"
+    if not rows_path.exists():
+        with atomic_path(rows_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, row_fingerprints(encoded))
     cached: CachedRows | None = None  # other sets' rows, looked up once a chunk is missing
     for start in range(0, len(encoded), CHUNK_ROWS):
         path = folder / f"chunk_{start:09d}.safetensors"
@@ -195,6 +195,7 @@ def hidden_chunks(
         if cached is None:
             family = {name: value for name, value in key.items() if name not in ("inputs", "rows")}
             cached = CachedRows.scan(hidden_root, family, skip=folder)
+            digests = np.load(rows_path)
         rows = range(start, min(start + CHUNK_ROWS, len(encoded)))
         found, missing = cached.gather(digests[start : rows.stop])
         computed = _compute_chunks(
