@@ -12,6 +12,7 @@ epochs and the honest one (epoch chosen on a validation split of the training se
     python benchmarks/quality.py --datasets ag_news --scopes top:4 --ks 100,500,1000,2500   # k sweep
     python benchmarks/quality.py --datasets ag_news --scopes top:4 --projection-dims 0,512,1024,4096
     python benchmarks/quality.py --datasets ag_news --scopes top:4 --label-rules auto,random
+    python benchmarks/quality.py --datasets ag_news --scopes top:4 --grad-blocks 0,4   # head vs head + blocks
 
 Results go to benchmarks/results/quality.json (rewritten after every trained model, so an
 interrupted run keeps what it measured) and a markdown table on stdout.
@@ -63,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--strategies", default="greedy,greedy_batched,topk,topk_balanced,p_min")
     p.add_argument("--label-rules", default="auto")
     p.add_argument("--projection-dims", default="0")
+    p.add_argument("--grad-blocks", default="0", help="comma-separated: 0 = head gradients only, N = also "
+                   "the top N changed blocks, -1 = every changed block")
     p.add_argument("--seeds", default="0", help="each seed draws the expert's training rows and every "
                    "training run's order and initial state anew")
     p.add_argument("--corpus-seed", type=int, default=0, help="which NAME_N subset of the corpus; fixed "
@@ -164,11 +167,14 @@ def run_group(
 
     expert_row = score("expert", expert_data.train, {"k": len(expert_data.train)})
     for rule in csv(args.label_rules):
-        for dim in csv(args.projection_dims, int):
-            sel = SelectConfig(k=max(csv(args.ks, int)), labels=rule, projection_dim=dim, seed=seed)
+        variants = [(d, b) for d in csv(args.projection_dims, int) for b in csv(args.grad_blocks, int)]
+        for dim, blocks in variants:
+            sel = SelectConfig(
+                k=max(csv(args.ks, int)), labels=rule, projection_dim=dim, grad_blocks=blocks, seed=seed
+            )
             grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
             for k in csv(args.ks, int):
-                extra = {"k": k, "labels": rule, "projection_dim": dim}
+                extra = {"k": k, "labels": rule, "projection_dim": dim, "grad_blocks": blocks}
                 rand = score(
                     "random",
                     as_split(
@@ -198,12 +204,14 @@ def summarise(rows: list[dict]) -> list[dict]:
             row["k"] if row["train"] != "expert" else "-",
             row.get("labels", "-"),
             row.get("projection_dim", "-"),
+            row.get("grad_blocks", 0) if row["train"] != "expert" else "-",
             row["train"],
         )
         groups.setdefault(key, []).append(row)
     summary = []
     for key, members in groups.items():
-        entry = dict(zip(("dataset", "scope", "k", "labels", "projection_dim", "train"), key, strict=True))
+        names = ("dataset", "scope", "k", "labels", "projection_dim", "grad_blocks", "train")
+        entry = dict(zip(names, key, strict=True))
         entry["seeds"] = len(members)
         for figure in (
             "best_epoch_test",
@@ -221,9 +229,9 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     lines = [
-        "| dataset | scope | k | labels | proj | train | best-epoch acc | honest acc | closure best | "
-        "closure honest | seeds |",
-        "|" + "---|" * 11,
+        "| dataset | scope | k | labels | proj | blocks | train | best-epoch acc | honest acc | "
+        "closure best | closure honest | seeds |",
+        "|" + "---|" * 12,
     ]
 
     def fmt(entry: dict, key: str) -> str:
@@ -234,6 +242,7 @@ def markdown(summary: list[dict]) -> str:
     for e in summary:
         lines.append(
             f"| {e['dataset']} | {e['scope']} | {e['k']} | {e['labels']} | {e['projection_dim']} | "
+            f"{e['grad_blocks']} | "
             f"{e['train']} | {fmt(e, 'best_epoch_test')} | {fmt(e, 'val_selected_test')} | "
             f"{fmt(e, 'closure_best_epoch_test')} | {fmt(e, 'closure_val_selected_test')} | {e['seeds']} |"
         )

@@ -215,6 +215,13 @@ class SelectConfig:
         "dimensions, for parity with the original",
     )
     projection: str = opt("rademacher", "JL projection matrix: rademacher or normal")
+    grad_blocks: int = opt(
+        0,
+        "also take the gradients of the top N decoder blocks' linear layers (those the finetune "
+        "changed; exact target terms, Kronecker-sketched cross terms): 0 = the head only (the "
+        "original), -1 = every changed block; costs a backward pass through them per document",
+    )
+    block_sketch_dim: int = opt(256, "sketch dimension per linear layer for --grad-blocks")
     batch_reset: int = opt(32, "greedy_batched: the running sum restarts every this many picks")
     seed: int = opt(0, "seed for random labels, random selection and projections")
 
@@ -229,6 +236,14 @@ class SelectConfig:
             raise W2DError(f"k must be at least 1 (got {self.k})")
         if self.projection_dim < 0:
             raise W2DError("projection_dim must be 0 (exact) or positive")
+        if self.grad_blocks < -1:
+            raise W2DError(
+                f"grad_blocks must be 0 (head only), N > 0 or -1 (all changed blocks), got {self.grad_blocks}"
+            )
+        if self.grad_blocks and self.grad_at != "finetuned":
+            raise W2DError("--grad-blocks takes gradients at the finetuned weights: use --grad-at finetuned")
+        if self.block_sketch_dim < 1:
+            raise W2DError(f"block_sketch_dim must be positive (got {self.block_sketch_dim})")
 
 
 @dataclass

@@ -11,15 +11,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
+from weights2data.block_gradients import BatchLoss, block_features
 from weights2data.config import DataConfig, SelectConfig, to_dict
 from weights2data.data import Dataset, Encoded, LabelSet, encode_classification, make_label_set
 from weights2data.errors import W2DError
 from weights2data.features import final_hidden_from, hidden_states
 from weights2data.gradients import assign_labels, classification_features, jl_project, label_probs, label_rows
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
-from weights2data.selection import FactoredFeatures, select
+from weights2data.selection import FactoredFeatures, GradientFeatures, SummedFeatures, select
 from weights2data.store import atomic_path, write_json
+from weights2data.train import lm_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,18 @@ def lm_corpus_gradients(
         seed=cfg.seed,
         cache_root=cache_root,
     )
-    return CorpusGradients(out.features, None, out.losses, {**out.timings, "lm_loss": lm_loss}, kind="lm")
+    features, timings = out.features, {**out.timings, "lm_loss": lm_loss}
+    if cfg.grad_blocks:
+        head = finetuned.model.get_output_embeddings()
+
+        def batch_loss(final: torch.Tensor, batch: Encoded, _index: slice) -> torch.Tensor:
+            return lm_loss_sum(head(final), batch, lm_loss)[0]
+
+        features, block_timings = with_block_gradients(
+            features, base, finetuned, encoded, batch_loss, cfg, cache_root
+        )
+        timings |= block_timings
+    return CorpusGradients(features, None, out.losses, timings, kind="lm")
 
 
 def corpus_gradients(
@@ -178,8 +192,54 @@ def corpus_gradients(
     features = classification_features(hidden, rows, labelled.labels, cfg.grad_at)
     if cfg.projection_dim and isinstance(features, FactoredFeatures):
         features = jl_project(features, cfg.projection_dim, cfg.projection, cfg.seed)
-    timings = {"hidden_states_s": round(hidden_s, 2), "features_s": round(time.time() - started, 2)}
+    timings = {"hidden_states_s": round(hidden_s, 2)}
+    if cfg.grad_blocks:
+        rows_ft, labels = rows["finetuned"], labelled.labels
+
+        def batch_loss(final: torch.Tensor, _batch: Encoded, index: slice) -> torch.Tensor:
+            logits = F.linear(final[:, -1], rows_ft[0].to(final.device), _on(rows_ft[1], final.device))
+            return F.cross_entropy(logits, labels[index].to(final.device), reduction="sum")
+
+        features, block_timings = with_block_gradients(
+            features, base, finetuned, encoded, batch_loss, cfg, cache_root
+        )
+        timings |= block_timings
+    timings["features_s"] = round(time.time() - started, 2)
     return CorpusGradients(features, labelled.labels, labelled.losses, timings)
+
+
+def _on(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
+
+
+def with_block_gradients(
+    head: GradientFeatures,
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    encoded: Encoded,
+    batch_loss: BatchLoss,
+    cfg: SelectConfig,
+    cache_root: Path | None,
+) -> tuple[GradientFeatures, dict]:
+    """The head's gradients joined by those of the top changed blocks (--grad-blocks)."""
+    blocks = block_features(
+        base,
+        finetuned,
+        encoded,
+        batch_loss,
+        blocks=cfg.grad_blocks,
+        dim=cfg.block_sketch_dim,
+        projection=cfg.projection,
+        seed=cfg.seed,
+        cache_root=cache_root,
+    )
+    if blocks is None:
+        log.warning(
+            "--grad-blocks %d: the finetune changed no decoder block; using the head's gradients only",
+            cfg.grad_blocks,
+        )
+        return head, {"gradient_blocks": "none changed"}
+    return SummedFeatures([head, blocks.features]), {**blocks.timings, "block_layers": blocks.layers}
 
 
 def recover(

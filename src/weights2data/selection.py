@@ -117,6 +117,31 @@ class DenseFeatures:
         return (self.grads if rows is None else self.grads[rows]) @ total
 
 
+class SummedFeatures:
+    """Gradients over several parameter groups (e.g. the head and the top blocks), one group each.
+
+    A document's gradient is the concatenation of its parts, so every inner product, squared
+    norm and ‖Δ‖² is the sum of the parts'.
+    """
+
+    def __init__(self, parts: list) -> None:
+        if len({len(p) for p in parts}) != 1:
+            raise W2DError(f"feature parts disagree on the number of documents: {[len(p) for p in parts]}")
+        self.parts = parts
+        self.target_dots = sum(p.target_dots for p in parts)  # (N,)
+        self.sq_norms = sum(p.sq_norms for p in parts)  # (N,)
+        self.delta_sq_norm = sum(p.delta_sq_norm for p in parts)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def dots_with(self, j: int) -> Tensor:
+        return sum(p.dots_with(j) for p in self.parts)
+
+    def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
+        return sum(p.dots_with_sum(picks, rows) for p in self.parts)
+
+
 @dataclass
 class Selection:
     indices: Tensor  # (k,) int64, in pick order

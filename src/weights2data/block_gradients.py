@@ -1,0 +1,188 @@
+"""Per-example gradients of the decoder blocks a finetune changed, never materialised (DESIGN §3).
+
+A linear layer y_t = W x_t has, for one document, the loss gradient G = Σ_t δ_t x_tᵀ with
+δ_t = ∂loss/∂y_t: rank ≤ T, like the LM head's. So for each linear layer of the chosen
+blocks, with ΔW = W_base − W_finetuned:
+
+- ⟨G, ΔW⟩ = Σ_t δ_tᵀ (ΔW x_t) is exact for one extra forward-sized matmul;
+- ‖G‖² = Σ_{t,s} (δ_t·δ_s)(x_t·x_s) is exact from two T × T Grams;
+- cross terms ⟨G, G'⟩ come from a Kronecker-factored sketch R_outᵀ G R_in =
+  Σ_t (R_outᵀ δ_t)(x_tᵀ R_in), one per layer (the LoGra idea), unbiased like the head's.
+
+The blocks run from the cached input of the first chosen block, and one backward pass per
+batch gives every δ_t (the weights need no gradient: hooks read the activations' gradients).
+Norm weights are left out (0.03 % of a SmolLM2 block's parameters).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from weights2data.data import Encoded
+from weights2data.errors import W2DError
+from weights2data.features import hidden_chunks, run_top_layers
+from weights2data.lm_features import KroneckerSketch
+from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
+from weights2data.selection import DenseFeatures
+
+DEFAULT_LAYER_DIM = 256  # per linear layer: a 16 × 16 sketch
+
+# the summed loss of a batch of documents, from their final normed hidden states (B, T, d)
+BatchLoss = Callable[[Tensor, Encoded, slice], Tensor]
+
+
+def first_block(base: LoadedModel, finetuned: LoadedModel, blocks: int) -> int:
+    """Index of the first block whose gradients are taken: the top `blocks` that changed (-1: all)."""
+    if blocks == 0 or blocks < -1:
+        raise W2DError(f"blocks must be positive, or -1 for every changed block (got {blocks})")
+    if not hasattr(finetuned.model.base_model, "rotary_emb"):
+        raise W2DError("block gradients support Llama-family models; use head gradients for this model")
+    n_layers = len(decoder_layers(finetuned.model))
+    changed = first_changed_layer(base.model, finetuned.model)
+    return changed if blocks == -1 else max(n_layers - blocks, changed)
+
+
+@dataclass
+class LayerSketch:
+    """One linear layer: its weight change and the Kronecker sketch of its gradients."""
+
+    name: str
+    delta: Tensor  # (out, in) ΔW = W_base − W_finetuned
+    sketch: KroneckerSketch  # rows side: out, columns side: in
+
+
+def layer_sketches(
+    base: LoadedModel, finetuned: LoadedModel, start: int, dim: int, kind: str, seed: int, device
+) -> dict[str, LayerSketch]:
+    """A sketch per linear layer of blocks start.., each with its own random matrices."""
+    base_layers, tuned_layers = decoder_layers(base.model), decoder_layers(finetuned.model)
+    out = {}
+    for i in range(start, len(tuned_layers)):
+        base_modules = dict(base_layers[i].named_modules())
+        for name, module in tuned_layers[i].named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            delta = base_modules[name].weight.detach().to(device).float() - module.weight.detach().float()
+            sketch = KroneckerSketch(*delta.shape, dim=dim, seed=seed + 7919 * (len(out) + 1), kind=kind)
+            out[f"{i}.{name}"] = LayerSketch(f"{i}.{name}", delta, sketch.to(device))
+    return out
+
+
+@contextmanager
+def activation_taps(model: torch.nn.Module, start: int, names: set[str]):
+    """Record each named linear layer's input x (B, T, in) and output gradient δ (B, T, out)."""
+    inputs: dict[str, Tensor] = {}
+    grads: dict[str, Tensor] = {}
+    handles = []
+
+    def tap(name: str):
+        def hook(_module, args, output) -> None:
+            inputs[name] = args[0].detach()
+            output.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+
+        return hook
+
+    for i, layer in enumerate(decoder_layers(model)[start:], start):
+        for name, module in layer.named_modules():
+            if f"{i}.{name}" in names:
+                handles.append(module.register_forward_hook(tap(f"{i}.{name}")))
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)  # only activation gradients are needed
+    try:
+        yield inputs, grads
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def layer_terms(x: Tensor, delta_out: Tensor, layer: LayerSketch) -> tuple[Tensor, Tensor, Tensor]:
+    """(B,) ⟨G, ΔW⟩, (B,) ‖G‖² and (B, a·b) sketch of G = Σ_t δ_t x_tᵀ for a batch of documents."""
+    x, d = x.float(), delta_out.float()  # (B, T, in), (B, T, out); zero at padded positions
+    target = ((x @ layer.delta.T) * d).sum((1, 2))
+    sq_norm = ((d @ d.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum((1, 2))
+    sketched = torch.einsum("bta,btc->bac", d @ layer.sketch.r_e, x @ layer.sketch.r_h)
+    return target, sq_norm, sketched.reshape(x.shape[0], -1)
+
+
+@dataclass
+class BlockFeatures:
+    features: DenseFeatures  # sketched block gradients with exact ⟨g, Δ⟩ and ‖g‖²
+    start: int  # first block included
+    layers: int  # linear layers sketched
+    timings: dict
+
+
+def block_features(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    encoded: Encoded,
+    batch_loss: BatchLoss,
+    *,
+    blocks: int,
+    dim: int = DEFAULT_LAYER_DIM,
+    projection: str = "rademacher",
+    seed: int = 0,
+    cache_root: Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> BlockFeatures | None:
+    """Gradients at the finetuned weights of the linear layers of the top changed blocks.
+
+    None when the finetune changed no block (a head-only finetune). `batch_loss` gives the
+    summed loss of a batch from its final normed hidden states (B, T, d); documents must not
+    interact in it (each document's δ is then its own gradient).
+    """
+    start = first_block(base, finetuned, blocks)
+    n_layers = len(decoder_layers(finetuned.model))
+    if start >= n_layers:
+        return None
+    started = time.time()
+    device = next(finetuned.model.parameters()).device
+    layers = layer_sketches(base, finetuned, start, dim, projection, seed, device)
+    n_docs = len(encoded)
+    sketch = torch.empty(n_docs, dim * len(layers))
+    target_dots, sq_norms = torch.zeros(n_docs), torch.zeros(n_docs)
+    lower = hidden_chunks(
+        finetuned, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}"
+    )
+    bar = tqdm(
+        total=n_docs, desc=f"gradients of blocks {start}+", unit="doc", disable=not progress or n_docs < 256
+    )
+    done = 0
+    with activation_taps(finetuned.model, start, set(layers)) as (inputs, grads):
+        for chunk in lower:
+            for s in range(0, len(chunk), batch_size):
+                rows = slice(done + s, done + min(s + batch_size, len(chunk)))
+                batch = encoded.subset(rows)
+                h = chunk[s : s + batch_size].to(device).requires_grad_(True)
+                final = run_top_layers(finetuned.model, h, batch, start)
+                batch_loss(final, batch, rows).backward()
+                mask = batch.attention_mask.to(device, torch.float32)[:, :, None]  # (B, T, 1)
+                parts = []
+                for name, layer in layers.items():
+                    dot, sq, sk = layer_terms(inputs[name] * mask, grads[name] * mask, layer)
+                    target_dots[rows] += dot.cpu()
+                    sq_norms[rows] += sq.cpu()
+                    parts.append(sk)
+                sketch[rows] = torch.cat(parts, dim=1).cpu()
+            done += len(chunk)
+            bar.update(len(chunk))
+    bar.close()
+    delta = torch.cat([layer.sketch.matrix(layer.delta) for layer in layers.values()]).cpu()
+    features = DenseFeatures(sketch, delta, target_dots=target_dots, sq_norms=sq_norms)
+    features.delta_sq_norm = sum(float(layer.delta.double().square().sum()) for layer in layers.values())
+    timings = {
+        "block_gradients_s": round(time.time() - started, 2),
+        "gradient_blocks": f"{start}-{n_layers - 1}",
+    }
+    return BlockFeatures(features, start, len(layers), timings)
