@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategies", default="greedy,topk,p_min")
     p.add_argument("--lm-loss", default="full", choices=("full", "last"))
     p.add_argument("--projection-dim", type=int, default=4096)
+    p.add_argument("--grad-blocks", type=int, default=0,
+                   help="also the gradients of the top N changed blocks (-1: all); 0: the head only")
     p.add_argument("--timing-docs", type=int, default=None, help="documents for the cost measurement")
     p.add_argument("--dataset", default=None, help="override the expert's dataset (e.g. imdb_500)")
     p.add_argument("--corpus", default=None, help="override the corpus (e.g. wiki_passages_3000)")
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ft = FinetuneConfig(train_scope=args.scope, lr=args.lr, epochs=args.epochs, batch_size=16,
                         lm_loss=args.lm_loss)
     ev = EvalConfig(max_eval_rows=args.eval_rows, eval_epochs=args.eval_epochs, patience=args.eval_epochs)
-    sel = SelectConfig(k=size["k"], projection_dim=args.projection_dim)
+    sel = SelectConfig(k=size["k"], projection_dim=args.projection_dim, grad_blocks=args.grad_blocks)
     run_cfg = RunConfig(base=MODEL, corpus=size["corpus"], strategies=args.strategies, skip_similarity=True)
     run_dir = Path(cache_dir(args.cache_dir)) / "bench-runs" / f"lm-{'quick' if args.quick else 'full'}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "k": size["k"],
         "lm_loss": args.lm_loss,
         "projection_dim": args.projection_dim,
+        "grad_blocks": args.grad_blocks,
         "lr": args.lr,
         "paper": PAPER,
         "run": {key: run[key] for key in ("table", "scores", "selections", "seconds", "metric", "task")},

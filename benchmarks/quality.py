@@ -144,11 +144,18 @@ def run_group(
     base, expert = ws.model(args.model), ws.model(str(path))
     check_pair(base, expert)
 
+    trained: dict[tuple, dict] = {}  # the same training set (e.g. random across variants) trains once
+
     def score(name: str, split, extra: dict) -> dict:
         if time.time() - started > args.time_budget:
             raise Budget
         t0 = time.time()
-        result = train_eval(ws.model(args.model), split, expert_data.test, task, test_ft, ev, ws.cache)
+        labels = () if split.labels is None else tuple(split.labels.tolist())
+        key = (tuple(split.texts), labels)
+        if key not in trained:
+            base_model = ws.model(args.model)
+            trained[key] = train_eval(base_model, split, expert_data.test, task, test_ft, ev, ws.cache)
+        result = trained[key]
         row = {
             "dataset": dataset,
             "scope": scope,
