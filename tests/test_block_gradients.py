@@ -250,3 +250,22 @@ def test_grad_blocks_config_errors() -> None:
         SelectConfig(grad_blocks=-3)
     with pytest.raises(W2DError, match="block_sketch_dim"):
         SelectConfig(grad_blocks=1, block_sketch_dim=0)
+
+
+def test_cli_select_with_grad_blocks(cli_env, capsys) -> None:
+    import json
+
+    from weights2data.cli import main
+
+    finetune = ["finetune", "--model", "tiny-test", "--dataset", "ag_news_32", "--train-scope", "top:1",
+                "--lr", "1e-2", "--results-dir", "runs", "--exp-name", "ft"]  # fmt: skip
+    assert main(finetune) == 0
+    select = ["select", "--base", "tiny-test", "--finetuned", "runs/ft/model", "--corpus", "wiki_passages_60",
+              "-k", "8", "--results-dir", "runs"]  # fmt: skip
+    assert main([*select, "--grad-blocks", "-1", "--exp-name", "sel"]) == 0
+    summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
+    assert summary["gradient_blocks"] == "1-1" and summary["block_layers"] == 7
+    assert summary["config"]["grad_blocks"] == -1 and sum(summary["label_distribution"].values()) == 8
+    assert main([*select, "--grad-blocks", "2", "--grad-at", "both", "--exp-name", "bad"]) == 2
+    assert "--grad-at finetuned" in capsys.readouterr().err
+    assert not (cli_env / "runs" / "bad").exists()
