@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(abspath ../shared/data)
 export W2D_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: install demo test lint bench-quick clean
+.PHONY: install demo test lint clean
 
 $(BIN)/w2d: pyproject.toml
 	$(PY) -m venv $(VENV)
