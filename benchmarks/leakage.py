@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from quality import csv  # the sibling script (benchmarks/ is on the path when run as a script)
 from weights2data.config import DEFAULT_LR, DataConfig, FinetuneConfig, SelectConfig, parse_scope
 from weights2data.data import data_dir
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
@@ -55,10 +56,6 @@ def parse_args() -> argparse.Namespace:
         for key, value in QUICK.items():
             setattr(args, key, value)
     return args
-
-
-def csv(text: str, kind: type = str) -> list:
-    return [kind(x) for x in str(text).split(",") if x.strip()]
 
 
 def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, out: dict) -> None:
