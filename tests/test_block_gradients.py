@@ -163,7 +163,8 @@ def test_lm_exact_terms_match_autograd(pair) -> None:
     def loss_of(model, final, row, _index):
         return lm_loss_sum(model.lm_head(final), row, "full")[0]
 
-    out = block_features(base, finetuned, encoded, loss, blocks=1, batch_size=4, progress=False)
+    with torch.no_grad():  # a caller's no_grad does not stop the backward pass it needs
+        out = block_features(base, finetuned, encoded, loss, blocks=1, batch_size=4, progress=False)
     dense = autograd_block_grads(finetuned, encoded, loss_of, out.start)
     delta = block_delta(base, finetuned, out.start)
     assert_exact(out.features, dense, delta)

@@ -60,7 +60,13 @@ class LayerSketch:
 
 
 def layer_sketches(
-    base: LoadedModel, finetuned: LoadedModel, start: int, dim: int, kind: str, seed: int, device
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    start: int,
+    dim: int,
+    kind: str,
+    seed: int,
+    device: torch.device | str,
 ) -> dict[str, LayerSketch]:
     """A sketch per linear layer of blocks start.., each with its own random matrices."""
     base_layers, tuned_layers = decoder_layers(base.model), decoder_layers(finetuned.model)
@@ -159,7 +165,7 @@ def block_features(
         total=n_docs, desc=f"gradients of blocks {start}+", unit="doc", disable=not progress or n_docs < 256
     )
     done = 0
-    with activation_taps(finetuned.model, start, set(layers)) as (inputs, grads):
+    with activation_taps(finetuned.model, start, set(layers)) as (inputs, grads), torch.enable_grad():
         for chunk in lower:
             for s in range(0, len(chunk), batch_size):
                 rows = slice(done + s, done + min(s + batch_size, len(chunk)))
