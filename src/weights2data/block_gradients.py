@@ -54,7 +54,6 @@ def first_block(base: LoadedModel, finetuned: LoadedModel, blocks: int) -> int:
 class LayerSketch:
     """One linear layer: its weight change and the Kronecker sketch of its gradients."""
 
-    name: str
     delta: Tensor  # (out, in) ΔW = W_base − W_finetuned
     sketch: KroneckerSketch  # rows side: out, columns side: in
 
@@ -68,7 +67,7 @@ def layer_sketches(
     seed: int,
     device: torch.device | str,
 ) -> dict[str, LayerSketch]:
-    """A sketch per linear layer of blocks start.., each with its own random matrices."""
+    """A sketch per linear layer of blocks start.., keyed "block.module", each with its own matrices."""
     base_layers, tuned_layers = decoder_layers(base.model), decoder_layers(finetuned.model)
     out = {}
     for i in range(start, len(tuned_layers)):
@@ -78,7 +77,7 @@ def layer_sketches(
                 continue
             delta = base_modules[name].weight.detach().to(device).float() - module.weight.detach().float()
             sketch = KroneckerSketch(*delta.shape, dim=dim, seed=seed + 7919 * (len(out) + 1), kind=kind)
-            out[f"{i}.{name}"] = LayerSketch(f"{i}.{name}", delta, sketch.to(device))
+            out[f"{i}.{name}"] = LayerSketch(delta, sketch.to(device))
     return out
 
 
