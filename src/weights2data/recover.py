@@ -194,11 +194,12 @@ def corpus_gradients(
         features = jl_project(features, cfg.projection_dim, cfg.projection, cfg.seed)
     timings = {"hidden_states_s": round(hidden_s, 2)}
     if cfg.grad_blocks:
-        rows_ft, labels = rows["finetuned"], labelled.labels
+        device = next(finetuned.model.parameters()).device  # moved there once, not per batch
+        weight, bias = (None if x is None else x.to(device) for x in rows["finetuned"])
+        labels = labelled.labels.to(device)
 
         def batch_loss(final: torch.Tensor, _batch: Encoded, index: slice) -> torch.Tensor:
-            logits = F.linear(final[:, -1], rows_ft[0].to(final.device), _on(rows_ft[1], final.device))
-            return F.cross_entropy(logits, labels[index].to(final.device), reduction="sum")
+            return F.cross_entropy(F.linear(final[:, -1], weight, bias), labels[index], reduction="sum")
 
         features, block_timings = with_block_gradients(
             features, base, finetuned, encoded, batch_loss, cfg, cache_root
@@ -206,10 +207,6 @@ def corpus_gradients(
         timings |= block_timings
     timings["features_s"] = round(time.time() - started, 2)
     return CorpusGradients(features, labelled.labels, labelled.losses, timings)
-
-
-def _on(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if x is None else x.to(device)
 
 
 def with_block_gradients(
