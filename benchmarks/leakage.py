@@ -8,6 +8,11 @@ the training data, e.g. head gradients against head + block gradients in a top:4
 
     python benchmarks/leakage.py --quick
     python benchmarks/leakage.py --datasets ag_news --scope top:4 --grad-blocks 0,4 --seeds 0,1,2
+    python benchmarks/leakage.py --task lm --datasets imdb --scope top:4 --grad-blocks 0,4
+
+With --task lm the expert is finetuned with next-token loss on the dataset's texts, as in
+benchmarks/lm_recovery.py (32 tokens, lr 1e-4, 2 epochs, batch 16: the same cached expert), and
+the documents are scored by its sketched LM-head gradients; topk_balanced (labels) is skipped.
 
 Writes benchmarks/results/leakage.json (after every group, atomically) and prints a markdown table.
 """
@@ -23,21 +28,31 @@ import time
 import torch
 
 from quality import csv  # the sibling script (benchmarks/ is on the path when run as a script)
-from weights2data.config import DEFAULT_LR, DataConfig, FinetuneConfig, SelectConfig, parse_scope
+from weights2data.config import (
+    DEFAULT_LM_LR,
+    DEFAULT_LR,
+    DataConfig,
+    FinetuneConfig,
+    SelectConfig,
+    parse_scope,
+)
 from weights2data.data import data_dir
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
-from weights2data.recover import check_pair, corpus_gradients, recover
+from weights2data.recover import check_pair, corpus_gradients, lm_corpus_gradients, recover
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task
 
 QUICK = dict(datasets="ag_news", train_rows=100, corpus="wiki_passages_1000", scope="top:2", ks="50",
              grad_blocks="0,2", seeds="0", expert_epochs=2)  # fmt: skip
+LM_EXPERT = dict(lr=DEFAULT_LM_LR, expert_epochs=2, batch_size=16)  # lm_recovery.py's expert
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="classification", choices=("classification", "lm"),
+                   help="lm: a next-token expert on the dataset's texts (labels unused)")
     p.add_argument("--datasets", default="ag_news")
     p.add_argument("--train-rows", type=int, default=1000)
     p.add_argument("--corpus", default="wiki_passages_10000", help="the documents the true rows hide among")
@@ -46,8 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ks", default="100,1000")
     p.add_argument("--strategies", default="greedy,topk,topk_balanced,p_min,random")
     p.add_argument("--seeds", default="0", help="each seed draws the expert's training rows anew")
-    p.add_argument("--expert-epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--expert-epochs", type=int, default=None, help="default: 3 (classification), 2 (lm)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 (classification), 16 (lm)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="benchmarks/results/leakage.json")
@@ -55,16 +70,22 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    lm = args.task == "lm"
+    args.expert_epochs = args.expert_epochs or (LM_EXPERT["expert_epochs"] if lm else 3)
+    args.batch_size = args.batch_size or (LM_EXPERT["batch_size"] if lm else 32)
+    if lm:
+        args.strategies = ",".join(s for s in csv(args.strategies) if s != "topk_balanced")
     return args
 
 
 def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, out: dict) -> None:
     """One expert; its true rows planted in the corpus; every gradient set, strategy and k."""
-    data = DataConfig(dataset=f"{dataset}_{args.train_rows}")
+    lm = args.task == "lm"
+    data = DataConfig(dataset=f"{dataset}_{args.train_rows}", task=args.task)  # 32 tokens, both tasks
     kind, _ = parse_scope(args.scope)
     expert_ft = FinetuneConfig(
         train_scope=args.scope,
-        lr=DEFAULT_LR[kind],
+        lr=(LM_EXPERT["lr"] if lm else DEFAULT_LR)[kind],
         epochs=args.expert_epochs,
         batch_size=args.batch_size,
         seed=seed,
@@ -79,14 +100,18 @@ def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, ou
     for blocks in csv(args.grad_blocks, int):
         sel = SelectConfig(k=max(csv(args.ks, int)), grad_blocks=blocks, seed=seed)
         started = time.time()
-        grads = corpus_gradients(base, expert, texts, task.label_set, data, sel, ws.cache)
+        if lm:
+            grads = lm_corpus_gradients(base, expert, texts, task.seq_len, task.lm_loss, sel, ws.cache)
+        else:
+            grads = corpus_gradients(base, expert, texts, task.label_set, data, sel, ws.cache)
         features_s = round(time.time() - started, 1)
         for strategy in csv(args.strategies):
             for k in csv(args.ks, int):
                 pick = SelectConfig(k=k, grad_blocks=blocks, seed=seed)
                 picked = recover(grads, texts, task.label_set, pick, strategy, progress=False).rows
                 row = {
-                    "dataset": dataset, "scope": args.scope, "seed": seed, "grad_blocks": blocks,
+                    "dataset": dataset, "task": args.task, "scope": args.scope, "seed": seed,
+                    "grad_blocks": blocks,
                     "strategy": strategy, "k": k, "leaked": float((picked < len(true_texts)).float().mean()),
                     "chance": len(true_texts) / len(texts), "features_s": features_s,
                 }  # fmt: skip
