@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ev = EvalConfig(max_eval_rows=args.eval_rows, eval_epochs=args.eval_epochs, patience=args.eval_epochs)
     sel = SelectConfig(k=size["k"], projection_dim=args.projection_dim, grad_blocks=args.grad_blocks)
     run_cfg = RunConfig(base=MODEL, corpus=size["corpus"], strategies=args.strategies, skip_similarity=True)
-    run_name = f"lm-{'quick' if args.quick else 'full'}-{size['dataset']}-{args.scope.replace(':', '')}"
-    run_dir = Path(cache_dir(args.cache_dir)) / "bench-runs" / run_name
+    run_name = "-".join(["lm", size["dataset"], size["corpus"], args.scope])
+    run_dir = Path(cache_dir(args.cache_dir)) / "bench-runs" / run_name.replace(" ", "+").replace(":", "")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if args.oracle_only:
