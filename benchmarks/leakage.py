@@ -111,8 +111,8 @@ def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, ou
                 picked = recover(grads, texts, task.label_set, pick, strategy, progress=False).rows
                 row = {
                     "dataset": dataset, "task": args.task, "scope": args.scope, "seed": seed,
-                    "grad_blocks": blocks,
-                    "strategy": strategy, "k": k, "leaked": float((picked < len(true_texts)).float().mean()),
+                    "grad_blocks": blocks, "strategy": strategy, "k": k,
+                    "leaked": float((picked < len(true_texts)).float().mean()),
                     "chance": len(true_texts) / len(texts), "features_s": features_s,
                 }  # fmt: skip
                 out["rows"].append(row)
