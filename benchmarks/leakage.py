@@ -38,7 +38,7 @@ from weights2data.config import (
 )
 from weights2data.data import data_dir
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
-from weights2data.recover import check_pair, corpus_gradients, lm_corpus_gradients, recover
+from weights2data.recover import check_pair, recover, task_gradients
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task
 
@@ -100,10 +100,7 @@ def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, ou
     for blocks in csv(args.grad_blocks, int):
         sel = SelectConfig(k=max(csv(args.ks, int)), grad_blocks=blocks, seed=seed)
         started = time.time()
-        if lm:
-            grads = lm_corpus_gradients(base, expert, texts, task.seq_len, task.lm_loss, sel, ws.cache)
-        else:
-            grads = corpus_gradients(base, expert, texts, task.label_set, data, sel, ws.cache)
+        grads = task_gradients(base, expert, texts, task, data, sel, ws.cache)
         features_s = round(time.time() - started, 1)
         for strategy in csv(args.strategies):
             for k in csv(args.ks, int):

@@ -21,9 +21,8 @@ from weights2data.pipeline import Workspace, finetune_cached
 from weights2data.recover import (
     Recovery,
     check_pair,
-    corpus_gradients,
-    lm_corpus_gradients,
     recover,
+    task_gradients,
     write_recovery,
 )
 from weights2data.store import write_json
@@ -53,15 +52,12 @@ def run_experiment(
     task = Task.from_dict(meta["task"])
     base, expert = ws.model(run.base), ws.model(str(expert_path))
     check_pair(base, expert)
-    if task.kind == "lm":
-        if "topk_balanced" in run.strategy_list:
-            raise W2DError(
-                "topk_balanced balances labels, and a language-modelling selection has none: "
-                "use topk (or greedy)"
-            )
-        grads = lm_corpus_gradients(base, expert, corpus.texts, task.seq_len, task.lm_loss, sel, ws.cache)
-    else:
-        grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
+    if task.kind == "lm" and "topk_balanced" in run.strategy_list:
+        raise W2DError(
+            "topk_balanced balances labels, and a language-modelling selection has none: "
+            "use topk (or greedy)"
+        )
+    grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)
     del base, expert
     recoveries = {
         name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))

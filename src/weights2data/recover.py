@@ -22,7 +22,7 @@ from weights2data.gradients import assign_labels, classification_features, jl_pr
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.selection import FactoredFeatures, GradientFeatures, SummedFeatures, select
 from weights2data.store import atomic_path, write_json
-from weights2data.train import lm_loss_sum
+from weights2data.train import Task, lm_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,21 @@ def corpus_gradients(
         timings |= block_timings
     timings["features_s"] = round(time.time() - started, 2)
     return CorpusGradients(features, labelled.labels, labelled.losses, timings)
+
+
+def task_gradients(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    texts: list[str],
+    task: Task,
+    data: DataConfig,
+    cfg: SelectConfig,
+    cache_root: Path | None,
+) -> CorpusGradients:
+    """The corpus gradients of the task the expert was finetuned for: LM or classification."""
+    if task.kind == "lm":
+        return lm_corpus_gradients(base, finetuned, texts, task.seq_len, task.lm_loss, cfg, cache_root)
+    return corpus_gradients(base, finetuned, texts, task.label_set, data, cfg, cache_root)
 
 
 def with_block_gradients(
