@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from weights2data import lm_features as lm_features_module
 from weights2data.data import encode_lm
 from weights2data.errors import W2DError
 from weights2data.features import forward_hidden, hidden_chunks, hidden_states
@@ -207,6 +208,28 @@ def test_float16_cache_streams_chunks_and_resumes(pair, tmp_path, monkeypatch) -
     direct = lm_features(base, finetuned, encoded, dtype=torch.float32, progress=False)
     torch.testing.assert_close(again.features.target_dots, direct.features.target_dots, rtol=2e-2, atol=1e-3)
     assert again.timings["sketch"] == "64x64"
+
+
+def test_lm_features_are_cached_and_reused_without_the_model(pair, tmp_path, monkeypatch) -> None:
+    base, finetuned = pair
+    encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
+    kw = dict(dim=256, seed=2, cache_root=tmp_path, dtype=torch.float32, progress=False)
+    first = lm_features(base, finetuned, encoded, **kw)
+    assert len(list((tmp_path / "lm-features").glob("*.safetensors"))) == 1
+
+    def no_forward(*_args, **_kwargs):
+        raise AssertionError("the model ran again")
+
+    monkeypatch.setattr(lm_features_module, "hidden_chunks", no_forward)
+    again = lm_features(base, finetuned, encoded, **kw)
+    assert again.timings["cached"] is True
+    for name in ("grads", "delta", "target_dots", "sq_norms"):
+        torch.testing.assert_close(getattr(again.features, name), getattr(first.features, name))
+    assert again.features.delta_sq_norm == first.features.delta_sq_norm
+    torch.testing.assert_close(again.losses, first.losses, equal_nan=True)
+    assert torch.equal(again.tokens, first.tokens)
+    with pytest.raises(AssertionError, match="ran again"):  # another sketch seed is another key
+        lm_features(base, finetuned, encoded, **{**kw, "seed": 3})
 
 
 def test_every_strategy_runs_in_lm_mode(pair) -> None:

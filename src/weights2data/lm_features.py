@@ -18,6 +18,7 @@ are consumed chunk by chunk: what stays in memory is the (N, a·b) sketch and th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -26,23 +27,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from weights2data.data import Encoded, scored_positions
 from weights2data.errors import W2DError
-from weights2data.features import hidden_chunks
+from weights2data.features import encoded_fingerprint, hidden_chunks
 from weights2data.models import LoadedModel
 from weights2data.selection import DenseFeatures
+from weights2data.store import atomic_path, stable_hash
 
 log = logging.getLogger(__name__)
 
 GRAD_AT = ("finetuned", "base", "both")
 PROJECTIONS = ("rademacher", "normal")
 DEFAULT_DIM = 4096
-
-
-# ---------------------------------------------------------------- scored positions
 
 
 # ---------------------------------------------------------------- the Kronecker sketch
@@ -254,10 +255,76 @@ def lm_features(
 
     `encoded` comes from data.encode_lm (right-padded). Gradients are taken at the finetuned
     weights (or `base`, or `both`: the sum of the two), Δ = W_head(base) − W_head(finetuned).
+    With `cache_root`, the result is stored under it keyed by both models' weights, the inputs
+    and the sketch: the vocabulary-sized head pass over a corpus runs once, like its forward pass.
     """
     if grad_at not in GRAD_AT:
         raise W2DError(f"unknown --grad-at '{grad_at}': choose from {', '.join(GRAD_AT)}")
     scored_positions(encoded.attention_mask[:1], lm_loss)  # validates the mode
+    settings = dict(
+        lm_loss=lm_loss, grad_at=grad_at, dim=dim, projection=projection, seed=seed, factors=factors
+    )
+    if cache_root is None:
+        return _lm_features(base, finetuned, encoded, settings, None, dtype, batch_size, progress)
+    key = {
+        "base": base.fingerprint,
+        "finetuned": finetuned.fingerprint,
+        "inputs": encoded_fingerprint(encoded),
+        "dtype": str(dtype),
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+    }
+    path = Path(cache_root) / "lm-features" / f"{stable_hash(key, 20)}.safetensors"
+    if path.exists():
+        log.info("reusing the LM head gradients in %s", path)
+        return _load(path, key)
+    out = _lm_features(base, finetuned, encoded, settings, cache_root, dtype, batch_size, progress)
+    _save(out, path, key)
+    return out
+
+
+def _save(out: LMFeatures, path: Path, key: dict) -> None:
+    f = out.features
+    tensors = {
+        "grads": f.grads,
+        "delta": f.delta,
+        "target_dots": f.target_dots,
+        "sq_norms": f.sq_norms,
+        "losses": out.losses,
+        "tokens": out.tokens,
+    }
+    meta = {
+        "key": json.dumps(key),
+        "delta_sq_norm": repr(f.delta_sq_norm),
+        "timings": json.dumps(out.timings),
+    }
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def _load(path: Path, key: dict) -> LMFeatures:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        if json.loads(meta["key"]) != key:
+            raise W2DError(f"LM feature cache {path} does not match its key; delete the file")
+        t = {name: f.get_tensor(name) for name in f.keys()}
+    features = DenseFeatures(t["grads"], t["delta"], target_dots=t["target_dots"], sq_norms=t["sq_norms"])
+    features.delta_sq_norm = float(meta["delta_sq_norm"])
+    timings = {**json.loads(meta["timings"]), "cached": True}
+    return LMFeatures(features, t["losses"], t["tokens"], timings)
+
+
+def _lm_features(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    encoded: Encoded,
+    settings: dict,
+    cache_root: Path | None,
+    dtype: torch.dtype,
+    batch_size: int,
+    progress: bool,
+) -> LMFeatures:
+    lm_loss, grad_at, dim = settings["lm_loss"], settings["grad_at"], settings["dim"]
+    projection, seed, factors = settings["projection"], settings["seed"], settings["factors"]
     started = time.time()
     device = next(finetuned.model.parameters()).device
     delta = head_delta(base, finetuned).to(device)
