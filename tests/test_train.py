@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from weights2data import pipeline
+from weights2data import train as train_module
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig
 from weights2data.data import Split, encode_lm, load_dataset, make_label_set
 from weights2data.errors import W2DError
@@ -313,6 +315,25 @@ def test_train_eval_reports_both_figures(tiny, data_dir: Path, cache: Path) -> N
     assert result["val_selected_epoch"] == int(np.argmin(val_losses)) + 1
     assert result["val_selected_test"] == tests[result["val_selected_epoch"] - 1]
     assert result["honest_rule"] == "best validation loss"
+
+
+def test_train_eval_reuses_the_scores_of_an_identical_run(
+    tiny, data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    ds = load_dataset("ag_news_40", data_dir=data_dir)
+    ft = FinetuneConfig(train_scope="head", lr=1e-2, batch_size=16)
+    ev = EvalConfig(max_eval_rows=20, eval_epochs=2, patience=2)
+    trained, fresh = (LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny") for _ in range(2))
+    first = train_eval(trained, ds.train, ds.test, cls_task(tiny), ft, ev, cache_root=tmp_path)
+    assert len(list((tmp_path / "train-eval").glob("*.json"))) == 1
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(train_module, "_train_eval", no_training)
+    assert train_eval(fresh, ds.train, ds.test, cls_task(tiny), ft, ev, cache_root=tmp_path) == first
+    with pytest.raises(AssertionError, match="trained again"):  # another seed is another run
+        train_eval(fresh, ds.train, ds.test, cls_task(tiny), replace(ft, seed=1), ev, cache_root=tmp_path)
 
 
 # ---------------------------------------------------------------- tasks

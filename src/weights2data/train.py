@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from weights2data.data import (
 from weights2data.errors import W2DError
 from weights2data.features import hidden_states, run_top_layers
 from weights2data.models import LoadedModel, decoder_layers, untie_head
+from weights2data.store import hash_texts, read_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,48 @@ def train_eval(
     `train`, or at the last epoch when `train` is too small to hold one out).
     """
     ft = ft.for_task(task.kind)
+    saved = None if cache_root is None else _train_eval_path(cache_root, loaded, train, test, task, ft, ev)
+    if saved is not None and saved.exists():
+        log.info("reusing the scores of an identical training run: %s", saved)
+        return read_json(saved)
+    result = _train_eval(loaded, train, test, task, ft, ev, cache_root)
+    if saved is not None:
+        write_json(saved, result)
+    return result
+
+
+def _train_eval_path(
+    cache_root: Path,
+    loaded: LoadedModel,
+    train: Split,
+    test: Split,
+    task: Task,
+    ft: FinetuneConfig,
+    ev: EvalConfig,
+) -> Path:
+    """Where the scores of this exact run are kept: same weights, rows, task, settings and device kind."""
+    key = {
+        "model": loaded.fingerprint,
+        "train": hash_texts(train.texts, train.labels),
+        "test": hash_texts(test.texts, test.labels),
+        "task": task.to_dict(),
+        "finetune": asdict(ft),
+        "eval": asdict(ev),
+        "device": next(loaded.model.parameters()).device.type,
+        "torch": torch.__version__,
+    }
+    return Path(cache_root) / "train-eval" / f"{stable_hash(key, 20)}.json"
+
+
+def _train_eval(
+    loaded: LoadedModel,
+    train: Split,
+    test: Split,
+    task: Task,
+    ft: FinetuneConfig,
+    ev: EvalConfig,
+    cache_root: Path | None,
+) -> dict:
     torch.manual_seed(ft.seed)
     fit_split, val_split = hold_out(train, ev.val_fraction, ft.seed)
     scoped = ScopedModel(loaded, ft.train_scope, task)
