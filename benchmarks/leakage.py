@@ -51,8 +51,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", default="classification", choices=("classification", "lm"),
-                   help="lm: a next-token expert on the dataset's texts (labels unused)")
+    p.add_argument(
+        "--task",
+        default="classification",
+        choices=("classification", "lm"),
+        help="lm: a next-token expert on the dataset's texts (labels unused)",
+    )
     p.add_argument("--datasets", default="ag_news")
     p.add_argument("--train-rows", type=int, default=1000)
     p.add_argument("--corpus", default="wiki_passages_10000", help="the documents the true rows hide among")

@@ -75,18 +75,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategies", default="greedy,topk,p_min")
     p.add_argument("--lm-loss", default="full", choices=("full", "last"))
     p.add_argument("--projection-dim", type=int, default=4096)
-    p.add_argument("--grad-blocks", type=int, default=0,
-                   help="also the gradients of the top N changed blocks (-1: all); 0: the head only")
+    p.add_argument(
+        "--grad-blocks",
+        type=int,
+        default=0,
+        help="also the gradients of the top N changed blocks (-1: all); 0: the head only",
+    )
     p.add_argument("--timing-docs", type=int, default=None, help="documents for the cost measurement")
     p.add_argument("--dataset", default=None, help="override the expert's dataset (e.g. imdb_500)")
     p.add_argument("--corpus", default=None, help="override the corpus (e.g. wiki_passages_3000)")
     p.add_argument("-k", type=int, default=None, help="override k")
-    p.add_argument("--cost-only", action="store_true",
-                   help="re-measure only the feature cost (same sizes) and update the cost block of an "
-                   "existing --out file; the experiment's expert must be cached")
-    p.add_argument("--oracle-only", action="store_true",
-                   help="train on the k passages nearest the true texts (a ceiling, not a method) and add "
-                   "that row to an existing --out file; its expert must be cached")
+    p.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="re-measure only the feature cost (same sizes) and update the cost block of an "
+        "existing --out file; the experiment's expert must be cached",
+    )
+    p.add_argument(
+        "--oracle-only",
+        action="store_true",
+        help="train on the k passages nearest the true texts (a ceiling, not a method) and add "
+        "that row to an existing --out file; its expert must be cached",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="auto")
@@ -99,15 +109,19 @@ def time_forward(model: torch.nn.Module, encoded, body_only: bool, batch: int = 
     start = time.perf_counter()
     for s in range(0, len(encoded), batch):
         b = encoded.subset(slice(s, s + batch))
-        kwargs = {"input_ids": b.input_ids.to(device), "attention_mask": b.attention_mask.to(device),
-                  "position_ids": b.position_ids.to(device)}
+        kwargs = {
+            "input_ids": b.input_ids.to(device),
+            "attention_mask": b.attention_mask.to(device),
+            "position_ids": b.position_ids.to(device),
+        }
         out = model.base_model(**kwargs).last_hidden_state if body_only else model(**kwargs).logits
         float(out[0, 0, 0])  # synchronise
     return time.perf_counter() - start
 
 
-def cost(ws: Workspace, base_spec: str, expert_path: str, corpus: list[str], seq_len: int, lm_loss: str,
-         dim: int) -> dict:
+def cost(
+    ws: Workspace, base_spec: str, expert_path: str, corpus: list[str], seq_len: int, lm_loss: str, dim: int
+) -> dict:
     """Feature time over forward time on the same documents (no cache: the forward pass is in both)."""
     base, expert = ws.model(base_spec), ws.model(expert_path)
     encoded = encode_lm(expert.tokenizer, corpus, seq_len)
@@ -115,8 +129,16 @@ def cost(ws: Workspace, base_spec: str, expert_path: str, corpus: list[str], seq
 
     def features_time(part: slice) -> float:
         start = time.perf_counter()
-        lm_features(base, expert, encoded.subset(part), lm_loss=lm_loss, dim=dim, cache_root=None,
-                    dtype=torch.float32, progress=False)
+        lm_features(
+            base,
+            expert,
+            encoded.subset(part),
+            lm_loss=lm_loss,
+            dim=dim,
+            cache_root=None,
+            dtype=torch.float32,
+            progress=False,
+        )
         return time.perf_counter() - start
 
     # each half timed in the order A B C then C B A, so a shared machine's drifting load hits all three alike
@@ -158,20 +180,28 @@ def markdown(results: dict) -> str:
     rows = {r["model"]: r for r in results["run"]["table"]}
     if "oracle" in results:
         rows["oracle: nearest to the true texts (a ceiling)"] = results["oracle"]["row"]
-    lines = ["| model | test loss (honest) | perplexity (honest) | perplexity (best epoch) | closure loss | "
-             "closure ppl |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | test loss (honest) | perplexity (honest) | perplexity (best epoch) | closure loss | "
+        "closure ppl |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         c1 = f"{r['closure_val_selected_test']:.3f}" if "closure_val_selected_test" in r else ""
         key = "closure_perplexity_val_selected_test"
         c2 = f"{r[key]:.3f}" if key in r else ""
-        lines.append(f"| {name} | {r['val_selected_test']:.4f} | {r['val_selected_test_perplexity']:.3f} | "
-                     f"{r['best_epoch_test_perplexity']:.3f} | {c1} | {c2} |")
+        lines.append(
+            f"| {name} | {r['val_selected_test']:.4f} | {r['val_selected_test_perplexity']:.3f} | "
+            f"{r['best_epoch_test_perplexity']:.3f} | {c1} | {c2} |"
+        )
     c = results["cost"]
-    lines += ["", f"cost over {c['docs']} documents: features {c['features_s']} s, forward (with logits) "
-              f"{c['forward_full_s']} s, body-only forward {c['forward_body_s']} s -> ratio "
-              f"{c['ratio_vs_forward']} vs forward, {c['ratio_vs_body_forward']} vs body",
-              f"paper (Llama-3.2-3B, MS MARCO): SELECT {PAPER['select_ppl']}, random {PAPER['random_ppl']}, "
-              f"expert ~{PAPER['expert_ppl']}, closure ~{PAPER['closure']}"]
+    lines += [
+        "",
+        f"cost over {c['docs']} documents: features {c['features_s']} s, forward (with logits) "
+        f"{c['forward_full_s']} s, body-only forward {c['forward_body_s']} s -> ratio "
+        f"{c['ratio_vs_forward']} vs forward, {c['ratio_vs_body_forward']} vs body",
+        f"paper (Llama-3.2-3B, MS MARCO): SELECT {PAPER['select_ppl']}, random {PAPER['random_ppl']}, "
+        f"expert ~{PAPER['expert_ppl']}, closure ~{PAPER['closure']}",
+    ]
     return "\n".join(lines)
 
 
@@ -188,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     rt = RuntimeConfig(cache_dir=args.cache_dir, device=args.device)
     data = DataConfig(dataset=size["dataset"], task="lm", seq_len=32)
     ws = Workspace.from_config(rt, data)
-    ft = FinetuneConfig(train_scope=args.scope, lr=args.lr, epochs=args.epochs, batch_size=16,
-                        lm_loss=args.lm_loss)
+    ft = FinetuneConfig(
+        train_scope=args.scope, lr=args.lr, epochs=args.epochs, batch_size=16, lm_loss=args.lm_loss
+    )
     ev = EvalConfig(max_eval_rows=args.eval_rows, eval_epochs=args.eval_epochs, patience=args.eval_epochs)
     sel = SelectConfig(k=size["k"], projection_dim=args.projection_dim, grad_blocks=args.grad_blocks)
     run_cfg = RunConfig(base=MODEL, corpus=size["corpus"], strategies=args.strategies, skip_similarity=True)
@@ -204,12 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         task = Task.from_dict(meta["task"])
         corpus = ws.corpus(size["corpus"], data, sel.k, sel.seed).texts  # as run_experiment takes it
         picks = nearest_to_truth(expert_data.train.texts, corpus, size["k"])
-        score = train_eval(ws.model(MODEL), Split([corpus[i] for i in picks], None), expert_data.test,
-                           task, selection_training(ft), ev, ws.cache)
+        score = train_eval(
+            ws.model(MODEL),
+            Split([corpus[i] for i in picks], None),
+            expert_data.test,
+            task,
+            selection_training(ft),
+            ev,
+            ws.cache,
+        )
         scores = {name: results["run"]["scores"][name] for name in ("expert", "random")} | {"oracle": score}
         results["oracle"] = {
             "rule": "each true training text in turn takes its most similar untaken corpus passage "
-                    "(all-MiniLM-L6-v2 cosine)",
+            "(all-MiniLM-L6-v2 cosine)",
             "row": closure_table(scores, task)[-1],
             "score": score,
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -222,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         expert_path, _ = finetune_cached(ws, MODEL, ws.dataset(size["dataset"], data, ft.seed), data, ft)
         n_timing = args.timing_docs or size["timing_docs"]
         corpus = ws.dataset(size["corpus"], data, sel.seed).train.texts[:n_timing]
-        results["cost"] = cost(ws, MODEL, str(expert_path), corpus, data.seq_len, args.lm_loss,
-                               args.projection_dim)
+        results["cost"] = cost(
+            ws, MODEL, str(expert_path), corpus, data.seq_len, args.lm_loss, args.projection_dim
+        )
         results["cost"]["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
         write_json(args.out, results)
         print("\n" + markdown(results))
@@ -248,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         "run": {key: run[key] for key in ("table", "scores", "selections", "seconds", "metric", "task")},
         "cost": measured,
         "seconds": round(time.time() - started, 1),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": str(ws.device)},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(ws.device),
+        },
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     write_json(args.out, results)

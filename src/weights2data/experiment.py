@@ -54,8 +54,7 @@ def run_experiment(
     check_pair(base, expert)
     if task.kind == "lm" and "topk_balanced" in run.strategy_list:
         raise W2DError(
-            "topk_balanced balances labels, and a language-modelling selection has none: "
-            "use topk (or greedy)"
+            "topk_balanced balances labels, and a language-modelling selection has none: use topk (or greedy)"
         )
     grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)
     del base, expert
