@@ -264,8 +264,9 @@ def lm_features(
     settings = dict(
         lm_loss=lm_loss, grad_at=grad_at, dim=dim, projection=projection, seed=seed, factors=factors
     )
+    run = dict(dtype=dtype, batch_size=batch_size, progress=progress)
     if cache_root is None:
-        return _lm_features(base, finetuned, encoded, settings, None, dtype, batch_size, progress)
+        return _lm_features(base, finetuned, encoded, **settings, cache_root=None, **run)
     key = {
         "base": base.fingerprint,
         "finetuned": finetuned.fingerprint,
@@ -277,7 +278,7 @@ def lm_features(
     if path.exists():
         log.info("reusing the LM head gradients in %s", path)
         return _load(path, key)
-    out = _lm_features(base, finetuned, encoded, settings, cache_root, dtype, batch_size, progress)
+    out = _lm_features(base, finetuned, encoded, **settings, cache_root=cache_root, **run)
     _save(out, path, key)
     return out
 
@@ -317,14 +318,18 @@ def _lm_features(
     base: LoadedModel,
     finetuned: LoadedModel,
     encoded: Encoded,
-    settings: dict,
+    *,
+    lm_loss: str,
+    grad_at: str,
+    dim: int,
+    projection: str,
+    seed: int,
+    factors: tuple[int, int] | None,
     cache_root: Path | None,
     dtype: torch.dtype,
     batch_size: int,
     progress: bool,
 ) -> LMFeatures:
-    lm_loss, grad_at, dim = settings["lm_loss"], settings["grad_at"], settings["dim"]
-    projection, seed, factors = settings["projection"], settings["seed"], settings["factors"]
     started = time.time()
     device = next(finetuned.model.parameters()).device
     delta = head_delta(base, finetuned).to(device)
