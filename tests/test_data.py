@@ -41,7 +41,7 @@ def test_ag_news_sizes_and_label_names(data_dir: Path) -> None:
 def test_ag_news_n_subsets_are_seeded(data_dir: Path) -> None:
     full = load_dataset("ag_news", data_dir=data_dir)
     a = load_dataset("ag_news_1000", data_dir=data_dir, seed=0)
-    b = load_dataset("ag_news_1000", data_dir=data_dir, seed=0)
+    b = load_dataset("ag_news_1000", data_dir=str(data_dir), seed=0)  # a str directory is fine too
     c = load_dataset("ag_news_1000", data_dir=data_dir, seed=1)
     assert a.name == "ag_news_1000"
     assert len(a.train) == 1000 and len(a.test) == 7600  # the test split stays whole

@@ -102,7 +102,7 @@ def data_dir(override: str | os.PathLike | None = None) -> Path | None:
 def load_dataset(
     spec: str,
     *,
-    data_dir: Path | None = None,
+    data_dir: str | os.PathLike | None = None,
     text_column: str = "text",
     label_column: str = "label",
     seed: int = 0,
@@ -111,7 +111,8 @@ def load_dataset(
     parts = str(spec).split()
     if not parts:
         raise W2DError("empty dataset name")
-    loaded = [_load_part(p, data_dir, text_column, label_column, seed) for p in parts]
+    root = None if data_dir is None else Path(data_dir).expanduser()
+    loaded = [_load_part(p, root, text_column, label_column, seed) for p in parts]
     return loaded[0] if len(loaded) == 1 else concatenate(loaded)
 
 
