@@ -330,7 +330,7 @@ def test_train_eval_reuses_the_scores_of_an_identical_run(
     def no_training(*_args, **_kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(train_module, "_train_eval", no_training)
+    monkeypatch.setattr(train_module, "train_epoch", no_training)
     assert train_eval(fresh, ds.train, ds.test, cls_task(tiny), ft, ev, cache_root=tmp_path) == first
     with pytest.raises(AssertionError, match="trained again"):  # another seed is another run
         train_eval(fresh, ds.train, ds.test, cls_task(tiny), replace(ft, seed=1), ev, cache_root=tmp_path)

@@ -322,48 +322,10 @@ def train_eval(
     `train`, or at the last epoch when `train` is too small to hold one out).
     """
     ft = ft.for_task(task.kind)
-    saved = None if cache_root is None else _train_eval_path(cache_root, loaded, train, test, task, ft, ev)
+    saved = None if cache_root is None else _scores_path(cache_root, loaded, train, test, task, ft, ev)
     if saved is not None and saved.exists():
         log.info("reusing the scores of an identical training run: %s", saved)
         return read_json(saved)
-    result = _train_eval(loaded, train, test, task, ft, ev, cache_root)
-    if saved is not None:
-        write_json(saved, result)
-    return result
-
-
-def _train_eval_path(
-    cache_root: Path,
-    loaded: LoadedModel,
-    train: Split,
-    test: Split,
-    task: Task,
-    ft: FinetuneConfig,
-    ev: EvalConfig,
-) -> Path:
-    """Where the scores of this exact run are kept: same weights, rows, task, settings and device kind."""
-    key = {
-        "model": loaded.fingerprint,
-        "train": hash_texts(train.texts, train.labels),
-        "test": hash_texts(test.texts, test.labels),
-        "task": task.to_dict(),
-        "finetune": asdict(ft),
-        "eval": asdict(ev),
-        "device": next(loaded.model.parameters()).device.type,
-        "torch": torch.__version__,
-    }
-    return Path(cache_root) / "train-eval" / f"{stable_hash(key, 20)}.json"
-
-
-def _train_eval(
-    loaded: LoadedModel,
-    train: Split,
-    test: Split,
-    task: Task,
-    ft: FinetuneConfig,
-    ev: EvalConfig,
-    cache_root: Path | None,
-) -> dict:
     torch.manual_seed(ft.seed)
     fit_split, val_split = hold_out(train, ev.val_fraction, ft.seed)
     scoped = ScopedModel(loaded, ft.train_scope, task)
@@ -394,7 +356,7 @@ def _train_eval(
         if stale_test and stale_val:
             break
     honest = best_val if best_val is not None else epochs[-1]
-    return {
+    result = {
         "metric": key,
         "best_epoch_test": best_test["test"][key],
         "best_epoch": best_test["epoch"],
@@ -405,6 +367,26 @@ def _train_eval(
         "train_rows": len(fit_split),
         "val_rows": 0 if val_split is None else len(val_split),
     }
+    if saved is not None:
+        write_json(saved, result)
+    return result
+
+
+def _scores_path(
+    root: Path, model: LoadedModel, train: Split, test: Split, task: Task, ft: FinetuneConfig, ev: EvalConfig
+) -> Path:
+    """Where the scores of this exact run are kept: same weights, rows, task, settings and device kind."""
+    key = {
+        "model": model.fingerprint,
+        "train": hash_texts(train.texts, train.labels),
+        "test": hash_texts(test.texts, test.labels),
+        "task": task.to_dict(),
+        "finetune": asdict(ft),
+        "eval": asdict(ev),
+        "device": next(model.model.parameters()).device.type,
+        "torch": torch.__version__,
+    }
+    return Path(root) / "train-eval" / f"{stable_hash(key, 20)}.json"
 
 
 def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
