@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, parse_scope
+from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, parse_scope, to_dict
 from weights2data.data import (
     Dataset,
     Encoded,
@@ -33,7 +33,7 @@ from weights2data.data import (
 from weights2data.errors import W2DError
 from weights2data.features import hidden_states, run_top_layers
 from weights2data.models import LoadedModel, decoder_layers, untie_head
-from weights2data.store import hash_texts, read_json, stable_hash, write_json
+from weights2data.store import read_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -378,11 +378,11 @@ def _scores_path(
     """Where the scores of this exact run are kept: same weights, rows, task, settings and device kind."""
     key = {
         "model": model.fingerprint,
-        "train": hash_texts(train.texts, train.labels),
-        "test": hash_texts(test.texts, test.labels),
+        "train": train.fingerprint,
+        "test": test.fingerprint,
         "task": task.to_dict(),
-        "finetune": asdict(ft),
-        "eval": asdict(ev),
+        "finetune": to_dict(ft),
+        "eval": to_dict(ev),
         "device": next(model.model.parameters()).device.type,
         "torch": torch.__version__,
     }
