@@ -69,21 +69,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--grad-blocks",
         default="0",
-        help="comma-separated: 0 = head gradients only, N = also "
-        "the top N changed blocks, -1 = every changed block",
+        help="comma-separated: 0 = head gradients only, "
+        "N = also the top N changed blocks, -1 = every changed block",
     )
     p.add_argument(
         "--seeds",
         default="0",
-        help="each seed draws the expert's training rows and every "
-        "training run's order and initial state anew",
+        help="each seed draws the expert's training rows "
+        "and every training run's order and initial state anew",
     )
     p.add_argument(
         "--corpus-seed",
         type=int,
         default=0,
-        help="which NAME_N subset of the corpus; fixed "
-        "across --seeds, so the corpus's hidden states are computed once",
+        help="which NAME_N subset of the corpus; "
+        "fixed across --seeds, so the corpus's hidden states are computed once",
     )
     p.add_argument("--expert-epochs", type=int, default=3)
     p.add_argument("--eval-epochs", type=int, default=10)

@@ -261,75 +261,18 @@ def lm_features(
     if grad_at not in GRAD_AT:
         raise W2DError(f"unknown --grad-at '{grad_at}': choose from {', '.join(GRAD_AT)}")
     scored_positions(encoded.attention_mask[:1], lm_loss)  # validates the mode
-    settings = dict(
-        lm_loss=lm_loss, grad_at=grad_at, dim=dim, projection=projection, seed=seed, factors=factors
-    )
-    run = dict(dtype=dtype, batch_size=batch_size, progress=progress)
-    if cache_root is None:
-        return _lm_features(base, finetuned, encoded, **settings, cache_root=None, **run)
-    key = {
-        "base": base.fingerprint,
-        "finetuned": finetuned.fingerprint,
-        "inputs": encoded_fingerprint(encoded),
-        "dtype": str(dtype),
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-    }
-    path = Path(cache_root) / "lm-features" / f"{stable_hash(key, 20)}.safetensors"
-    if path.exists():
-        log.info("reusing the LM head gradients in %s", path)
-        return _load(path, key)
-    out = _lm_features(base, finetuned, encoded, **settings, cache_root=cache_root, **run)
-    _save(out, path, key)
-    return out
-
-
-def _save(out: LMFeatures, path: Path, key: dict) -> None:
-    f = out.features
-    tensors = {
-        "grads": f.grads,
-        "delta": f.delta,
-        "target_dots": f.target_dots,
-        "sq_norms": f.sq_norms,
-        "losses": out.losses,
-        "tokens": out.tokens,
-    }
-    meta = {
-        "key": json.dumps(key),
-        "delta_sq_norm": repr(f.delta_sq_norm),
-        "timings": json.dumps(out.timings),
-    }
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-
-
-def _load(path: Path, key: dict) -> LMFeatures:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        if json.loads(meta["key"]) != key:
-            raise W2DError(f"LM feature cache {path} does not match its key; delete the file")
-        t = {name: f.get_tensor(name) for name in f.keys()}
-    features = DenseFeatures(t["grads"], t["delta"], target_dots=t["target_dots"], sq_norms=t["sq_norms"])
-    features.delta_sq_norm = float(meta["delta_sq_norm"])
-    timings = {**json.loads(meta["timings"]), "cached": True}
-    return LMFeatures(features, t["losses"], t["tokens"], timings)
-
-
-def _lm_features(
-    base: LoadedModel,
-    finetuned: LoadedModel,
-    encoded: Encoded,
-    *,
-    lm_loss: str,
-    grad_at: str,
-    dim: int,
-    projection: str,
-    seed: int,
-    factors: tuple[int, int] | None,
-    cache_root: Path | None,
-    dtype: torch.dtype,
-    batch_size: int,
-    progress: bool,
-) -> LMFeatures:
+    if cache_root is not None:
+        key = {
+            "base": base.fingerprint,
+            "finetuned": finetuned.fingerprint,
+            "inputs": encoded_fingerprint(encoded),
+            "dtype": str(dtype),
+            "settings": [lm_loss, grad_at, dim, projection, seed, None if factors is None else list(factors)],
+        }
+        saved = Path(cache_root) / "lm-features" / f"{stable_hash(key, 20)}.safetensors"
+        if saved.exists():
+            log.info("reusing the LM head gradients in %s", saved)
+            return _load(saved, key)
     started = time.time()
     device = next(finetuned.model.parameters()).device
     delta = head_delta(base, finetuned).to(device)
@@ -402,7 +345,41 @@ def _lm_features(
         "features_s": round(time.time() - started, 2),
         "sketch": f"{sketch.factors[0]}x{sketch.factors[1]}",
     }
-    return LMFeatures(features, losses, tokens, timings)
+    out = LMFeatures(features, losses, tokens, timings)
+    if cache_root is not None:
+        _save(out, saved, key)
+    return out
+
+
+def _save(out: LMFeatures, path: Path, key: dict) -> None:
+    f = out.features
+    tensors = {
+        "grads": f.grads,
+        "delta": f.delta,
+        "target_dots": f.target_dots,
+        "sq_norms": f.sq_norms,
+        "losses": out.losses,
+        "tokens": out.tokens,
+    }
+    meta = {
+        "key": json.dumps(key),
+        "delta_sq_norm": repr(f.delta_sq_norm),
+        "timings": json.dumps(out.timings),
+    }
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def _load(path: Path, key: dict) -> LMFeatures:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        if json.loads(meta["key"]) != key:
+            raise W2DError(f"LM feature cache {path} does not match its key; delete the file")
+        t = {name: f.get_tensor(name) for name in f.keys()}
+    features = DenseFeatures(t["grads"], t["delta"], target_dots=t["target_dots"], sq_norms=t["sq_norms"])
+    features.delta_sq_norm = float(meta["delta_sq_norm"])
+    timings = {**json.loads(meta["timings"]), "cached": True}
+    return LMFeatures(features, t["losses"], t["tokens"], timings)
 
 
 def _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch, lm_loss) -> BatchTerms:
