@@ -50,26 +50,28 @@ LM_EXPERT = dict(lr=DEFAULT_LM_LR, expert_epochs=2, batch_size=16)  # lm_recover
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="base model (name or local directory)")
     p.add_argument(
         "--task",
         default="classification",
         choices=("classification", "lm"),
         help="lm: a next-token expert on the dataset's texts (labels unused)",
     )
-    p.add_argument("--datasets", default="ag_news")
-    p.add_argument("--train-rows", type=int, default=1000)
+    p.add_argument("--datasets", default="ag_news", help="comma-separated datasets whose rows are planted")
+    p.add_argument("--train-rows", type=int, default=1000, help="the expert trains on NAME_<train-rows>")
     p.add_argument("--corpus", default="wiki_passages_10000", help="the documents the true rows hide among")
     p.add_argument("--scope", default="top:4", help="the expert's train scope")
     p.add_argument("--grad-blocks", default="0,4", help="comma-separated --grad-blocks values to compare")
-    p.add_argument("--ks", default="100,1000")
-    p.add_argument("--strategies", default="greedy,topk,topk_balanced,p_min,random")
+    p.add_argument("--ks", default="100,1000", help="comma-separated selection sizes")
+    p.add_argument("--strategies", default="greedy,topk,topk_balanced,p_min,random", help="comma-separated")
     p.add_argument("--seeds", default="0", help="each seed draws the expert's training rows anew")
     p.add_argument("--expert-epochs", type=int, default=None, help="default: 3 (classification), 2 (lm)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 (classification), 16 (lm)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", default="benchmarks/results/leakage.json")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
+    p.add_argument("--data-dir", default=None, help="data directory (default: $W2D_DATA_DIR)")
+    p.add_argument(
+        "--out", default="benchmarks/results/leakage.json", help="results JSON (written atomically)"
+    )
     args = p.parse_args()
     if args.quick:
         for key, value in QUICK.items():

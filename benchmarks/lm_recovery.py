@@ -71,10 +71,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=2, help="expert epochs")
     p.add_argument("--eval-epochs", type=int, default=3, help="epochs for the models trained on each set")
-    p.add_argument("--eval-rows", type=int, default=500)
-    p.add_argument("--strategies", default="greedy,topk,p_min")
-    p.add_argument("--lm-loss", default="full", choices=("full", "last"))
-    p.add_argument("--projection-dim", type=int, default=4096)
+    p.add_argument("--eval-rows", type=int, default=500, help="IMDB test texts scored")
+    p.add_argument(
+        "--strategies", default="greedy,topk,p_min", help="comma-separated; random is always trained"
+    )
+    p.add_argument(
+        "--lm-loss",
+        default="full",
+        choices=("full", "last"),
+        help="next-token loss on every token or the last",
+    )
+    p.add_argument(
+        "--projection-dim", type=int, default=4096, help="dimension of the sketched LM-head gradients"
+    )
     p.add_argument(
         "--grad-blocks",
         type=int,
@@ -98,8 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "that row to an existing --out file; its expert must be cached",
     )
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=None, help="default: $W2D_CACHE_DIR or ~/.cache/weights2data")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
     return p.parse_args(argv)
 
 

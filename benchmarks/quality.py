@@ -54,18 +54,38 @@ QUICK = dict(
 )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default."""
+
+
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--datasets", default="ag_news,newsgroup,imdb,rotten_tomatoes")
-    p.add_argument("--train-rows", type=int, default=1000)
-    p.add_argument("--corpus", default="wiki_passages_10000")
-    p.add_argument("--scopes", default="top:4,head")
-    p.add_argument("--ks", default="1000,100")
-    p.add_argument("--strategies", default="greedy,greedy_batched,topk,topk_balanced,p_min")
-    p.add_argument("--label-rules", default="auto")
-    p.add_argument("--projection-dims", default="0")
+    p.add_argument("--model", default="smollm2-135m", help="base model (name or local directory)")
+    p.add_argument(
+        "--datasets",
+        default="ag_news,newsgroup,imdb,rotten_tomatoes",
+        help="comma-separated classification datasets",
+    )
+    p.add_argument("--train-rows", type=int, default=1000, help="the expert trains on NAME_<train-rows>")
+    p.add_argument(
+        "--corpus", default="wiki_passages_10000", help="dataset(s) to select from, space-separated"
+    )
+    p.add_argument(
+        "--scopes", default="top:4,head", help="comma-separated training regimes: head, top:N, full"
+    )
+    p.add_argument("--ks", default="1000,100", help="comma-separated selection sizes")
+    p.add_argument(
+        "--strategies",
+        default="greedy,greedy_batched,topk,topk_balanced,p_min",
+        help="comma-separated; random is always trained as the baseline",
+    )
+    p.add_argument(
+        "--label-rules", default="auto", help="comma-separated: auto (expert's prediction), random"
+    )
+    p.add_argument(
+        "--projection-dims", default="0", help="comma-separated: 0 = exact gradients, D = JL projection to D"
+    )
     p.add_argument(
         "--grad-blocks",
         default="0",
@@ -85,15 +105,22 @@ def parse_args() -> argparse.Namespace:
         help="which NAME_N subset of the corpus; "
         "fixed across --seeds, so the corpus's hidden states are computed once",
     )
-    p.add_argument("--expert-epochs", type=int, default=3)
-    p.add_argument("--eval-epochs", type=int, default=10)
-    p.add_argument("--patience", type=int, default=4)
-    p.add_argument("--max-eval-rows", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--expert-epochs", type=int, default=3, help="epochs of the expert's finetune")
+    p.add_argument("--eval-epochs", type=int, default=10, help="most epochs of each train-evaluate run")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=4,
+        help="stop a train-evaluate run after this many epochs without improvement",
+    )
+    p.add_argument("--max-eval-rows", type=int, default=2048, help="test rows scored per epoch")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
     p.add_argument("--time-budget", type=float, default=3600, help="seconds; stops cleanly after this")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", default="benchmarks/results/quality.json")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
+    p.add_argument("--data-dir", default=None, help="data directory; None: $W2D_DATA_DIR")
+    p.add_argument(
+        "--out", default="benchmarks/results/quality.json", help="results JSON (written atomically)"
+    )
     args = p.parse_args()
     if args.quick:
         for key, value in QUICK.items():
