@@ -9,15 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from weights2data import pipeline
 from weights2data import train as train_module
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig
 from weights2data.data import Split, encode_lm, load_dataset, make_label_set
 from weights2data.errors import W2DError
 from weights2data.models import LoadedModel, load_model
-from weights2data.pipeline import Workspace, finetune_cached, finetune_key, task_for_model
 from weights2data.train import (
     ScopedModel,
     Task,
@@ -351,85 +348,6 @@ def test_resolve_task(tiny, data_dir: Path) -> None:
         resolve_task(DataConfig(verbalizer="names"), ag, tiny)
     task = resolve_task(DataConfig(seq_len=8), ag, tiny)
     assert Task.from_dict(task.to_dict()) == task
-
-
-# ---------------------------------------------------------------- pipeline: saving and the cache
-
-
-@pytest.fixture
-def workspace(fresh_cache: Path, data_dir: Path) -> Workspace:
-    return Workspace(fresh_cache, data_dir, torch.device("cpu"))
-
-
-def test_saved_head_model_reloads_in_plain_transformers(
-    workspace: Workspace, data_dir: Path, cache: Path
-) -> None:
-    ds = load_dataset("ag_news_48", data_dir=data_dir)
-    data, cfg = (
-        DataConfig(dataset="ag_news_48", seq_len=16),
-        FinetuneConfig(train_scope="head", lr=1e-2, epochs=2),
-    )
-    path, meta = finetune_cached(workspace, "tiny-test", ds, data, cfg)
-    assert (path / "w2d.json").exists() and (path / "model.safetensors").exists()
-    assert meta["untied_head"] and meta["task"]["kind"] == "classification" and len(meta["history"]) == 2
-    plain = AutoModelForCausalLM.from_pretrained(path).eval()
-    assert plain.config.tie_word_embeddings is False
-    assert plain.get_input_embeddings().weight.data_ptr() != plain.get_output_embeddings().weight.data_ptr()
-    # the same finetune in memory gives the same weights and logits
-    reference = load_model("tiny-test", cache=cache)
-    finetune(reference, ds.train, Task.from_dict(meta["task"]), cfg)
-    enc = Task.from_dict(meta["task"]).encode(reference, ds.test.texts[:8])
-    assert torch.allclose(
-        full_logits(reference, enc),
-        full_logits(type(reference)(plain, reference.tokenizer, "x"), enc),
-        atol=1e-5,
-    )
-    base = load_model("tiny-test", cache=cache).model
-    assert torch.equal(plain.get_input_embeddings().weight, base.get_input_embeddings().weight)
-    reloaded = load_model(str(path), cache=workspace.cache)
-    assert reloaded.meta["cache_key"] == meta["cache_key"] == path.name
-    assert task_for_model(reloaded, DataConfig(seq_len=24), ds).seq_len == 24
-    assert (
-        task_for_model(reloaded, DataConfig(seq_len=24), ds).label_set.token_ids
-        == meta["task"]["label_set"]["token_ids"]
-    )
-
-
-def test_finetune_cache_reuse_and_keys(
-    workspace: Workspace, data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ds = load_dataset("ag_news_16", data_dir=data_dir)
-    data, cfg = DataConfig(seq_len=8), FinetuneConfig(train_scope="head", lr=1e-2, epochs=1)
-    first, meta = finetune_cached(workspace, "tiny-test", ds, data, cfg)
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("trained again")
-
-    monkeypatch.setattr(pipeline, "finetune", no_training)
-    second, meta2 = finetune_cached(workspace, "tiny-test", ds, data, cfg)
-    assert second == first and meta2 == meta
-    # any changed input trains again
-    other_lr = FinetuneConfig(train_scope="head", lr=2e-2, epochs=1)
-    with pytest.raises(AssertionError, match="trained again"):
-        finetune_cached(workspace, "tiny-test", ds, data, other_lr)
-    other_data = load_dataset("ag_news_16", data_dir=data_dir, seed=1)
-    with pytest.raises(AssertionError, match="trained again"):
-        finetune_cached(workspace, "tiny-test", other_data, data, cfg)
-    base = workspace.model("tiny-test")
-    task = resolve_task(data, ds, base)
-    key = finetune_key(base, ds, task, cfg)
-    assert key == first.name
-    assert finetune_key(base, ds, task, other_lr) != key
-    assert finetune_key(base, other_data, task, cfg) != key
-    assert finetune_key(base, ds, resolve_task(DataConfig(seq_len=9), ds, base), cfg) != key
-    assert (
-        finetune_key(base, ds, resolve_task(DataConfig(seq_len=8, verbalizer="w,x,y,z"), ds, base), cfg)
-        != key
-    )
-    assert finetune_key(base, ds, task, FinetuneConfig(train_scope="head", lr=1e-2, epochs=1, seed=1)) != key
-    with torch.no_grad():
-        base.model.model.norm.weight[0] += 1.0  # other base weights
-    assert finetune_key(base, ds, task, cfg) != key
 
 
 # ---------------------------------------------------------------- the real model
