@@ -15,6 +15,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,28 +123,11 @@ class CachedRows:
         return found, missing
 
 
-def hidden_states(
-    loaded: LoadedModel,
-    encoded: Encoded,
-    *,
-    layer: int | None = None,
-    last_only: bool = False,
-    cache_root: Path | None = None,
-    batch_size: int = 32,
-    dtype: torch.dtype = torch.float32,
-    desc: str = "hidden states",
-) -> torch.Tensor:
-    """(N, d) at the last position when last_only, else (N, T, d); cached when cache_root is set.
-
-    `layer=None` is the final normed hidden state (what the LM head reads); an integer is
-    the input of that block (what a top:N finetune reads).
+def hidden_states(loaded: LoadedModel, encoded: Encoded, **options: Any) -> torch.Tensor:
+    """All of `hidden_chunks` (same keyword options) in one tensor: (N, d) at the last
+    position when last_only, else (N, T, d); cached when cache_root is set.
     """
-    chunks = list(
-        hidden_chunks(
-            loaded, encoded, layer=layer, last_only=last_only, cache_root=cache_root,
-            batch_size=batch_size, dtype=dtype, desc=desc,
-        )
-    )  # fmt: skip
+    chunks = list(hidden_chunks(loaded, encoded, **options))
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
@@ -158,10 +142,12 @@ def hidden_chunks(
     dtype: torch.dtype = torch.float32,
     desc: str = "hidden states",
 ) -> Iterator[torch.Tensor]:
-    """The rows of `hidden_states`, in order, one chunk of up to CHUNK_ROWS at a time.
+    """Hidden states of `encoded`, in order, one chunk of up to CHUNK_ROWS rows at a time.
 
-    With a cache, finished chunks are read back and missing ones computed and written
-    atomically, so a killed run resumes; at most one chunk is held in memory.
+    `layer=None` is the final normed hidden state (what the LM head reads); an integer is
+    the input of that block (what a top:N finetune reads). With a cache, finished chunks
+    are read back and missing ones computed and written atomically, so a killed run
+    resumes; at most one chunk is held in memory.
     """
     if cache_root is None:
         yield from _compute_chunks(
