@@ -430,9 +430,9 @@ def open_run(args: argparse.Namespace, rt: RuntimeConfig, command: str, config: 
 
 
 def finish(run: Path, rt: RuntimeConfig, metrics: dict) -> None:
-    from weights2data.store import write_json
+    from weights2data.store import RunDir
 
-    write_json(run / "metrics.json", metrics)
+    RunDir(run).write_metrics(metrics)
     if rt.wandb:
         try:
             import wandb
