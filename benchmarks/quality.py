@@ -18,6 +18,11 @@ Results go to benchmarks/results/quality.json (rewritten after every trained mod
 interrupted run keeps what it measured) and a markdown table on stdout. Every score is also
 cached (train_eval): the same command run again, or another sharing its expert and random
 rows, trains only what it has not trained before.
+
+    python benchmarks/quality.py --summarise benchmarks/results/quality_imdb_top4_*.json
+
+prints the table of several results files measured with the same settings (the expert and
+random rows they share count once), training nothing.
 """
 
 from __future__ import annotations
@@ -121,6 +126,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--out", default="benchmarks/results/quality.json", help="results JSON (written atomically)"
     )
+    p.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="JSON",
+        help="print the mean ± std table of these results files and exit; nothing is trained",
+    )
     args = p.parse_args()
     if args.quick:
         for key, value in QUICK.items():
@@ -138,6 +149,9 @@ class Budget(Exception):
 
 def main() -> None:
     args = parse_args()
+    if args.summarise:
+        print(markdown(summarise(merged_rows(args.summarise))))
+        return
     device = pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     ws = Workspace(cache_dir(), data_dir(args.data_dir), device)
@@ -235,6 +249,41 @@ def run_group(
                     for figure in ("best_epoch_test", "val_selected_test"):
                         row[f"closure_{figure}"] = closure(row[figure], rand[figure], expert_row[figure])
     write_json(args.out, out)
+
+
+# every setting that changes a row's figures besides what the row itself records
+SETTINGS = (
+    "model", "train_rows", "corpus", "corpus_seed", "expert_epochs",
+    "eval_epochs", "patience", "max_eval_rows", "batch_size",
+)  # fmt: skip
+
+
+def merged_rows(paths: list[str]) -> list[dict]:
+    """The rows of several results files, each (dataset, scope, seed, training set) once.
+
+    Files measured with different settings are refused: their rows do not average.
+    """
+    rows: dict[tuple, dict] = {}
+    first: dict | None = None
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        settings = {key: results["args"][key] for key in SETTINGS}
+        if first is not None and settings != first:
+            differ = ", ".join(
+                f"{k}: {first[k]} vs {settings[k]}" for k in SETTINGS if first[k] != settings[k]
+            )
+            raise SystemExit(f"{path} was measured with other settings than {paths[0]} ({differ})")
+        first = settings
+        for row in results["rows"]:
+            expert = row["train"] == "expert"
+            key = (row["dataset"], row["scope"], row["seed"], row["train"]) + (
+                ()
+                if expert
+                else (row["k"], row.get("labels"), row.get("projection_dim"), row.get("grad_blocks"))
+            )
+            rows.setdefault(key, row)
+    return list(rows.values())
 
 
 def summarise(rows: list[dict]) -> list[dict]:
