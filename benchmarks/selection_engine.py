@@ -14,12 +14,10 @@ on GPU, torch.cuda.max_memory_allocated minus the allocation before the call.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +29,7 @@ import torch
 from weights2data import screening
 from weights2data.reference import original_greedy
 from weights2data.selection import DenseFeatures, FactoredFeatures, GradientFeatures, objective, select
+from weights2data.store import write_json
 
 FACTORED = "factored C=4 d=576"
 NEAR_TIE = 1e-5  # cosine gap below which two candidates count as tied
@@ -226,14 +225,6 @@ def markdown(rows: list[dict], ref: dict | None, screen: dict | None) -> str:
             f"{screen['rows_read_per_pick']} rows read exactly per pick"
         )
     return "\n".join(lines)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main() -> None:
