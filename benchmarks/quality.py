@@ -251,7 +251,7 @@ def run_group(
     write_json(args.out, out)
 
 
-# every setting that changes a row's figures besides what the row itself records
+# every setting that changes a row's figures besides what the row itself records (and the device)
 SETTINGS = (
     "model", "train_rows", "corpus", "corpus_seed", "expert_epochs",
     "eval_epochs", "patience", "max_eval_rows", "batch_size",
@@ -266,16 +266,20 @@ def merged_rows(paths: list[str]) -> list[dict]:
     rows: dict[tuple, dict] = {}
     first: dict | None = None
     for path in paths:
-        with open(path) as f:
-            results = json.load(f)
-        settings = {key: results["args"][key] for key in SETTINGS}
+        try:
+            with open(path) as f:
+                results = json.load(f)
+            settings = {key: results["args"].get(key) for key in SETTINGS} | {"device": results["device"]}
+            file_rows = list(results["rows"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SystemExit(f"{path}: not a results file of quality.py ({exc!r})") from exc
         if first is not None and settings != first:
             differ = ", ".join(
-                f"{k}: {first[k]} vs {settings[k]}" for k in SETTINGS if first[k] != settings[k]
+                f"{k}: {first[k]} vs {settings[k]}" for k in settings if first[k] != settings[k]
             )
             raise SystemExit(f"{path} was measured with other settings than {paths[0]} ({differ})")
         first = settings
-        for row in results["rows"]:
+        for row in file_rows:
             expert = row["train"] == "expert"
             key = (row["dataset"], row["scope"], row["seed"], row["train"]) + (
                 ()
