@@ -259,7 +259,7 @@ SETTINGS = (
 
 
 def merged_rows(paths: list[str]) -> list[dict]:
-    """The rows of several results files, each (dataset, scope, seed, training set) once.
+    """The rows of several results files, each (seed, table line) once.
 
     Files measured with different settings are refused: their rows do not average.
     """
@@ -280,30 +280,29 @@ def merged_rows(paths: list[str]) -> list[dict]:
             raise SystemExit(f"{path} was measured with other settings than {paths[0]} ({differ})")
         first = settings
         for row in file_rows:
-            expert = row["train"] == "expert"
-            key = (row["dataset"], row["scope"], row["seed"], row["train"]) + (
-                ()
-                if expert
-                else (row["k"], row.get("labels"), row.get("projection_dim"), row.get("grad_blocks"))
-            )
-            rows.setdefault(key, row)
+            rows.setdefault((row["seed"], *table_key(row)), row)
     return list(rows.values())
+
+
+def table_key(row: dict) -> tuple:
+    """(dataset, scope, k, labels, projection, blocks, training set): one line of the table."""
+    expert = row["train"] == "expert"
+    return (
+        row["dataset"],
+        row["scope"],
+        "-" if expert else row["k"],
+        row.get("labels", "-"),
+        row.get("projection_dim", "-"),
+        "-" if expert else row.get("grad_blocks", 0),
+        row["train"],
+    )
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean ± std over seeds for each (dataset, scope, k, labels, projection, training set)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (
-            row["dataset"],
-            row["scope"],
-            row["k"] if row["train"] != "expert" else "-",
-            row.get("labels", "-"),
-            row.get("projection_dim", "-"),
-            row.get("grad_blocks", 0) if row["train"] != "expert" else "-",
-            row["train"],
-        )
-        groups.setdefault(key, []).append(row)
+        groups.setdefault(table_key(row), []).append(row)
     summary = []
     for key, members in groups.items():
         names = ("dataset", "scope", "k", "labels", "projection_dim", "grad_blocks", "train")

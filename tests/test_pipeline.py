@@ -57,11 +57,9 @@ def test_saved_head_model_reloads_in_plain_transformers(
     assert torch.equal(plain.get_input_embeddings().weight, base.get_input_embeddings().weight)
     reloaded = load_model(str(path), cache=workspace.cache)
     assert reloaded.meta["cache_key"] == meta["cache_key"] == path.name
-    assert task_for_model(reloaded, DataConfig(seq_len=24), ds).seq_len == 24
-    assert (
-        task_for_model(reloaded, DataConfig(seq_len=24), ds).label_set.token_ids
-        == meta["task"]["label_set"]["token_ids"]
-    )
+    task = task_for_model(reloaded, DataConfig(seq_len=24), ds)
+    assert task.seq_len == 24
+    assert task.label_set.token_ids == meta["task"]["label_set"]["token_ids"]
 
 
 def test_finetune_cache_reuse_and_keys(
