@@ -53,6 +53,15 @@ def data_dir() -> Path:
     return root
 
 
+@pytest.fixture(params=["1", None], ids=["HF_HUB_OFFLINE=1", "HF_HUB_OFFLINE unset"])
+def hub_offline(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the test both with the hub declared offline and without: either way it must fail fast."""
+    if request.param is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", request.param)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(cache: Path):
     from weights2data.models import smollm2_tokenizer

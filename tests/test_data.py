@@ -115,14 +115,8 @@ def test_empty_spec() -> None:
         load_dataset("   ")
 
 
-@pytest.mark.parametrize("offline", ["1", None])
-def test_seed_name_missing_from_the_data_dir_fails_fast_offline(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch, offline: str | None
-) -> None:
-    if offline is None:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    else:
-        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+@pytest.mark.usefixtures("hub_offline")
+def test_seed_name_missing_from_the_data_dir_fails_fast_offline(data_dir: Path) -> None:
     started = time.monotonic()
     with pytest.raises(W2DError, match="dbpedia.*not in the data directory"):
         load_dataset("dbpedia_100", data_dir=data_dir)

@@ -142,7 +142,7 @@ def test_missing_directory_path(cache: Path, tmp_path: Path) -> None:
         load_model("./no/such/model", cache=cache)
 
 
-@pytest.mark.parametrize("offline", ["1", None])
+@pytest.mark.usefixtures("hub_offline")
 @pytest.mark.parametrize(
     ("spec", "repo"),
     [
@@ -151,13 +151,7 @@ def test_missing_directory_path(cache: Path, tmp_path: Path) -> None:
         ("tinyllama", "TinyLlama/TinyLlama_v1.1"),
     ],
 )
-def test_hub_names_fail_fast_offline(
-    cache: Path, monkeypatch: pytest.MonkeyPatch, offline: str | None, spec: str, repo: str
-) -> None:
-    if offline is None:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    else:
-        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+def test_hub_names_fail_fast_offline(cache: Path, spec: str, repo: str) -> None:
     started = time.monotonic()
     with pytest.raises(W2DError) as err:
         load_model(spec, cache=cache)
