@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,19 @@ def test_atomic_path_keeps_the_old_file_on_failure_and_replaces_it_on_success(tm
         tmp.write_text("new")
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_writes_honour_the_umask_like_a_plain_open(tmp_path: Path) -> None:
+    umask = os.umask(0o022)  # results and checkpoints are shared: not mkstemp's 0600 / mkdtemp's 0700
+    try:
+        with atomic_path(tmp_path / "results.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
 
 
 def test_atomic_dir_leaves_nothing_when_the_block_raises(tmp_path: Path) -> None:

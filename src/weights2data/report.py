@@ -559,10 +559,8 @@ def build_report(
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Atomic write, readable by others (a report is for sharing; mkstemp would leave it 0600)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        tmp.chmod(0o644)
 
 
 def _slug(run: Run, index: int) -> str:
