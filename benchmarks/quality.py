@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -332,6 +333,8 @@ def markdown(summary: list[dict]) -> str:
     def fmt(entry: dict, key: str) -> str:
         if key not in entry:
             return ""
+        if math.isnan(entry[key]):
+            return "n/a"  # the expert did not beat random
         return f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}" if entry["seeds"] > 1 else f"{entry[key]:.3f}"
 
     for e in summary:

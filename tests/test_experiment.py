@@ -20,8 +20,11 @@ RUN = [
 
 def test_closure() -> None:
     assert closure(0.8, 0.6, 1.0) == pytest.approx(0.5)
-    assert closure(2.5, 3.0, 2.0) == pytest.approx(0.5)  # losses: lower is better, same formula
+    assert closure(2.5, 3.0, 2.0, lower_is_better=True) == pytest.approx(0.5)  # losses
     assert math.isnan(closure(0.7, 0.6, 0.6))
+    # an expert no better than random leaves no gap: not a closure of 2.0
+    assert math.isnan(closure(0.074, 0.078, 0.076))
+    assert math.isnan(closure(2.5, 2.0, 3.0, lower_is_better=True))
 
 
 def test_run_end_to_end(cli_env) -> None:

@@ -105,17 +105,22 @@ def as_split(recovery: Recovery) -> Split:
     return Split(recovery.texts, labels)
 
 
-def closure(recovered: float, random: float, expert: float) -> float:
+def closure(recovered: float, random: float, expert: float, lower_is_better: bool = False) -> float:
     """(recovered − random) / (expert − random): 1 matches the expert, 0 is no better than random.
 
-    The same formula holds for losses (all signs flip together).
+    The same formula holds for losses (all signs flip together). NaN where the expert does not
+    beat random: there is no gap to close, and the ratio of two noise-sized differences would
+    read as a large closure.
     """
-    gap = expert - random
-    return (recovered - random) / gap if abs(gap) > 1e-12 else math.nan
+    gap = random - expert if lower_is_better else expert - random
+    if gap <= 1e-12:
+        return math.nan
+    return (recovered - random) / (expert - random)
 
 
 def closure_table(scores: dict, task: Task) -> list[dict]:
     """One row per training set with both figures and their gap closure."""
+    lm = task.kind == "lm"  # the metric is the loss: lower is better
     rows = []
     for name, score in scores.items():
         row = {"model": name}
@@ -123,9 +128,9 @@ def closure_table(scores: dict, task: Task) -> list[dict]:
             row[figure] = score[figure]
             if name not in ("expert", RANDOM):
                 row[f"closure_{figure}"] = closure(
-                    score[figure], scores[RANDOM][figure], scores["expert"][figure]
+                    score[figure], scores[RANDOM][figure], scores["expert"][figure], lower_is_better=lm
                 )
-        if task.kind == "lm":  # the metric is the loss; perplexity alongside, and closure on perplexity
+        if lm:  # perplexity alongside the loss, and closure on perplexity
             for figure in ("best_epoch_test", "val_selected_test"):
                 row[f"{figure}_perplexity"] = perplexity(score[figure])
                 if name not in ("expert", RANDOM):
@@ -133,6 +138,7 @@ def closure_table(scores: dict, task: Task) -> list[dict]:
                         perplexity(score[figure]),
                         perplexity(scores[RANDOM][figure]),
                         perplexity(scores["expert"][figure]),
+                        lower_is_better=True,
                     )
         rows.append(row)
     return rows
@@ -150,6 +156,10 @@ def similarity_block(recoveries: dict[str, Recovery], truth: list[str]) -> dict:
     return {name: dataset_similarity(r.texts, truth, embedder=embedder) for name, r in recoveries.items()}
 
 
+def _ratio(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
 def format_table(results: dict) -> str:
     """A plain-text table of expert / recovered / random scores and closure."""
     metric = results["metric"]
@@ -161,7 +171,9 @@ def format_table(results: dict) -> str:
     for row in results["table"]:
         closure_text = ""
         if "closure_best_epoch_test" in row:
-            closure_text = f"{row['closure_best_epoch_test']:.2f} / {row['closure_val_selected_test']:.2f}"
+            closure_text = (
+                f"{_ratio(row['closure_best_epoch_test'])} / {_ratio(row['closure_val_selected_test'])}"
+            )
         line = (
             f"{row['model']:<16}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
             f"{closure_text:>26}"
@@ -170,8 +182,8 @@ def format_table(results: dict) -> str:
             ppl_closure = ""
             if "closure_perplexity_best_epoch_test" in row:
                 ppl_closure = (
-                    f"{row['closure_perplexity_best_epoch_test']:.2f} / "
-                    f"{row['closure_perplexity_val_selected_test']:.2f}"
+                    f"{_ratio(row['closure_perplexity_best_epoch_test'])} / "
+                    f"{_ratio(row['closure_perplexity_val_selected_test'])}"
                 )
             line += (
                 f"{row['best_epoch_test_perplexity']:>16.4f}{row['val_selected_test_perplexity']:>12.4f}"
