@@ -40,7 +40,13 @@ import torch
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig
 from weights2data.data import Split, encode_lm
-from weights2data.experiment import closure_table, format_table, run_experiment, selection_training
+from weights2data.experiment import (
+    closure_table,
+    format_closure,
+    format_table,
+    run_experiment,
+    selection_training,
+)
 from weights2data.lm_features import lm_features
 from weights2data.metrics import SentenceEmbedder
 from weights2data.pipeline import Workspace, finetune_cached
@@ -195,9 +201,9 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        c1 = f"{r['closure_val_selected_test']:.3f}" if "closure_val_selected_test" in r else ""
+        c1 = format_closure(r["closure_val_selected_test"], 3) if "closure_val_selected_test" in r else ""
         key = "closure_perplexity_val_selected_test"
-        c2 = f"{r[key]:.3f}" if key in r else ""
+        c2 = format_closure(r[key], 3) if key in r else ""
         lines.append(
             f"| {name} | {r['val_selected_test']:.4f} | {r['val_selected_test_perplexity']:.3f} | "
             f"{r['best_epoch_test_perplexity']:.3f} | {c1} | {c2} |"

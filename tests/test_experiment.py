@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from weights2data.cli import main
-from weights2data.experiment import closure
+from weights2data.experiment import closure, format_closure
 
 RUN = [
     "run", "--model", "tiny-test", "--dataset", "ag_news_64", "--select_seed_dataset", "wiki_passages_120",
@@ -25,6 +25,8 @@ def test_closure() -> None:
     # an expert no better than random leaves no gap: not a closure of 2.0
     assert math.isnan(closure(0.074, 0.078, 0.076))
     assert math.isnan(closure(2.5, 2.0, 3.0, lower_is_better=True))
+    assert format_closure(closure(0.074, 0.078, 0.076)) == "n/a"
+    assert format_closure(0.5, 3) == "0.500"
 
 
 def test_run_end_to_end(cli_env) -> None:

@@ -156,8 +156,9 @@ def similarity_block(recoveries: dict[str, Recovery], truth: list[str]) -> dict:
     return {name: dataset_similarity(r.texts, truth, embedder=embedder) for name, r in recoveries.items()}
 
 
-def _ratio(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.2f}"
+def format_closure(value: float, digits: int = 2) -> str:
+    """A closure for a table: "n/a" where it is undefined (the expert did not beat random)."""
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def format_table(results: dict) -> str:
@@ -171,8 +172,9 @@ def format_table(results: dict) -> str:
     for row in results["table"]:
         closure_text = ""
         if "closure_best_epoch_test" in row:
-            closure_text = (
-                f"{_ratio(row['closure_best_epoch_test'])} / {_ratio(row['closure_val_selected_test'])}"
+            closure_text = " / ".join(
+                format_closure(row[f"closure_{figure}"])
+                for figure in ("best_epoch_test", "val_selected_test")
             )
         line = (
             f"{row['model']:<16}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
@@ -181,9 +183,9 @@ def format_table(results: dict) -> str:
         if lm:
             ppl_closure = ""
             if "closure_perplexity_best_epoch_test" in row:
-                ppl_closure = (
-                    f"{_ratio(row['closure_perplexity_best_epoch_test'])} / "
-                    f"{_ratio(row['closure_perplexity_val_selected_test'])}"
+                ppl_closure = " / ".join(
+                    format_closure(row[f"closure_perplexity_{figure}"])
+                    for figure in ("best_epoch_test", "val_selected_test")
                 )
             line += (
                 f"{row['best_epoch_test_perplexity']:>16.4f}{row['val_selected_test_perplexity']:>12.4f}"
