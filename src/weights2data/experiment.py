@@ -112,10 +112,10 @@ def closure(recovered: float, random: float, expert: float, lower_is_better: boo
     beat random: there is no gap to close, and the ratio of two noise-sized differences would
     read as a large closure.
     """
-    gap = random - expert if lower_is_better else expert - random
-    if gap <= 1e-12:
+    gap = expert - random
+    if (-gap if lower_is_better else gap) <= 1e-12:
         return math.nan
-    return (recovered - random) / (expert - random)
+    return (recovered - random) / gap
 
 
 def closure_table(scores: dict, task: Task) -> list[dict]:
