@@ -314,6 +314,37 @@ def test_train_eval_reports_both_figures(tiny, data_dir: Path, cache: Path) -> N
     assert result["honest_rule"] == "best validation loss"
 
 
+def test_honest_figure_never_reads_the_test_set(tiny, data_dir: Path) -> None:
+    """The honest epoch and stop are the same whatever the test split; the original's follow the test."""
+    ds = load_dataset("ag_news_120", data_dir=data_dir)
+    ft = FinetuneConfig(train_scope="head", lr=1e-2, batch_size=16)
+    ev = EvalConfig(max_eval_rows=40, eval_epochs=6, patience=1)
+    results = [
+        train_eval(
+            LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny"), ds.train, test, cls_task(tiny), ft, ev
+        )
+        for test in (ds.test.subset(np.arange(40)), ds.test.subset(np.arange(40, 80)))
+    ]
+    for r in results:
+        val = [e["val"]["loss"] for e in r["epochs"]]
+        stop = next((i + 1 for i in range(len(val)) if i + 1 - (int(np.argmin(val[: i + 1])) + 1) >= 1), 6)
+        assert r["honest_stop"] == stop  # the first epoch without a better validation loss
+        assert r["val_selected_epoch"] == int(np.argmin(val[:stop])) + 1
+        tests = [e["test"]["accuracy"] for e in r["epochs"]]
+        assert r["best_epoch_test"] == max(tests[: r["best_epoch_stop"]])
+    assert results[0]["honest_stop"] == results[1]["honest_stop"]
+    assert results[0]["val_selected_epoch"] == results[1]["val_selected_epoch"]
+
+
+def test_without_a_validation_split_the_honest_figure_is_the_budgets_last_epoch(tiny, data_dir: Path) -> None:
+    ds = load_dataset("ag_news_40", data_dir=data_dir)
+    ft = FinetuneConfig(train_scope="head", lr=1e-2, batch_size=16)
+    ev = EvalConfig(max_eval_rows=20, eval_epochs=4, patience=1, val_fraction=0.1)  # 4 rows: none held out
+    result = train_eval(tiny, ds.train, ds.test, cls_task(tiny), ft, ev)
+    assert result["honest_rule"] == "last epoch" and result["val_rows"] == 0
+    assert len(result["epochs"]) == 4 and result["val_selected_epoch"] == result["honest_stop"] == 4
+
+
 def test_train_eval_reuses_the_scores_of_an_identical_run(
     tiny, data_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:

@@ -37,6 +37,10 @@ from weights2data.store import read_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
+# the version of train_eval's stopping and selection rules, part of its cache key: 2 = the honest
+# figure's stop reads the validation split only (in 1 training went on while the test metric improved)
+TRAIN_EVAL_PROTOCOL = 2
+
 
 @dataclass(frozen=True)
 class Task:
@@ -316,10 +320,14 @@ def train_eval(
 ) -> dict:
     """Finetune on `train` epoch by epoch, scoring the test split after each epoch.
 
-    Reports two figures: `best_epoch_test` (the original's: the best test metric over
-    epochs, i.e. model selection on the test set) and `val_selected_test` (honest: the
-    test metric at the epoch with the best loss on a validation split held out of
-    `train`, or at the last epoch when `train` is too small to hold one out).
+    Two protocols share one training run, each deciding as if it ran alone:
+    - `best_epoch_test` (the original's): early stopping on the test metric, the best test
+      metric over the epochs it ran — model selection on the test set;
+    - `val_selected_test` (honest): the epoch and the stop are chosen on the loss of a
+      validation split held out of `train`; with too few rows to hold one out, the last
+      epoch of the fixed budget (`eval_epochs`). The test metric never enters its choices.
+    Training goes on until both have stopped; epochs past a protocol's own stop do not change
+    its figure, so each equals what a run with that protocol alone would report.
     """
     ft = ft.for_task(task.kind)
     saved = None if cache_root is None else _scores_path(cache_root, loaded, train, test, task, ft, ev)
@@ -335,8 +343,10 @@ def train_eval(
     optimizer = make_optimizer(scoped.parameters(), ft)
     generator = torch.Generator().manual_seed(ft.seed)
     key = "accuracy" if task.kind == "classification" else "loss"
-    better = (lambda a, b: a > b) if key == "accuracy" else (lambda a, b: a < b)
-    epochs, best_test, best_val = [], None, None
+    sign = 1.0 if key == "accuracy" else -1.0  # the original's test metric: higher is better
+    original = EarlyStopping(ev.patience)  # reads the test metric
+    honest = EarlyStopping(ev.patience if val is not None else ev.eval_epochs)  # reads validation only
+    epochs = []
     for epoch in range(1, ev.eval_epochs + 1):
         record = train_epoch(
             scoped, fit, optimizer, ft, generator, ft.steps, f"epoch {epoch}/{ev.eval_epochs}"
@@ -347,22 +357,20 @@ def train_eval(
             record["val"] = evaluate_prepared(scoped, val, ev.eval_batch_size)
         epochs.append(record)
         log.info("epoch %d: test %s %.4f", epoch, key, record["test"][key])
-        if best_test is None or better(record["test"][key], best_test["test"][key]):
-            best_test = record
-        if val is not None and (best_val is None or record["val"]["loss"] < best_val["val"]["loss"]):
-            best_val = record
-        stale_test = epoch - best_test["epoch"] >= ev.patience
-        stale_val = best_val is None or epoch - best_val["epoch"] >= ev.patience
-        if stale_test and stale_val:
+        original.update(record, sign * record["test"][key])
+        # with no validation split every epoch counts as the best, so the budget's last one is chosen
+        honest.update(record, -record["val"]["loss"] if val is not None else float(epoch))
+        if original.stopped and honest.stopped:
             break
-    honest = best_val if best_val is not None else epochs[-1]
     result = {
         "metric": key,
-        "best_epoch_test": best_test["test"][key],
-        "best_epoch": best_test["epoch"],
-        "val_selected_test": honest["test"][key],
-        "val_selected_epoch": honest["epoch"],
-        "honest_rule": "best validation loss" if best_val is not None else "last epoch",
+        "best_epoch_test": original.best["test"][key],
+        "best_epoch": original.best["epoch"],
+        "best_epoch_stop": original.last_epoch,
+        "val_selected_test": honest.best["test"][key],
+        "val_selected_epoch": honest.best["epoch"],
+        "honest_stop": honest.last_epoch,
+        "honest_rule": "best validation loss" if val is not None else "last epoch",
         "epochs": epochs,
         "train_rows": len(fit_split),
         "val_rows": 0 if val_split is None else len(val_split),
@@ -370,6 +378,28 @@ def train_eval(
     if saved is not None:
         write_json(saved, result)
     return result
+
+
+class EarlyStopping:
+    """The best epoch by one score (higher is better) and whether `patience` epochs passed without a better one.
+
+    Once stopped it ignores later epochs, so its choice is what a run that stopped there would make.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: dict | None = None
+        self.best_score = -math.inf
+        self.last_epoch = 0
+        self.stopped = False
+
+    def update(self, record: dict, score: float) -> None:
+        if self.stopped:
+            return
+        self.last_epoch = record["epoch"]
+        if self.best is None or score > self.best_score:
+            self.best, self.best_score = record, score
+        self.stopped = self.last_epoch - self.best["epoch"] >= self.patience
 
 
 def _scores_path(
@@ -385,6 +415,7 @@ def _scores_path(
         "eval": to_dict(ev),
         "device": next(model.model.parameters()).device.type,
         "torch": torch.__version__,
+        "protocol": TRAIN_EVAL_PROTOCOL,
     }
     return Path(root) / "train-eval" / f"{stable_hash(key, 20)}.json"
 
