@@ -319,10 +319,9 @@ def test_honest_figure_never_reads_the_test_set(tiny, data_dir: Path) -> None:
     ds = load_dataset("ag_news_120", data_dir=data_dir)
     ft = FinetuneConfig(train_scope="head", lr=1e-2, batch_size=16)
     ev = EvalConfig(max_eval_rows=40, eval_epochs=6, patience=1)
+    fresh = lambda: LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny")  # noqa: E731
     results = [
-        train_eval(
-            LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny"), ds.train, test, cls_task(tiny), ft, ev
-        )
+        train_eval(fresh(), ds.train, test, cls_task(tiny), ft, ev)
         for test in (ds.test.subset(np.arange(40)), ds.test.subset(np.arange(40, 80)))
     ]
     for r in results:

@@ -381,7 +381,7 @@ def train_eval(
 
 
 class EarlyStopping:
-    """The best epoch by one score (higher is better) and whether `patience` epochs passed without a better one.
+    """The best epoch by one score (higher is better); stopped once `patience` epochs bring no better one.
 
     Once stopped it ignores later epochs, so its choice is what a run that stopped there would make.
     """
