@@ -13,6 +13,8 @@ epochs and the honest one (epoch chosen on a validation split of the training se
     python benchmarks/quality.py --datasets ag_news --scopes top:4 --projection-dims 0,512,1024,4096
     python benchmarks/quality.py --datasets ag_news --scopes top:4 --label-rules auto,random
     python benchmarks/quality.py --datasets ag_news --scopes top:4 --grad-blocks 0,4   # head vs head + blocks
+    python benchmarks/quality.py --datasets ag_news --scopes top:4 \
+        --select-options "grad_at=finetuned; grad_at=base; pseudo_experts=4 path_combine=concat"
 
 Results go to benchmarks/results/quality.json (rewritten after every trained model, so an
 interrupted run keeps what it measured) and a markdown table on stdout. Every score is also
@@ -33,7 +35,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -99,6 +101,13 @@ def parse_args() -> argparse.Namespace:
         "N = also the top N changed blocks, -1 = every changed block",
     )
     p.add_argument(
+        "--select-options",
+        default="",
+        help="';'-separated variants, each space-separated SelectConfig settings (e.g. "
+        "'grad_at=base; pseudo_experts=4 path_combine=concat; precondition=adam'); every "
+        "strategy is selected and trained under each; empty: the defaults",
+    )
+    p.add_argument(
         "--seeds",
         default="0",
         help="each seed draws the expert's training rows "
@@ -142,6 +151,24 @@ def parse_args() -> argparse.Namespace:
 
 def csv(text: str, kind: type = str) -> list:
     return [kind(x) for x in str(text).split(",") if x.strip()]
+
+
+def select_variants(text: str) -> list[str]:
+    """The --select-options variants, each normalised ("" is the defaults)."""
+    variants = [" ".join(sorted(v.split())) for v in text.split(";")]
+    return list(dict.fromkeys(variants)) or [""]
+
+
+def select_overrides(variant: str) -> dict:
+    """'grad_at=base pseudo_experts=4' -> {'grad_at': 'base', 'pseudo_experts': 4}, typed by SelectConfig."""
+    types = {f.name: f.type for f in fields(SelectConfig)}
+    out = {}
+    for item in variant.split():
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise SystemExit(f"--select-options: '{item}' is not NAME=VALUE of a select setting")
+        out[key] = {"int": int, "float": float}.get(types[key].replace(" | None", ""), str)(value)
+    return out
 
 
 class Budget(Exception):
@@ -225,14 +252,27 @@ def run_group(
 
     expert_row = score("expert", expert_data.train, {"k": len(expert_data.train)})
     for rule in csv(args.label_rules):
-        variants = [(d, b) for d in csv(args.projection_dims, int) for b in csv(args.grad_blocks, int)]
-        for dim, blocks in variants:
+        variants = [
+            (d, b, v)
+            for d in csv(args.projection_dims, int)
+            for b in csv(args.grad_blocks, int)
+            for v in select_variants(args.select_options)
+        ]
+        for dim, blocks, variant in variants:
             sel = SelectConfig(
-                k=max(csv(args.ks, int)), labels=rule, projection_dim=dim, grad_blocks=blocks, seed=seed
+                k=max(csv(args.ks, int)),
+                labels=rule,
+                projection_dim=dim,
+                grad_blocks=blocks,
+                seed=seed,
+                **select_overrides(variant),
             )
+            t0 = time.time()
             grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
+            features_s = round(time.time() - t0, 1)
             for k in csv(args.ks, int):
                 extra = {"k": k, "labels": rule, "projection_dim": dim, "grad_blocks": blocks}
+                extra |= {"select": variant, "features_s": features_s}
                 rand = score(
                     "random",
                     as_split(
@@ -245,7 +285,14 @@ def run_group(
                 for strategy in csv(args.strategies):
                     recovery = recover(grads, corpus.texts, task.label_set, replace(sel, k=k), strategy)
                     row = score(
-                        strategy, as_split(recovery), {**extra, "select_s": recovery.summary["select_s"]}
+                        strategy,
+                        as_split(recovery),
+                        {
+                            **extra,
+                            "select_s": recovery.summary["select_s"],
+                            "objective_cos": recovery.summary["objective_cos"],
+                            "label_distribution": recovery.summary.get("label_distribution"),
+                        },
                     )
                     for figure in ("best_epoch_test", "val_selected_test"):
                         row[f"closure_{figure}"] = closure(row[figure], rand[figure], expert_row[figure])
@@ -286,7 +333,10 @@ def merged_rows(paths: list[str]) -> list[dict]:
 
 
 def table_key(row: dict) -> tuple:
-    """(dataset, scope, k, labels, projection, blocks, training set): one line of the table."""
+    """(dataset, scope, k, labels, projection, blocks, select options, training set): one table line.
+
+    Random documents do not depend on the select options (only on the label rule): one line.
+    """
     expert = row["train"] == "expert"
     return (
         row["dataset"],
@@ -295,18 +345,20 @@ def table_key(row: dict) -> tuple:
         row.get("labels", "-"),
         row.get("projection_dim", "-"),
         "-" if expert else row.get("grad_blocks", 0),
+        "-" if row["train"] in ("expert", "random") else row.get("select", ""),
         row["train"],
     )
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean ± std over seeds for each (dataset, scope, k, labels, projection, training set)."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(table_key(row), []).append(row)
+    groups: dict[tuple, dict[int, dict]] = {}
+    for row in rows:  # one row per seed: random is trained once and recorded beside every variant
+        groups.setdefault(table_key(row), {}).setdefault(row["seed"], row)
     summary = []
-    for key, members in groups.items():
-        names = ("dataset", "scope", "k", "labels", "projection_dim", "grad_blocks", "train")
+    for key, by_seed in groups.items():
+        members = list(by_seed.values())
+        names = ("dataset", "scope", "k", "labels", "projection_dim", "grad_blocks", "select", "train")
         entry = dict(zip(names, key, strict=True))
         entry["seeds"] = len(members)
         for figure in (
@@ -315,7 +367,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             "closure_best_epoch_test",
             "closure_val_selected_test",
         ):
-            values = [m[figure] for m in members if figure in m]
+            # a closure is undefined (NaN, or null once written) where the expert did not beat random
+            values = [m[figure] for m in members if m.get(figure) is not None and not math.isnan(m[figure])]
+            if any(figure in m for m in members):
+                entry[figure + "_seeds"] = len(values)
             if values:
                 entry[figure] = statistics.fmean(values)
                 entry[figure + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -325,22 +380,22 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     lines = [
-        "| dataset | scope | k | labels | proj | blocks | train | best-epoch acc | honest acc | "
-        "closure best | closure honest | seeds |",
-        "|" + "---|" * 12,
+        "| dataset | scope | k | labels | proj | blocks | select options | train | best-epoch acc | "
+        "honest acc | closure best | closure honest | seeds |",
+        "|" + "---|" * 13,
     ]
 
     def fmt(entry: dict, key: str) -> str:
         if key not in entry:
-            return ""
-        if math.isnan(entry[key]):
-            return "n/a"  # the expert did not beat random
-        return f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}" if entry["seeds"] > 1 else f"{entry[key]:.3f}"
+            return "n/a" if entry.get(key + "_seeds") == 0 else ""  # the expert did not beat random
+        text = f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}" if entry["seeds"] > 1 else f"{entry[key]:.3f}"
+        defined = entry.get(key + "_seeds", entry["seeds"])
+        return text if defined == entry["seeds"] else f"{text} ({defined} of {entry['seeds']} seeds)"
 
     for e in summary:
         lines.append(
             f"| {e['dataset']} | {e['scope']} | {e['k']} | {e['labels']} | {e['projection_dim']} | "
-            f"{e['grad_blocks']} | "
+            f"{e['grad_blocks']} | {e['select'] or 'default'} | "
             f"{e['train']} | {fmt(e, 'best_epoch_test')} | {fmt(e, 'val_selected_test')} | "
             f"{fmt(e, 'closure_best_epoch_test')} | {fmt(e, 'closure_val_selected_test')} | {e['seeds']} |"
         )

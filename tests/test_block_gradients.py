@@ -245,8 +245,10 @@ def _dense_head(features) -> torch.Tensor:
 
 
 def test_grad_blocks_config_errors() -> None:
-    with pytest.raises(W2DError, match="grad-at finetuned"):
+    with pytest.raises(W2DError, match="path-combine concat"):
         SelectConfig(grad_blocks=2, grad_at="both")
+    SelectConfig(grad_blocks=2, grad_at="both", path_combine="concat")
+    SelectConfig(grad_blocks=2, grad_at="base")
     with pytest.raises(W2DError, match="grad_blocks"):
         SelectConfig(grad_blocks=-3)
     with pytest.raises(W2DError, match="block_sketch_dim"):
@@ -268,5 +270,5 @@ def test_cli_select_with_grad_blocks(cli_env, capsys) -> None:
     assert summary["gradient_blocks"] == "1-1" and summary["block_layers"] == 7
     assert summary["config"]["grad_blocks"] == -1 and sum(summary["label_distribution"].values()) == 8
     assert main([*select, "--grad-blocks", "2", "--grad-at", "both", "--exp-name", "bad"]) == 2
-    assert "--grad-at finetuned" in capsys.readouterr().err
+    assert "--path-combine concat" in capsys.readouterr().err
     assert not (cli_env / "runs" / "bad").exists()

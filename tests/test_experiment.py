@@ -43,6 +43,17 @@ def test_run_end_to_end(cli_env) -> None:
     assert (cli_env / "runs" / "tiny" / "metrics.json").exists()
 
 
+def test_run_with_pseudo_experts_and_the_original_flag_names(cli_env) -> None:
+    args = [("greedy_balanced" if a == "greedy,topk" else a) for a in RUN]
+    args += ["--select_num_pseudoexperts", "2", "--select_use_expert_grads", "1", "--grad-at", "both"]
+    args += ["--path-combine", "concat", "--precondition", "adam", "--train-scope", "top:1", "--lr", "1e-3"]
+    assert main([*args, "--exp_name", "pe"]) == 0
+    results = json.loads((cli_env / "runs" / "pe" / "results.json").read_text())
+    assert results["config"]["select"]["pseudo_experts"] == 2
+    distribution = results["selections"]["greedy_balanced"]["label_distribution"]
+    assert max(distribution.values()) <= 6 and sum(distribution.values()) == 24  # ⌈24 / 4⌉ per label
+
+
 def test_select_command(cli_env) -> None:
     assert main(["finetune", "--model", "tiny-test", "--dataset", "ag_news_32", "--train-scope", "head",
                  "--lr", "1e-2", "--results-dir", "runs", "--exp-name", "ft"]) == 0  # fmt: skip
@@ -77,3 +88,8 @@ def test_select_bad_input(cli_env, capsys) -> None:
     assert main(args) == 2
     assert "needs a label set" in capsys.readouterr().err
     assert main([*args[:-1], "nolabels2", "--label-set", "A,B"]) == 0
+    # the same weights twice: no weight change to explain
+    same = [*args[:4], "tiny-test", *args[5:-1], "same", "--label-set", "A,B"]
+    assert main(same) == 2
+    err = capsys.readouterr().err
+    assert "equal the base weights" in err and "Traceback" not in err

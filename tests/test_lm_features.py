@@ -24,7 +24,7 @@ from weights2data.lm_features import (
     scored_positions,
 )
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
-from weights2data.selection import STRATEGIES, select
+from weights2data.selection import BALANCED, STRATEGIES, select
 from weights2data.train import lm_loss_sum
 
 TEXTS = [
@@ -242,13 +242,15 @@ def test_every_strategy_runs_in_lm_mode(pair) -> None:
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
     out = lm_features(base, finetuned, encoded, dim=256, dtype=torch.float32, progress=False)
     for strategy in STRATEGIES:
-        if strategy == "topk_balanced":
+        if strategy in BALANCED:
             continue
         sel = select(strategy, out.features, 4, losses=out.losses, batch_size=2, progress=False)
         assert len(set(sel.indices.tolist())) == 4, strategy
     lowest = select("p_min", out.features, 3, losses=out.losses, progress=False)
     finite = out.losses.nan_to_num(float("inf"))
     assert lowest.indices.tolist() == finite.argsort()[:3].tolist()
+    highest = select("p_max", out.features, 3, losses=out.losses, progress=False)
+    assert out.losses.isnan().any() and not out.losses[highest.indices].isnan().any()  # empty documents last
 
 
 def test_topk_balanced_is_refused_in_lm_mode(pair) -> None:

@@ -10,7 +10,9 @@ from weights2data.selection import (
     STRATEGIES,
     DenseFeatures,
     FactoredFeatures,
+    LowRankFeatures,
     greedy,
+    label_quotas,
     objective,
     select,
 )
@@ -174,6 +176,7 @@ def test_errors():
             call()
     assert set(STRATEGIES) == {
         "greedy",
+        "greedy_balanced",
         "greedy_batched",
         "topk",
         "topk_balanced",
@@ -182,3 +185,68 @@ def test_errors():
         "p_max",
         "random",
     }
+
+
+def test_low_rank_features_match_the_materialised_sum():
+    gen = torch.Generator().manual_seed(2)
+    n, p, c, d = 30, 3, 4, 10
+    errors, hidden, delta = (torch.randn(*s, generator=gen) for s in ((n, p, c), (n, p, d), (c, d)))
+    grads = torch.einsum("npc,npd->ncd", errors, hidden).reshape(n, c * d)
+    low, dense = LowRankFeatures(errors, hidden, delta), DenseFeatures(grads, delta.reshape(-1))
+    torch.testing.assert_close(low.target_dots, dense.target_dots, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(low.sq_norms, dense.sq_norms, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(low.dots_with(4), dense.dots_with(4), rtol=1e-5, atol=1e-3)
+    picks, rows = torch.tensor([1, 5, 8]), torch.tensor([0, 2])
+    torch.testing.assert_close(
+        low.dots_with_sum(picks, rows), dense.dots_with_sum(picks, rows), atol=1e-3, rtol=1e-5
+    )
+    assert select("greedy", low, 8, progress=False).indices.tolist() == _brute_greedy(
+        grads.double().numpy(), delta.reshape(-1).double().numpy(), 8
+    )
+
+
+def test_greedy_balanced_is_greedy_within_label_quotas():
+    grads, delta = _dense(n=60, seed=6)
+    labels = torch.arange(60) % 3
+    sel = select("greedy_balanced", DenseFeatures(grads, delta), 9, labels=labels, progress=False)
+    assert np.bincount(labels[sel.indices].numpy(), minlength=3).tolist() == [3, 3, 3]
+    # the same picks as brute-force greedy that skips labels whose quota is full
+    picks, running = [], np.zeros(grads.shape[1])
+    g, dl = grads.double().numpy(), delta.double().numpy()
+    for _ in range(9):
+        cos = _cos(running + g, dl)
+        full = [c for c in range(3) if sum(labels[i] == c for i in picks) == 3]
+        cos[picks] = -np.inf
+        cos[np.isin(labels.numpy(), full)] = -np.inf
+        picks.append(int(np.argmax(cos)))
+        running += g[picks[-1]]
+    assert sel.indices.tolist() == picks
+    # a prior: twice as many of label 0
+    sel = select(
+        "greedy_balanced", DenseFeatures(grads, delta), 8, labels=labels,
+        label_prior=torch.tensor([2.0, 1.0, 1.0]), progress=False,
+    )  # fmt: skip
+    assert np.bincount(labels[sel.indices].numpy(), minlength=3).tolist() == [4, 2, 2]
+
+
+def test_label_quotas_use_the_label_set_size_and_fill_shortfalls():
+    labels = torch.tensor([0] * 10 + [1] * 10)  # label 2 of a 3-label set has no candidate
+    assert label_quotas(labels, 6, num_labels=3).tolist() == [3, 3, 0]
+    assert label_quotas(labels, 6, num_labels=None).tolist() == [3, 3]
+    assert label_quotas(labels, 12, num_labels=4, prior=torch.tensor([1.0, 0, 0, 0])).tolist() == [
+        10,
+        2,
+        0,
+        0,
+    ]
+    with pytest.raises(W2DError):
+        label_quotas(labels, 6, num_labels=1)
+
+
+def test_a_zero_weight_change_is_a_clear_error():
+    grads, _ = _dense()
+    features = DenseFeatures(grads, torch.zeros(grads.shape[1]))
+    for strategy in ("greedy", "topk"):
+        with pytest.raises(W2DError, match="weight change is zero"):
+            select(strategy, features, 5, progress=False)
+    assert len(select("random", features, 5, progress=False).indices) == 5

@@ -139,38 +139,39 @@ def block_features(
     seed: int = 0,
     cache_root: Path | None = None,
     batch_size: int = 16,
+    at: LoadedModel | None = None,
     progress: bool = True,
 ) -> BlockFeatures | None:
-    """Gradients at the finetuned weights of the linear layers of the top changed blocks.
+    """Gradients of the linear layers of the top changed blocks, against ΔW = base − finetuned.
 
+    Taken at the finetuned weights, or at `at` (e.g. the base model, or a pseudo-expert).
     None when the finetune changed no block (a head-only finetune). `batch_loss` gives the
     summed loss of a batch from its final normed hidden states (B, T, d); documents must not
     interact in it (each document's δ is then its own gradient).
     """
+    at = at or finetuned
     start = first_block(base, finetuned, blocks)
     n_layers = len(decoder_layers(finetuned.model))
     if start >= n_layers:
         return None
     started = time.time()
-    device = next(finetuned.model.parameters()).device
+    device = next(at.model.parameters()).device
     layers = layer_sketches(base, finetuned, start, dim, projection, seed, device)
     n_docs = len(encoded)
     sketch = torch.empty(n_docs, dim * len(layers))
     target_dots, sq_norms = torch.zeros(n_docs), torch.zeros(n_docs)
-    lower = hidden_chunks(
-        finetuned, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}"
-    )
+    lower = hidden_chunks(at, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}")
     bar = tqdm(
         total=n_docs, desc=f"gradients of blocks {start}+", unit="doc", disable=not progress or n_docs < 256
     )
     done = 0
-    with activation_taps(finetuned.model, start, set(layers)) as (inputs, grads), torch.enable_grad():
+    with activation_taps(at.model, start, set(layers)) as (inputs, grads), torch.enable_grad():
         for chunk in lower:
             for s in range(0, len(chunk), batch_size):
                 rows = slice(done + s, done + min(s + batch_size, len(chunk)))
                 batch = encoded.subset(rows)
                 h = chunk[s : s + batch_size].to(device).requires_grad_(True)
-                final = run_top_layers(finetuned.model, h, batch, start)
+                final = run_top_layers(at.model, h, batch, start)
                 batch_loss(final, batch, rows).backward()
                 mask = batch.attention_mask.to(device, torch.float32)[:, :, None]  # (B, T, 1)
                 parts = []

@@ -51,6 +51,7 @@ SEED_ALIASES = {
         "k": ["-k", "--select_full_dataset_size"],
         "labels": ["--select_label_strategy"],
         "projection_dim": ["--select_projection_dim"],
+        "pseudo_experts": ["--select_num_pseudoexperts"],
     },
     RunConfig: {
         "base": ["--model"],
@@ -62,12 +63,12 @@ SEED_ALIASES = {
 }
 # Original options whose other values select machinery we do not implement: refused by name.
 FIXED_SEED_OPTIONS = {
-    "opt": ("SELECT", "only the SELECT optimiser is implemented"),
-    "select_num_pseudoexperts": ("1", "pseudo-experts are not implemented"),
-    "select_steps_per_grad": ("-1", "re-taking gradients during selection is not implemented"),
-    "select_use_expert_grads": ("0", "expert-trajectory gradients are not implemented"),
-    "num_experts": ("1", "only one expert is trained"),
-    "max_iterations": ("1", "only one outer iteration is run"),
+    "opt": (("SELECT",), "only the SELECT optimiser is implemented"),
+    "select_steps_per_grad": (("-1",), "re-taking gradients during selection is not implemented"),
+    # a no-op in the original: both values take the gradients at the finetuned weights (--grad-at)
+    "select_use_expert_grads": (("0", "1"), "where gradients are taken is set by --grad-at"),
+    "num_experts": (("1",), "only one expert is trained"),
+    "max_iterations": (("1",), "only one outer iteration is run"),
 }
 DEMO_MODEL = "smollm2-135m"
 DEMO = {  # sized to finish within 10 minutes on a 2-core CPU; see README for the choice of scope
@@ -329,8 +330,8 @@ def run_and_print(
 def check_fixed_seed_options(args: argparse.Namespace) -> None:
     for name, (supported, why) in FIXED_SEED_OPTIONS.items():
         value = getattr(args, name, None)
-        if value is not None and str(value) != supported:
-            raise W2DError(f"--{name} {value} is not supported: {why} (only {supported})")
+        if value is not None and str(value) not in supported:
+            raise W2DError(f"--{name} {value} is not supported: {why} (only {' or '.join(supported)})")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -546,7 +547,7 @@ def make_parser() -> argparse.ArgumentParser:
         )
     seed = p.add_argument_group("original options with one supported value (others are refused)")
     for name, (supported, why) in FIXED_SEED_OPTIONS.items():
-        seed.add_argument(f"--{name}", default=None, help=f"only {supported}: {why}")
+        seed.add_argument(f"--{name}", default=None, help=f"only {' or '.join(supported)}: {why}")
 
     p = command(
         "demo",

@@ -19,6 +19,8 @@ from weights2data.errors import W2DError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 TASKS = ("auto", "classification", "lm")
 LM_LOSSES = ("full", "last")
+GRAD_AT = ("finetuned", "base", "both")  # where a path segment's gradients are taken
+PATHS = ("linear",)  # pseudo-expert paths from the base to the finetuned weights
 DEFAULT_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-3}  # measured on smollm2-135m / AG News
 # a head-only LM finetune at 1e-3 overshoots within one epoch: its weight change carries no signal
 DEFAULT_LM_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-4}  # measured on smollm2-135m / IMDB texts
@@ -207,7 +209,32 @@ class SelectConfig:
     )
     grad_at: str = opt(
         "finetuned",
-        "weights at which corpus gradients are taken: finetuned (the original), base, or both (their sum)",
+        "where each path segment's corpus gradients are taken: finetuned (its end; with one segment, "
+        "the finetuned weights, as the original), base (its start) or both",
+    )
+    pseudo_experts: int = opt(
+        1,
+        "P: split the path from the base to the finetuned weights into P segments (pseudo-experts), "
+        "each matched against its own weight change with gradients taken on it (see --grad-at); "
+        "1 is the original's single step (the original's --select_num_pseudoexperts)",
+    )
+    path: str = opt("linear", "pseudo-expert path: linear (θ0 + (k/P)(θ1 − θ0))")
+    path_combine: str = opt(
+        "sum",
+        "how gradients taken at several weights join: sum (one gradient per document, summed over the "
+        "points, against the whole weight change; LESS-style) or concat (the cosine of the "
+        "concatenated gradients, each point against its segment's change)",
+    )
+    precondition: str = opt(
+        "none",
+        "none, or adam: match D ∘ g to the weight change, D = 1/√v̂ from a rank-one (Adafactor-style) "
+        "estimate of the corpus gradients' second moments, as an Adam-trained expert moved (head "
+        "gradients; exact)",
+    )
+    label_prior: str = opt(
+        "uniform",
+        "label shares for greedy_balanced / topk_balanced: uniform, predicted (the finetuned "
+        "model's mean prediction over the corpus) or comma-separated weights, one per label",
     )
     projection_dim: int = opt(
         0,
@@ -230,7 +257,25 @@ class SelectConfig:
 
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("labels", self.labels, ("auto", "random"))
-        _choice("grad_at", self.grad_at, ("finetuned", "base", "both"))
+        check_types(self)
+        _choice("grad_at", self.grad_at, GRAD_AT)
+        _choice("path", self.path, PATHS)
+        _choice("path_combine", self.path_combine, ("concat", "sum"))
+        _choice("precondition", self.precondition, ("none", "adam"))
+        if self.pseudo_experts < 1:
+            raise W2DError(f"pseudo_experts must be at least 1 (got {self.pseudo_experts})")
+        if self.label_prior not in ("uniform", "predicted") and not re.fullmatch(
+            r"\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?)*\s*", self.label_prior
+        ):
+            raise W2DError(
+                f"label_prior must be uniform, predicted or weights such as 2,1,1 (got {self.label_prior!r})"
+            )
+        several = self.pseudo_experts > 1 or self.grad_at == "both"
+        if self.path_combine == "sum" and several and (self.grad_blocks or self.projection_dim):
+            raise W2DError(
+                "--path-combine sum joins head gradients only, unprojected: with --grad-blocks or "
+                "--projection-dim use --path-combine concat"
+            )
         _choice("projection", self.projection, ("rademacher", "normal"))
         if self.k < 1:
             raise W2DError(f"k must be at least 1 (got {self.k})")
@@ -240,8 +285,6 @@ class SelectConfig:
             raise W2DError(
                 f"grad_blocks must be 0 (head only), N > 0 or -1 (all changed blocks), got {self.grad_blocks}"
             )
-        if self.grad_blocks and self.grad_at != "finetuned":
-            raise W2DError("--grad-blocks takes gradients at the finetuned weights: use --grad-at finetuned")
         if self.block_sketch_dim < 1:
             raise W2DError(f"block_sketch_dim must be positive (got {self.block_sketch_dim})")
 
@@ -261,6 +304,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         from weights2data.selection import STRATEGIES
 
+        check_types(self)
         for name in self.strategy_list:
             _choice("strategy", name, STRATEGIES)
         if self.optimizer_test is not None:

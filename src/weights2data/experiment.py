@@ -156,9 +156,10 @@ def similarity_block(recoveries: dict[str, Recovery], truth: list[str]) -> dict:
     return {name: dataset_similarity(r.texts, truth, embedder=embedder) for name, r in recoveries.items()}
 
 
-def format_closure(value: float, digits: int = 2) -> str:
-    """A closure for a table: "n/a" where it is undefined (the expert did not beat random)."""
-    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+def format_closure(value: float | None, digits: int = 2) -> str:
+    """A closure for a table: "n/a" where it is undefined (the expert did not beat random; NaN in
+    memory, null in a results file)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def format_table(results: dict) -> str:

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from weights2data.data import LabelSet
 from weights2data.errors import W2DError
 from weights2data.models import LoadedModel
-from weights2data.selection import DenseFeatures, FactoredFeatures, GradientFeatures
+from weights2data.precondition import precondition
+from weights2data.selection import DenseFeatures, FactoredFeatures, GradientFeatures, LowRankFeatures
 
-GRAD_AT = ("finetuned", "base", "both")
+COMBINE = ("concat", "sum")  # how gradients taken at several weights are joined
 PROJECTIONS = ("rademacher", "normal")
 
 
@@ -59,27 +60,45 @@ def assign_labels(probs: torch.Tensor, rule: str, seed: int) -> LabelledCorpus:
     return LabelledCorpus(labels, losses, probs)
 
 
-def classification_features(
-    hidden: dict[str, torch.Tensor],
-    rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    labels: torch.Tensor,
-    grad_at: str = "finetuned",
-) -> GradientFeatures:
-    """Factored head gradients at the finetuned (or base) weights; `both` sums the two.
+@dataclass
+class GradientPoint:
+    """Head gradients taken at one set of weights, matched against one segment's weight change."""
 
-    hidden: {"base": (N, d), "finetuned": (N, d)} last hidden states (only those needed);
-    rows: the label rows and bias of each model's head. Δ = W_base − W_finetuned.
+    hidden: torch.Tensor  # (N, d) last hidden states at these weights
+    rows: torch.Tensor  # (C, d) the head's label rows at these weights
+    bias: torch.Tensor | None  # (C,)
+    delta: torch.Tensor  # (C, d) the segment's target φ_{k−1} − φ_k on the label rows
+
+    def errors(self, labels: torch.Tensor) -> torch.Tensor:
+        return softmax_errors(self.hidden, self.rows, self.bias, labels)
+
+
+def head_features(
+    points: list[GradientPoint],
+    labels: torch.Tensor,
+    combine: str = "concat",
+    total_delta: torch.Tensor | None = None,
+    preconditioner: str = "none",
+) -> list[GradientFeatures] | GradientFeatures:
+    """Factored head gradients at every point, exact (DESIGN §3).
+
+    `concat`: one feature part per point against its own segment's Δ_k (the caller joins them
+    with `SummedFeatures`, i.e. the cosine of the concatenated gradients); `sum`: one gradient
+    per document, the sum over the points, against `total_delta` = Σ_k Δ_k = W_base − W_finetuned.
     """
-    if grad_at not in GRAD_AT:
-        raise W2DError(f"unknown --grad-at '{grad_at}': choose from {', '.join(GRAD_AT)}")
-    delta = rows["base"][0] - rows["finetuned"][0]  # (C, d)
-    if grad_at != "both":
-        h = hidden[grad_at]
-        return FactoredFeatures(softmax_errors(h, *rows[grad_at], labels), h, delta)
-    dense = sum(
-        materialise(softmax_errors(hidden[w], *rows[w], labels), hidden[w]) for w in ("base", "finetuned")
-    )
-    return DenseFeatures(dense, delta.reshape(-1))
+    if combine not in COMBINE:
+        raise W2DError(f"unknown --path-combine '{combine}': choose from {', '.join(COMBINE)}")
+    if combine == "concat":
+        return [
+            FactoredFeatures(*precondition(p.errors(labels), p.hidden, preconditioner), p.delta)
+            for p in points
+        ]
+    errors = torch.stack([p.errors(labels) for p in points], 1)  # (N, P, C)
+    hidden = torch.stack([p.hidden for p in points], 1)  # (N, P, d)
+    errors, hidden = precondition(errors, hidden, preconditioner)
+    if len(points) == 1:
+        return FactoredFeatures(errors[:, 0], hidden[:, 0], total_delta)
+    return LowRankFeatures(errors, hidden, total_delta)
 
 
 def softmax_errors(
@@ -91,7 +110,7 @@ def softmax_errors(
 
 
 def materialise(errors: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """(N, C·d) flattened e_i h_iᵀ. Only for small C·d (the `both` option and JL parity)."""
+    """(N, C·d) flattened e_i h_iᵀ. Only for small C·d (JL parity)."""
     return torch.einsum("nc,nd->ncd", errors, hidden).reshape(errors.shape[0], -1)
 
 

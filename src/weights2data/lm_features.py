@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from weights2data.config import GRAD_AT
 from weights2data.data import Encoded, scored_positions
 from weights2data.errors import W2DError
 from weights2data.features import encoded_fingerprint, hidden_chunks
@@ -41,7 +42,6 @@ from weights2data.store import atomic_path, stable_hash
 
 log = logging.getLogger(__name__)
 
-GRAD_AT = ("finetuned", "base", "both")
 PROJECTIONS = ("rademacher", "normal")
 DEFAULT_DIM = 4096
 

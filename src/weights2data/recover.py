@@ -18,11 +18,19 @@ from weights2data.config import DataConfig, SelectConfig, to_dict
 from weights2data.data import Dataset, Encoded, LabelSet, encode_classification, make_label_set
 from weights2data.errors import W2DError
 from weights2data.features import final_hidden_from, hidden_states
-from weights2data.gradients import assign_labels, classification_features, jl_project, label_probs, label_rows
+from weights2data.gradients import (
+    GradientPoint,
+    assign_labels,
+    head_features,
+    jl_project,
+    label_probs,
+    label_rows,
+)
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
-from weights2data.selection import FactoredFeatures, GradientFeatures, SummedFeatures, select
+from weights2data.selection import BALANCED, GradientFeatures, SummedFeatures, select
 from weights2data.store import atomic_path, write_json
 from weights2data.train import Task, lm_loss_sum
+from weights2data.trajectory import gradient_points, segments
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +103,20 @@ class Recovery:
         return [self.label_set.names[i] for i in self.labels.tolist()]
 
 
-def finetuned_hidden(
-    base: LoadedModel, finetuned: LoadedModel, encoded: Encoded, cache_root: Path | None
+def hidden_at(
+    base: LoadedModel, finetuned: LoadedModel, at: LoadedModel, encoded: Encoded, cache_root: Path | None
 ) -> torch.Tensor:
-    """(N, d) last hidden states of the finetuned model.
+    """(N, d) last hidden states of `at`: the finetuned model, the base, or a point between them.
 
     When the finetune left the lower blocks as they were (head or top:N), the inputs of the
     first changed block are shared with the base model's cache and only the changed blocks run.
     """
     start = first_changed_layer(base.model, finetuned.model)
     blocks = len(decoder_layers(finetuned.model))
-    if start in (0, blocks) or not hasattr(finetuned.model.base_model, "rotary_emb"):
-        return hidden_states(
-            finetuned, encoded, last_only=True, cache_root=cache_root, desc="finetuned hidden"
-        )
-    lower = hidden_states(
-        finetuned, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}"
-    )
-    return final_hidden_from(finetuned, lower, encoded, start, desc=f"finetuned blocks {start}+")
+    if start in (0, blocks) or not hasattr(at.model.base_model, "rotary_emb"):
+        return hidden_states(at, encoded, last_only=True, cache_root=cache_root, desc="last hidden states")
+    lower = hidden_states(at, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}")
+    return final_hidden_from(at, lower, encoded, start, desc=f"blocks {start}+")
 
 
 @dataclass
@@ -124,6 +128,7 @@ class CorpusGradients:
     losses: torch.Tensor
     timings: dict
     kind: str = "classification"  # or "lm": no labels, losses are mean next-token losses
+    probs: torch.Tensor | None = None  # (N, C) the finetuned model's label distribution
 
 
 def lm_corpus_gradients(
@@ -143,30 +148,41 @@ def lm_corpus_gradients(
     from weights2data.data import encode_lm
     from weights2data.lm_features import DEFAULT_DIM, lm_features
 
+    if cfg.path_combine == "sum" and cfg.pseudo_experts > 1:
+        raise W2DError("language-modelling gradients of several pseudo-experts join by --path-combine concat")
     encoded = encode_lm(finetuned.tokenizer, texts, seq_len)
-    out = lm_features(
-        base,
-        finetuned,
-        encoded,
-        lm_loss=lm_loss,
-        grad_at=cfg.grad_at,
-        dim=cfg.projection_dim or DEFAULT_DIM,
-        projection=cfg.projection,
-        seed=cfg.seed,
-        cache_root=cache_root,
-    )
-    features, timings = out.features, {**out.timings, "lm_loss": lm_loss}
-    if cfg.grad_blocks:
-        head = finetuned.model.get_output_embeddings()
+    # `sum` over one segment is lm_features' own view sum; `concat` takes one part per point
+    views = [cfg.grad_at] if cfg.path_combine == "sum" else ["base", "finetuned"]
+    views = [v for v in views if cfg.path_combine == "sum" or cfg.grad_at in (v, "both")]
+    parts, losses, timings = [], None, {"lm_loss": lm_loss}
+    for start, end in segments(base, finetuned, cfg.pseudo_experts, cfg.path):
+        for view in views:
+            out = lm_features(
+                start,
+                end,
+                encoded,
+                lm_loss=lm_loss,
+                grad_at=view,
+                dim=cfg.projection_dim or DEFAULT_DIM,
+                projection=cfg.projection,
+                seed=cfg.seed,
+                cache_root=cache_root,
+            )
+            parts.append(out.features)
+            timings = merge_timings(timings, out.timings)
+            if end is finetuned:
+                losses = out.losses  # under the finetuned model
+            if cfg.grad_blocks:
+                at = end if view == "finetuned" else start
+                head = at.model.get_output_embeddings()
 
-        def batch_loss(final: torch.Tensor, batch: Encoded, _index: slice) -> torch.Tensor:
-            return lm_loss_sum(head(final), batch, lm_loss)[0]
+                def batch_loss(final: torch.Tensor, batch: Encoded, _index: slice, head=head) -> torch.Tensor:
+                    return lm_loss_sum(head(final), batch, lm_loss)[0]
 
-        features, block_timings = with_block_gradients(
-            features, base, finetuned, encoded, batch_loss, cfg, cache_root
-        )
-        timings |= block_timings
-    return CorpusGradients(features, None, out.losses, timings, kind="lm")
+                block, block_timings = block_part(start, end, at, encoded, batch_loss, cfg, cache_root)
+                parts += [block] if block is not None else []
+                timings = merge_timings(timings, block_timings)
+    return CorpusGradients(joined(parts), None, losses, timings, kind="lm")
 
 
 def corpus_gradients(
@@ -178,35 +194,69 @@ def corpus_gradients(
     cfg: SelectConfig,
     cache_root: Path | None,
 ) -> CorpusGradients:
-    """Hidden states of the corpus (cached), labels, losses and factored head gradients."""
+    """Hidden states of the corpus (cached), labels, losses and factored head gradients.
+
+    Labels and losses come from the finetuned model; gradients are taken at the points of each
+    path segment that --grad-at names (P = 1, finetuned: the original's), each against its
+    segment's weight change, and joined by --path-combine.
+    """
     started = time.time()
     encoded = encode_classification(finetuned.tokenizer, texts, data.seq_len)
-    hidden = {"finetuned": finetuned_hidden(base, finetuned, encoded, cache_root)}
-    if cfg.grad_at != "finetuned":
-        hidden["base"] = hidden_states(
-            base, encoded, last_only=True, cache_root=cache_root, desc="base hidden states"
-        )
-    hidden_s = time.time() - started
-    rows = {"base": label_rows(base, label_set), "finetuned": label_rows(finetuned, label_set)}
-    labelled = assign_labels(label_probs(hidden["finetuned"], *rows["finetuned"]), cfg.labels, cfg.seed)
-    features = classification_features(hidden, rows, labelled.labels, cfg.grad_at)
-    if cfg.projection_dim and isinstance(features, FactoredFeatures):
-        features = jl_project(features, cfg.projection_dim, cfg.projection, cfg.seed)
-    timings = {"hidden_states_s": round(hidden_s, 2)}
-    if cfg.grad_blocks:
-        device = next(finetuned.model.parameters()).device  # moved there once, not per batch
-        weight, bias = (None if x is None else x.to(device) for x in rows["finetuned"])
-        labels = labelled.labels.to(device)
-
-        def batch_loss(final: torch.Tensor, _batch: Encoded, index: slice) -> torch.Tensor:
-            return F.cross_entropy(F.linear(final[:, -1], weight, bias), labels[index], reduction="sum")
-
-        features, block_timings = with_block_gradients(
-            features, base, finetuned, encoded, batch_loss, cfg, cache_root
-        )
-        timings |= block_timings
+    tuned_rows = label_rows(finetuned, label_set)
+    memo = {id(finetuned): (finetuned, hidden_at(base, finetuned, finetuned, encoded, cache_root))}
+    probs = label_probs(memo[id(finetuned)][1], *tuned_rows)
+    labelled = assign_labels(probs, cfg.labels, cfg.seed)
+    points, blocks, timings = [], [], {}
+    for start, end in segments(base, finetuned, cfg.pseudo_experts, cfg.path):
+        delta = label_rows(start, label_set)[0] - label_rows(end, label_set)[0]
+        for at in gradient_points(start, end, cfg.grad_at):
+            if id(at) not in memo:
+                memo[id(at)] = (at, hidden_at(base, finetuned, at, encoded, cache_root))
+            points.append(GradientPoint(memo[id(at)][1], *label_rows(at, label_set), delta))
+            if cfg.grad_blocks:
+                block, block_timings = block_part(
+                    start, end, at, encoded, label_loss(at, label_set, labelled.labels), cfg, cache_root
+                )
+                blocks += [block] if block is not None else []
+                timings = merge_timings(timings, block_timings)
+        memo = {key: value for key, value in memo.items() if value[0] in (finetuned, end)}
+    total_delta = label_rows(base, label_set)[0] - tuned_rows[0]
+    head = head_features(points, labelled.labels, cfg.path_combine, total_delta, cfg.precondition)
+    if cfg.projection_dim:
+        head = [jl_project(part, cfg.projection_dim, cfg.projection, cfg.seed) for part in as_list(head)]
     timings["features_s"] = round(time.time() - started, 2)
-    return CorpusGradients(features, labelled.labels, labelled.losses, timings)
+    return CorpusGradients(
+        joined([*as_list(head), *blocks]), labelled.labels, labelled.losses, timings, probs=labelled.probs
+    )
+
+
+def label_loss(at: LoadedModel, label_set: LabelSet, labels: torch.Tensor) -> BatchLoss:
+    """The summed classification loss of a batch from its final hidden states, under `at`'s head."""
+    device = next(at.model.parameters()).device  # moved there once, not per batch
+    weight, bias = (None if x is None else x.to(device) for x in label_rows(at, label_set))
+    labels = labels.to(device)
+
+    def batch_loss(final: torch.Tensor, _batch: Encoded, index: slice) -> torch.Tensor:
+        return F.cross_entropy(F.linear(final[:, -1], weight, bias), labels[index], reduction="sum")
+
+    return batch_loss
+
+
+def as_list(features: GradientFeatures | list) -> list:
+    return features if isinstance(features, list) else [features]
+
+
+def joined(parts: list) -> GradientFeatures:
+    """One feature object: a single part as it is, several as the concatenation of their gradients."""
+    return parts[0] if len(parts) == 1 else SummedFeatures(parts)
+
+
+def merge_timings(total: dict, new: dict) -> dict:
+    """Seconds add up over the points of a path; other entries keep their latest value."""
+    merged = dict(total)
+    for key, value in new.items():
+        merged[key] = round(merged.get(key, 0) + value, 2) if key.endswith("_s") else value
+    return merged
 
 
 def task_gradients(
@@ -224,19 +274,19 @@ def task_gradients(
     return corpus_gradients(base, finetuned, texts, task.label_set, data, cfg, cache_root)
 
 
-def with_block_gradients(
-    head: GradientFeatures,
-    base: LoadedModel,
-    finetuned: LoadedModel,
+def block_part(
+    start: LoadedModel,
+    end: LoadedModel,
+    at: LoadedModel,
     encoded: Encoded,
     batch_loss: BatchLoss,
     cfg: SelectConfig,
     cache_root: Path | None,
-) -> tuple[GradientFeatures, dict]:
-    """The head's gradients joined by those of the top changed blocks (--grad-blocks)."""
+) -> tuple[GradientFeatures | None, dict]:
+    """The gradients of the top changed blocks at `at`, against the segment start − end (--grad-blocks)."""
     blocks = block_features(
-        base,
-        finetuned,
+        start,
+        end,
         encoded,
         batch_loss,
         blocks=cfg.grad_blocks,
@@ -244,14 +294,15 @@ def with_block_gradients(
         projection=cfg.projection,
         seed=cfg.seed,
         cache_root=cache_root,
+        at=at,
     )
     if blocks is None:
         log.warning(
             "--grad-blocks %d: the finetune changed no decoder block; using the head's gradients only",
             cfg.grad_blocks,
         )
-        return head, {"gradient_blocks": "none changed"}
-    return SummedFeatures([head, blocks.features]), {**blocks.timings, "block_layers": blocks.layers}
+        return None, {"gradient_blocks": "none changed"}
+    return blocks.features, {**blocks.timings, "block_layers": blocks.layers}
 
 
 def recover(
@@ -264,9 +315,17 @@ def recover(
 ) -> Recovery:
     """Run one strategy over precomputed corpus gradients."""
     strategy = strategy or cfg.strategy
-    if strategy == "topk_balanced" and grads.labels is None:
+    if strategy in BALANCED and grads.labels is None:
         raise W2DError(
-            "topk_balanced balances labels, and a language-modelling selection has none: use topk (or greedy)"
+            f"{strategy} balances labels, and a language-modelling selection has none: use topk (or greedy)"
+        )
+    if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:
+        where = "the LM head's label rows" if grads.kind == "classification" else "the LM head"
+        blocks = " and the chosen blocks" if cfg.grad_blocks else ""
+        raise W2DError(
+            f"the finetuned weights equal the base weights in {where}{blocks}, the parameters whose "
+            "gradients were taken: the same model twice, or a finetune that left them unchanged (a "
+            "frozen head, LoRA). Pass another --finetuned, or --grad-blocks -1 for every changed block"
         )
     started = time.time()
     selection = select(
@@ -277,6 +336,8 @@ def recover(
         losses=grads.losses,
         seed=cfg.seed,
         batch_size=cfg.batch_reset,
+        num_labels=None if label_set is None else len(label_set.names),
+        label_prior=label_prior(cfg.label_prior, grads, label_set),
         progress=progress,
     )
     rows = selection.indices
@@ -301,6 +362,19 @@ def recover(
     return Recovery(
         rows, [corpus_texts[i] for i in rows.tolist()], labels, label_set, selection.scores, summary
     )
+
+
+def label_prior(spec: str, grads: CorpusGradients, label_set: LabelSet | None) -> torch.Tensor | None:
+    """The label shares the balanced strategies aim at: uniform, the finetuned model's mean
+    prediction over the corpus, or weights given one per label."""
+    if label_set is None or spec == "uniform":
+        return None
+    if spec == "predicted":
+        return grads.probs.double().mean(0)
+    weights = torch.tensor([float(w) for w in spec.split(",")], dtype=torch.float64)
+    if len(weights) != len(label_set.names):
+        raise W2DError(f"--label-prior gives {len(weights)} weights for {len(label_set.names)} labels")
+    return weights
 
 
 def write_recovery(recovery: Recovery, out_dir: Path) -> tuple[Path, Path]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from weights2data.errors import W2DError
+from weights2data.experiment import format_closure
 from weights2data.store import atomic_path, read_json
 
 SAMPLE_CHARS = 300
@@ -257,7 +258,7 @@ def scores_figure(run: Run) -> bytes:
                         label=(model if role != "recovered" else f"recovered: {model}") if first else None,
                     )
                     ax.text(x, value, _fmt(value, 3), ha="center", va="bottom", fontsize=8.5)
-            closures = [_fmt(rows.get(s, {}).get(f"closure_{figure}"), 2) for s in strategies]
+            closures = [format_closure(rows.get(s, {}).get(f"closure_{figure}")) for s in strategies]
             ax.set_xticks(
                 range(len(strategies)),
                 [f"{s}\nclosure {c}" for s, c in zip(strategies, closures, strict=True)],
@@ -609,8 +610,10 @@ def score_section(doc: Doc, runs: list[Run]) -> None:
                     row["model"],
                     row["best_epoch_test"],
                     row["val_selected_test"],
-                    row.get("closure_best_epoch_test"),
-                    row.get("closure_val_selected_test"),
+                    *(
+                        format_closure(row[key], 4) if key in row else None
+                        for key in ("closure_best_epoch_test", "closure_val_selected_test")
+                    ),
                 ]
             )
         m = run.metric

@@ -25,7 +25,18 @@ from tqdm.auto import tqdm
 from weights2data.errors import W2DError
 from weights2data.screening import screened_greedy, use_screen
 
-STRATEGIES = ("greedy", "greedy_batched", "topk", "topk_balanced", "bottomk", "p_min", "p_max", "random")
+STRATEGIES = (
+    "greedy",
+    "greedy_balanced",
+    "greedy_batched",
+    "topk",
+    "topk_balanced",
+    "bottomk",
+    "p_min",
+    "p_max",
+    "random",
+)
+BALANCED = ("greedy_balanced", "topk_balanced")  # per-label quotas
 
 _TINY = 1e-30  # floor under squared norms before a square root
 
@@ -78,6 +89,48 @@ class FactoredFeatures:
         total = self.errors[picks].T @ self.hidden[picks]  # (C, d) Σ_j e_j h_jᵀ
         e, h = (self.errors, self.hidden) if rows is None else (self.errors[rows], self.hidden[rows])
         return ((h @ total.T) * e).sum(1)
+
+
+@dataclass
+class LowRankFeatures:
+    """Sums of P factored gradients per document, g_i = Σ_p e_ip h_ipᵀ (C × d), kept as factors.
+
+    The gradient summed over several weights (pseudo-experts, or base and finetuned) against
+    one target: every inner product is exact, ⟨g_i, g_j⟩ = Σ_{p,q} (e_ip·e_jq)(h_ip·h_jq).
+    """
+
+    errors: Tensor  # (N, P, C)
+    hidden: Tensor  # (N, P, d)
+    delta: Tensor  # (C, d)
+    target_dots: Tensor = field(init=False)
+    sq_norms: Tensor = field(init=False)
+    delta_sq_norm: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.errors, self.hidden, self.delta = (x.float() for x in (self.errors, self.hidden, self.delta))
+        if self.errors.dim() != 3 or self.hidden.dim() != 3 or self.errors.shape[:2] != self.hidden.shape[:2]:
+            raise W2DError(
+                f"errors (N, P, C) and hidden (N, P, d) must agree, got {tuple(self.errors.shape)} "
+                f"and {tuple(self.hidden.shape)}"
+            )
+        if tuple(self.delta.shape) != (self.errors.shape[2], self.hidden.shape[2]):
+            raise W2DError(f"delta must be (C, d), got {tuple(self.delta.shape)}")
+        self.target_dots = torch.einsum("npd,cd,npc->n", self.hidden, self.delta, self.errors)
+        gram = torch.einsum("npc,nqc->npq", self.errors, self.errors)  # (N, P, P)
+        self.sq_norms = (gram * torch.einsum("npd,nqd->npq", self.hidden, self.hidden)).sum((1, 2))
+        self.delta_sq_norm = float(self.delta.double().square().sum())
+
+    def __len__(self) -> int:
+        return self.errors.shape[0]
+
+    def dots_with(self, j: int) -> Tensor:
+        e = torch.einsum("npc,qc->npq", self.errors, self.errors[j])
+        return (e * torch.einsum("npd,qd->npq", self.hidden, self.hidden[j])).sum((1, 2))
+
+    def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
+        total = torch.einsum("npc,npd->cd", self.errors[picks], self.hidden[picks])  # (C, d)
+        e, h = (self.errors, self.hidden) if rows is None else (self.errors[rows], self.hidden[rows])
+        return torch.einsum("npd,cd,npc->n", h, total, e)
 
 
 @dataclass
@@ -178,16 +231,19 @@ def greedy(
     k: int,
     *,
     batch_size: int | None = None,
+    quotas: tuple[Tensor, Tensor] | None = None,
     progress: bool = True,
 ) -> tuple[Tensor, Tensor, dict]:
     """SELECT: (indices, cos at pick time, engine stats); R restarts from 0 every `batch_size` picks.
+
+    `quotas` = (labels (N,), quota (C,)): a label whose quota is filled takes no more picks.
 
     State: r_dot = ⟨R, Δ⟩ and r_sq = ‖R‖² as float64 scalars, c = ⟨g_i, R⟩ as a float32
     (N,) vector, so ‖R + g_i‖² = r_sq + 2 c_i + ‖g_i‖² and each pick costs one Gram row
     ⟨g_i, g_j⟩ (`dots_with`), an N × D matrix-vector product bound by memory bandwidth.
     Large dense problems on a CPU take the same picks through an int8 screen (`screening`).
     """
-    if isinstance(features, DenseFeatures) and use_screen(features.grads):
+    if quotas is None and isinstance(features, DenseFeatures) and use_screen(features.grads):
         return screened_greedy(
             features.grads,
             features.target_dots,
@@ -198,7 +254,10 @@ def greedy(
             progress=progress,
         )
     t, sq = features.target_dots, features.sq_norms
-    chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)
+    chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)  # also: label quota filled
+    if quotas is not None:
+        labels, left = quotas[0].to(t.device), quotas[1].clone()
+        chosen |= left[labels] <= 0
     picks, scores = [], []
     for step in tqdm(range(k), desc="greedy", disable=not progress):
         if step % (batch_size or k) == 0:
@@ -210,6 +269,10 @@ def greedy(
         picks.append(j)
         scores.append(float(rank[j]) / math.sqrt(features.delta_sq_norm))
         chosen[j] = True
+        if quotas is not None:
+            left[labels[j]] -= 1
+            if left[labels[j]] == 0:
+                chosen |= labels == labels[j]
         r_dot += float(t[j])
         r_sq += 2 * float(c[j]) + float(sq[j])
         c += features.dots_with(j)
@@ -229,12 +292,16 @@ def select(
     losses: Tensor | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    num_labels: int | None = None,
+    label_prior: Tensor | None = None,
     progress: bool = True,
 ) -> Selection:
     """Pick k documents with `strategy` (one of STRATEGIES).
 
     `features` may be None only for p_min, p_max and random (then objective is NaN);
-    topk_balanced needs `labels` (N,), p_min / p_max need `losses` (N,).
+    the balanced strategies need `labels` (N,) and take `num_labels` (the label set's size;
+    default: the largest label + 1) and `label_prior` (C,) (default: uniform); p_min / p_max
+    need `losses` (N,).
     """
     engine: dict = {}
     if strategy not in STRATEGIES:
@@ -242,19 +309,29 @@ def select(
     n = _count(strategy, features, labels, losses)
     if not 1 <= k <= n:
         raise W2DError(f"k must be between 1 and the number of candidates ({n}), got {k}")
-    if strategy in ("greedy", "greedy_batched"):
+    if features is not None and strategy not in ("p_min", "p_max", "random") and features.delta_sq_norm <= 0:
+        raise W2DError(
+            "the weight change is zero in every parameter whose gradients were taken, so no document "
+            "can explain it"
+        )
+    quotas = None
+    if strategy in BALANCED:
+        quotas = labels.long(), label_quotas(labels, k, num_labels, label_prior)
+    if strategy in ("greedy", "greedy_batched", "greedy_balanced"):
         if batch_size < 1:
             raise W2DError(f"batch_size must be at least 1, got {batch_size}")
         size = batch_size if strategy == "greedy_batched" else None
-        indices, scores, engine = greedy(features, k, batch_size=size, progress=progress)
+        indices, scores, engine = greedy(features, k, batch_size=size, quotas=quotas, progress=progress)
     elif strategy == "topk":
         indices, scores = _ranked(cosines(features), k, descending=True)
     elif strategy == "bottomk":
         indices, scores = _ranked(cosines(features), k, descending=False)
     elif strategy == "topk_balanced":
-        indices, scores = topk_balanced(cosines(features), labels, k)
+        indices, scores = topk_balanced(cosines(features), quotas, k)
     elif strategy in ("p_min", "p_max"):
-        indices, scores = _ranked(losses.float(), k, descending=strategy == "p_max")
+        # a document without a scored token has a NaN loss: it ranks last either way
+        worst = -math.inf if strategy == "p_max" else math.inf
+        indices, scores = _ranked(losses.float().nan_to_num(worst), k, descending=strategy == "p_max")
     else:
         generator = torch.Generator().manual_seed(seed)
         indices, scores = torch.randperm(n, generator=generator)[:k], torch.full((k,), math.nan)
@@ -267,8 +344,8 @@ def _count(
     strategy: str, features: GradientFeatures | None, labels: Tensor | None, losses: Tensor | None
 ) -> int:
     """The number of candidates, after checking the strategy has the inputs it needs."""
-    if strategy == "topk_balanced" and labels is None:
-        raise W2DError("topk_balanced needs labels (one integer label per candidate document)")
+    if strategy in BALANCED and labels is None:
+        raise W2DError(f"{strategy} needs labels (one integer label per candidate document)")
     if strategy in ("p_min", "p_max") and losses is None:
         raise W2DError(f"{strategy} needs losses (one loss per candidate document under the finetuned model)")
     if features is None and strategy not in ("p_min", "p_max", "random"):
@@ -286,12 +363,35 @@ def _ranked(values: Tensor, k: int, descending: bool) -> tuple[Tensor, Tensor]:
     return order, values[order]
 
 
-def topk_balanced(cos: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Best cosines with at most ⌈k / C⌉ per label; leftover slots go to the best of the rest."""
-    labels = labels.to(cos.device).long()
+def label_quotas(labels: Tensor, k: int, num_labels: int | None, prior: Tensor | None = None) -> Tensor:
+    """(C,) the most picks each label may take: ⌈k · prior_c⌉ (uniform prior: ⌈k / C⌉).
+
+    When the candidates cannot fill the quotas (a label has too few documents), the shortfall is
+    spread over the other labels, so k documents can always be picked.
+    """
+    labels = labels.long()
     if labels.dim() != 1 or (len(labels) and int(labels.min()) < 0):
         raise W2DError("labels must be a 1-D tensor of non-negative integers")
-    quota = math.ceil(k / (int(labels.max()) + 1))
+    c = num_labels if num_labels is not None else int(labels.max()) + 1
+    if len(labels) and int(labels.max()) >= c:
+        raise W2DError(f"a label ({int(labels.max())}) is outside the label set of {c} labels")
+    prior = torch.full((c,), 1.0 / c) if prior is None else prior.double().cpu()
+    if prior.shape != (c,) or bool((prior < 0).any()) or float(prior.sum()) <= 0:
+        raise W2DError(f"the label prior must be {c} non-negative weights, not all zero")
+    quota = torch.ceil(k * prior / prior.sum() - 1e-9).long()
+    available = torch.bincount(labels.cpu(), minlength=c)
+    quota = torch.minimum(quota, available)
+    while (short := k - int(quota.sum())) > 0:  # spread the shortfall over labels with room, by prior
+        room = available - quota
+        weights = prior * (room > 0)
+        weights = weights if float(weights.sum()) > 0 else (room > 0).double()
+        quota += torch.minimum(torch.ceil(short * weights / weights.sum()).long(), room)
+    return quota
+
+
+def topk_balanced(cos: Tensor, quotas: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Best cosines with at most quota_c picks per label c."""
+    labels, quota = quotas[0].to(cos.device), quotas[1].to(cos.device)
     order = cos.argsort(descending=True, stable=True)  # (N,)
     ranked = labels[order]
     # rank of each document within its own label, in descending-cosine order
@@ -299,6 +399,5 @@ def topk_balanced(cos: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
     for c in ranked.unique():
         hit = ranked == c
         within[hit] = torch.arange(int(hit.sum()), device=cos.device)
-    in_quota = within < quota
-    picks = torch.cat([order[in_quota], order[~in_quota]])[:k]
+    picks = order[within < quota[ranked]][:k]
     return picks, cos[picks]
