@@ -44,6 +44,7 @@ from weights2data.data import data_dir
 from weights2data.experiment import as_split, closure, selection_training
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
 from weights2data.recover import check_pair, corpus_gradients, recover
+from weights2data.rounds import recover_in_rounds, student_config
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task, train_eval
 
@@ -283,7 +284,14 @@ def run_group(
                     extra,
                 )
                 for strategy in csv(args.strategies):
-                    recovery = recover(grads, corpus.texts, task.label_set, replace(sel, k=k), strategy)
+                    if sel.rounds == 1:
+                        recovery = recover(grads, corpus.texts, task.label_set, replace(sel, k=k), strategy)
+                    else:
+                        student = student_config(expert, sel)
+                        recovery = recover_in_rounds(
+                            base, expert, corpus.texts, task, data, replace(sel, k=k), student, strategy,
+                            ws.cache, grads,
+                        )  # fmt: skip
                     row = score(
                         strategy,
                         as_split(recovery),

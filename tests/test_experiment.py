@@ -47,11 +47,14 @@ def test_run_with_pseudo_experts_and_the_original_flag_names(cli_env) -> None:
     args = [("greedy_balanced" if a == "greedy,topk" else a) for a in RUN]
     args += ["--select_num_pseudoexperts", "2", "--select_use_expert_grads", "1", "--grad-at", "both"]
     args += ["--path-combine", "concat", "--precondition", "adam", "--train-scope", "top:1", "--lr", "1e-3"]
+    args += ["--max_iterations", "2", "--select_steps_per_grad", "3"]  # rounds, each student 3 steps
     assert main([*args, "--exp_name", "pe"]) == 0
     results = json.loads((cli_env / "runs" / "pe" / "results.json").read_text())
     assert results["config"]["select"]["pseudo_experts"] == 2
     distribution = results["selections"]["greedy_balanced"]["label_distribution"]
-    assert max(distribution.values()) <= 6 and sum(distribution.values()) == 24  # ⌈24 / 4⌉ per label
+    assert max(distribution.values()) <= 6 and sum(distribution.values()) == 24  # ⌈12 / 4⌉ a label a round
+    assert [r["k"] for r in results["selections"]["greedy_balanced"]["rounds"]] == [12, 12]
+    assert results["selections"]["greedy_balanced"]["student"]["steps"] == 3
 
 
 def test_select_command(cli_env) -> None:

@@ -250,3 +250,23 @@ def test_a_zero_weight_change_is_a_clear_error():
         with pytest.raises(W2DError, match="weight change is zero"):
             select(strategy, features, 5, progress=False)
     assert len(select("random", features, 5, progress=False).indices) == 5
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "greedy_balanced", "topk", "p_min", "random"])
+def test_excluded_rows_are_never_picked_and_the_rest_is_as_without_them(strategy):
+    grads, delta = _dense(n=50, seed=8)
+    labels, losses = torch.arange(50) % 3, torch.rand(50, generator=torch.Generator().manual_seed(1))
+    exclude = torch.tensor([0, 5, 7, 30])
+    keep = torch.tensor([i for i in range(50) if i not in exclude.tolist()])
+    options = dict(labels=labels, losses=losses, progress=False)
+    sel = select(strategy, DenseFeatures(grads, delta), 9, exclude=exclude, **options)
+    alone = select(
+        strategy,
+        DenseFeatures(grads[keep], delta),
+        9,
+        **{**options, "labels": labels[keep], "losses": losses[keep]},
+    )
+    assert sel.indices.tolist() == keep[alone.indices].tolist()
+    assert not set(sel.indices.tolist()) & set(exclude.tolist())
+    if strategy != "random" and strategy != "p_min":
+        assert sel.objective == pytest.approx(alone.objective, abs=1e-6)

@@ -52,6 +52,8 @@ SEED_ALIASES = {
         "labels": ["--select_label_strategy"],
         "projection_dim": ["--select_projection_dim"],
         "pseudo_experts": ["--select_num_pseudoexperts"],
+        "rounds": ["--max_iterations"],
+        "student_steps": ["--select_steps_per_grad"],
     },
     RunConfig: {
         "base": ["--model"],
@@ -64,11 +66,9 @@ SEED_ALIASES = {
 # Original options whose other values select machinery we do not implement: refused by name.
 FIXED_SEED_OPTIONS = {
     "opt": (("SELECT",), "only the SELECT optimiser is implemented"),
-    "select_steps_per_grad": (("-1",), "re-taking gradients during selection is not implemented"),
     # a no-op in the original: both values take the gradients at the finetuned weights (--grad-at)
     "select_use_expert_grads": (("0", "1"), "where gradients are taken is set by --grad-at"),
     "num_experts": (("1",), "only one expert is trained"),
-    "max_iterations": (("1",), "only one outer iteration is run"),
 }
 DEMO_MODEL = "smollm2-135m"
 DEMO = {  # sized to finish within 10 minutes on a 2-core CPU; see README for the choice of scope
@@ -268,13 +268,37 @@ def cmd_select(args: argparse.Namespace) -> int:
         from weights2data.recover import lm_corpus_gradients
 
         label_set = None
-        lm_loss = args.lm_loss or saved_task.get("lm_loss") or "full"
-        grads = lm_corpus_gradients(base, finetuned, corpus.texts, data.seq_len, lm_loss, sel, ws.cache)
+        grads = lm_corpus_gradients(
+            base, finetuned, corpus.texts, data.seq_len, lm_loss_of(args, finetuned), sel, ws.cache
+        )
     else:
         label_data = ws.dataset(sel.label_set, data) if sel.label_set and "," not in sel.label_set else None
         label_set = resolve_label_set(sel, data, finetuned, label_data)
         grads = corpus_gradients(base, finetuned, corpus.texts, label_set, data, sel, ws.cache)
-    recovery = recover(grads, corpus.texts, label_set, sel)
+    if sel.rounds > 1:
+        from weights2data.rounds import recover_in_rounds, student_config
+        from weights2data.train import Task
+
+        task = Task(
+            "lm" if label_set is None else "classification",
+            data.seq_len,
+            label_set,
+            lm_loss_of(args, finetuned),
+        )
+        recovery = recover_in_rounds(
+            base,
+            finetuned,
+            corpus.texts,
+            task,
+            data,
+            sel,
+            student_config(finetuned, sel),
+            sel.strategy,
+            ws.cache,
+            grads,
+        )
+    else:
+        recovery = recover(grads, corpus.texts, label_set, sel)
     parquet, _ = write_recovery(recovery, run)
     finish(run, rt, recovery.summary)
     print(
@@ -283,6 +307,11 @@ def cmd_select(args: argparse.Namespace) -> int:
         f"  labels: {recovery.summary.get('label_distribution')}"
     )
     return 0
+
+
+def lm_loss_of(args: argparse.Namespace, finetuned) -> str:
+    """The LM loss a selection scores: the flag, else the one the finetune recorded, else full."""
+    return args.lm_loss or (finetuned.meta.get("task") or {}).get("lm_loss") or "full"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -8,11 +8,10 @@ keys are errors.
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from weights2data.errors import W2DError
 
@@ -231,6 +230,17 @@ class SelectConfig:
         "estimate of the corpus gradients' second moments, as an Adam-trained expert moved (head "
         "gradients; exact)",
     )
+    rounds: int = opt(
+        1,
+        "M: select in M rounds of k/M; before each later round the base model is trained on the picks so "
+        "far (a student) and the gradients are re-taken there, against student − finetuned (the "
+        "original's --max_iterations)",
+    )
+    student_steps: int = opt(
+        -1,
+        "optimiser steps of each round's student; -1: as many as the expert took (the original's "
+        "--select_steps_per_grad)",
+    )
     label_prior: str = opt(
         "uniform",
         "label shares for greedy_balanced / topk_balanced: uniform, predicted (the finetuned "
@@ -262,6 +272,12 @@ class SelectConfig:
         _choice("path", self.path, PATHS)
         _choice("path_combine", self.path_combine, ("concat", "sum"))
         _choice("precondition", self.precondition, ("none", "adam"))
+        if self.rounds < 1 or self.rounds > self.k:
+            raise W2DError(f"rounds must be between 1 and k = {self.k} (got {self.rounds})")
+        if self.student_steps < -1 or self.student_steps == 0:
+            raise W2DError(
+                f"student_steps must be positive, or -1 for the expert's (got {self.student_steps})"
+            )
         if self.pseudo_experts < 1:
             raise W2DError(f"pseudo_experts must be at least 1 (got {self.pseudo_experts})")
         if self.label_prior not in ("uniform", "predicted") and not re.fullmatch(

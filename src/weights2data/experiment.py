@@ -25,6 +25,7 @@ from weights2data.recover import (
     task_gradients,
     write_recovery,
 )
+from weights2data.rounds import recover_in_rounds, student_config
 from weights2data.store import write_json
 from weights2data.train import Task, train_eval
 
@@ -57,11 +58,15 @@ def run_experiment(
             "topk_balanced balances labels, and a language-modelling selection has none: use topk (or greedy)"
         )
     grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)
-    del base, expert
     recoveries = {
         name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))
+        if sel.rounds == 1 or name == RANDOM
+        else recover_in_rounds(
+            base, expert, corpus.texts, task, data, sel, student_config(expert, sel), name, ws.cache, grads
+        )
         for name in dict.fromkeys([*run.strategy_list, RANDOM])
     }
+    del base, expert
     for name, recovery in recoveries.items():
         write_recovery(recovery, run_dir / f"selection-{name}")
     test_ft = selection_training(expert_ft, run.optimizer_test)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,8 +311,9 @@ def recover(
     cfg: SelectConfig,
     strategy: str | None = None,
     progress: bool = True,
+    exclude: torch.Tensor | None = None,
 ) -> Recovery:
-    """Run one strategy over precomputed corpus gradients."""
+    """Run one strategy over precomputed corpus gradients (never picking the rows in `exclude`)."""
     strategy = strategy or cfg.strategy
     if strategy in BALANCED and grads.labels is None:
         raise W2DError(
@@ -338,6 +338,7 @@ def recover(
         batch_size=cfg.batch_reset,
         num_labels=None if label_set is None else len(label_set.names),
         label_prior=label_prior(cfg.label_prior, grads, label_set),
+        exclude=exclude,
         progress=progress,
     )
     rows = selection.indices
@@ -355,13 +356,16 @@ def recover(
     if grads.kind != "classification":
         summary["task"] = grads.kind
     if labels is not None:
-        counts = Counter(labels.tolist())
-        summary["label_distribution"] = {
-            label_set.names[i]: counts.get(i, 0) for i in range(len(label_set.names))
-        }
+        summary["label_distribution"] = label_distribution(labels, label_set)
     return Recovery(
         rows, [corpus_texts[i] for i in rows.tolist()], labels, label_set, selection.scores, summary
     )
+
+
+def label_distribution(labels: torch.Tensor, label_set: LabelSet) -> dict[str, int]:
+    """How many selected documents carry each label, by label name."""
+    counts = torch.bincount(labels, minlength=len(label_set.names)).tolist()
+    return dict(zip(label_set.names, counts, strict=True))
 
 
 def label_prior(spec: str, grads: CorpusGradients, label_set: LabelSet | None) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ rows would make as expensive as the selection itself.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -195,6 +195,25 @@ class SummedFeatures:
         return sum(p.dots_with_sum(picks, rows) for p in self.parts)
 
 
+class RowSubset:
+    """The gradients of some rows of another feature object, renumbered 0..len(rows)-1."""
+
+    def __init__(self, features: GradientFeatures, rows: Tensor) -> None:
+        self.features, self.rows = features, rows
+        self.target_dots = features.target_dots[rows]
+        self.sq_norms = features.sq_norms[rows]
+        self.delta_sq_norm = features.delta_sq_norm
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def dots_with(self, j: int) -> Tensor:
+        return self.features.dots_with_sum(self.rows[j : j + 1], self.rows)
+
+    def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
+        return self.features.dots_with_sum(self.rows[picks], self.rows if rows is None else self.rows[rows])
+
+
 @dataclass
 class Selection:
     indices: Tensor  # (k,) int64, in pick order
@@ -294,9 +313,10 @@ def select(
     batch_size: int = 32,
     num_labels: int | None = None,
     label_prior: Tensor | None = None,
+    exclude: Tensor | None = None,
     progress: bool = True,
 ) -> Selection:
-    """Pick k documents with `strategy` (one of STRATEGIES).
+    """Pick k documents with `strategy` (one of STRATEGIES), none of the rows in `exclude`.
 
     `features` may be None only for p_min, p_max and random (then objective is NaN);
     the balanced strategies need `labels` (N,) and take `num_labels` (the label set's size;
@@ -307,6 +327,23 @@ def select(
     if strategy not in STRATEGIES:
         raise W2DError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     n = _count(strategy, features, labels, losses)
+    if exclude is not None and len(exclude):
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[exclude] = False
+        rows = keep.nonzero().squeeze(1)
+        sub = select(
+            strategy,
+            None if features is None else RowSubset(features, rows),
+            k,
+            labels=None if labels is None else labels[rows],
+            losses=None if losses is None else losses[rows],
+            seed=seed,
+            batch_size=batch_size,
+            num_labels=num_labels,
+            label_prior=label_prior,
+            progress=progress,
+        )
+        return replace(sub, indices=rows[sub.indices])
     if not 1 <= k <= n:
         raise W2DError(f"k must be between 1 and the number of candidates ({n}), got {k}")
     if features is not None and strategy not in ("p_min", "p_max", "random") and features.delta_sq_norm <= 0:
