@@ -124,6 +124,21 @@ def test_adam_preconditioning_is_the_rank_one_second_moment() -> None:
     assert precondition(errors, hidden, "none") == (errors, hidden)
 
 
+def test_kfac_whitening_is_the_kronecker_inverse_square_root() -> None:
+    gen = torch.Generator().manual_seed(4)
+    errors, hidden, delta = (
+        torch.randn(60, 3, generator=gen),
+        torch.randn(60, 5, generator=gen),
+        torch.randn(3, 5),
+    )
+    a, b = errors.double().T @ errors.double() / 60, hidden.double().T @ hidden.double() / 60
+    e, h = precondition(errors, hidden, "kfac")
+    ours = FactoredFeatures(e, h, delta)
+    grads = materialise(errors, hidden).double()
+    gram = grads @ torch.linalg.inv(torch.kron(a, b)) @ grads.T  # ⟨g_i, g_j⟩ in the whitened metric
+    torch.testing.assert_close(ours.dots_with(2).double(), gram[:, 2], rtol=1e-3, atol=1e-3)
+
+
 def test_path_options_are_validated() -> None:
     for bad in (
         {"pseudo_experts": 0},

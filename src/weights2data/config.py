@@ -226,9 +226,9 @@ class SelectConfig:
     )
     precondition: str = opt(
         "none",
-        "none, or adam: match D ∘ g to the weight change, D = 1/√v̂ from a rank-one (Adafactor-style) "
-        "estimate of the corpus gradients' second moments, as an Adam-trained expert moved (head "
-        "gradients; exact)",
+        "none; adam: match D ∘ g to the weight change, D = 1/√v̂ from a rank-one (Adafactor-style) "
+        "estimate of the corpus gradients' second moments, as an Adam-trained expert moved; kfac: "
+        "whiten by the Kronecker-factored second moment (A^-1/2 e hᵀ B^-1/2). Head gradients; exact",
     )
     rounds: int = opt(
         1,
@@ -271,7 +271,7 @@ class SelectConfig:
         _choice("grad_at", self.grad_at, GRAD_AT)
         _choice("path", self.path, PATHS)
         _choice("path_combine", self.path_combine, ("concat", "sum"))
-        _choice("precondition", self.precondition, ("none", "adam"))
+        _choice("precondition", self.precondition, ("none", "adam", "kfac"))
         if self.rounds < 1 or self.rounds > self.k:
             raise W2DError(f"rounds must be between 1 and k = {self.k} (got {self.rounds})")
         if self.student_steps < -1 or self.student_steps == 0:

@@ -7,15 +7,21 @@ g_i = e_i h_iᵀ (C × d) and kept rank one, Adafactor-style: with row sums
 a_c = mean_i e_ic² ‖h_i‖² and column sums b_d = mean_i ‖e_i‖² h_id², v̂_cd = a_c b_d / Σ_c a_c.
 Then D_cd = α_c β_d, and D ∘ (e hᵀ) = (α ∘ e)(β ∘ h)ᵀ: the preconditioned gradient is the
 same factored outer product with rescaled factors, so every inner product stays exact.
+
+`kfac` whitens instead of rescaling: the gradients' second moment E[g gᵀ] is approximated by the
+Kronecker product A ⊗ B of A = E[e eᵀ] (C × C) and B = E[h hᵀ] (d × d), K-FAC-style, and each
+gradient becomes A^{-1/2} e hᵀ B^{-1/2} — the full-matrix analogue of Adam's 1/√v (and the
+whitened metric TRAK scores in, with damping), still one factored outer product per document.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from weights2data.errors import W2DError
 
-PRECONDITIONERS = ("none", "adam")
+PRECONDITIONERS = ("none", "adam", "kfac")
 _EPS = 1e-6  # relative floor under the second moments, as Adam's ε keeps a step finite
 
 
@@ -39,5 +45,21 @@ def precondition(errors: Tensor, hidden: Tensor, kind: str) -> tuple[Tensor, Ten
         raise W2DError(f"unknown preconditioner '{kind}': choose from {', '.join(PRECONDITIONERS)}")
     if kind == "none":
         return errors, hidden
-    alpha, beta = adam_scales(errors.reshape(-1, errors.shape[-1]), hidden.reshape(-1, hidden.shape[-1]))
+    flat_e, flat_h = errors.reshape(-1, errors.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+    if kind == "kfac":
+        return errors @ inverse_sqrt(second_moment(flat_e)), hidden @ inverse_sqrt(second_moment(flat_h))
+    alpha, beta = adam_scales(flat_e, flat_h)
     return errors * alpha, hidden * beta
+
+
+def second_moment(x: Tensor) -> Tensor:
+    """(k, k) E[x xᵀ] over the rows of x (n, k), in float64."""
+    x = x.double()
+    return x.T @ x / max(len(x), 1)
+
+
+def inverse_sqrt(m: Tensor, damping: float = _EPS) -> Tensor:
+    """(m + λI)^{-1/2} for a symmetric PSD m, λ = damping × its mean eigenvalue; float32."""
+    values, vectors = torch.linalg.eigh(m)
+    values = values.clamp_min(0) + damping * values.clamp_min(0).mean().clamp_min(1e-300)
+    return ((vectors * values.rsqrt()) @ vectors.T).float()
