@@ -44,9 +44,10 @@ from weights2data.data import data_dir
 from weights2data.experiment import as_split, closure, selection_training
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
 from weights2data.recover import check_pair, corpus_gradients, recover
-from weights2data.rounds import recover_in_rounds, student_config
+from weights2data.rounds import recover_in_rounds
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task, train_eval
+from weights2data.trajectory import expert_settings
 
 LEARNING_RATES = {"head": 1e-3, "top": 1e-4, "full": 2e-5}  # per regime; full is the original's 2e-5
 QUICK = dict(
@@ -287,7 +288,7 @@ def run_group(
                     if sel.rounds == 1:
                         recovery = recover(grads, corpus.texts, task.label_set, replace(sel, k=k), strategy)
                     else:
-                        student = student_config(expert, sel)
+                        student = expert_settings(base, expert, sel.student_steps)
                         recovery = recover_in_rounds(
                             base, expert, corpus.texts, task, data, replace(sel, k=k), student, strategy,
                             ws.cache, grads,

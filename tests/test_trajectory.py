@@ -6,17 +6,19 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from test_recover import TEXTS, autograd_head_gradients
-from weights2data.config import DataConfig, SelectConfig
-from weights2data.data import make_label_set
+from weights2data.config import DataConfig, FinetuneConfig, SelectConfig
+from weights2data.data import encode_classification, make_label_set
 from weights2data.errors import W2DError
 from weights2data.gradients import materialise
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
 from weights2data.precondition import adam_scales, precondition
 from weights2data.recover import corpus_gradients, recover
 from weights2data.selection import DenseFeatures, FactoredFeatures, SummedFeatures, select
-from weights2data.trajectory import gradient_points, interpolate, segments
+from weights2data.train import Task
+from weights2data.trajectory import Walk, changed_scope, gradient_points, interpolate, segments
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,31 @@ def test_sum_of_both_ends_is_the_summed_gradient(pair, label_set, tmp_path) -> N
     assert select("greedy", grads.features, 6, progress=False).indices.tolist() == (
         select("greedy", exact, 6, progress=False).indices.tolist()
     )
+
+
+def test_distill_walk_moves_towards_the_finetuned_model(pair, label_set, tmp_path) -> None:
+    """The walk's snapshots get closer to θ1's predictions and weights; the path ends at θ1 itself."""
+    base, finetuned = pair
+    task = Task("classification", 16, label_set)
+    probs = torch.softmax(torch.randn(len(TEXTS), 4, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    walk = Walk(TEXTS, task, probs, FinetuneConfig(train_scope="full", lr=3e-3, steps=30, batch_size=4), 0.0)
+    points = [end for _, end in segments(base, finetuned, 3, "distill", walk)]
+    assert len(points) == 3 and points[-1] is finetuned
+    assert changed_scope(base, finetuned) == "full"
+    encoded = encode_classification(base.tokenizer, TEXTS, 16)
+
+    def kl(model: LoadedModel) -> float:
+        logits = model.model(
+            input_ids=encoded.input_ids,
+            attention_mask=encoded.attention_mask,
+            position_ids=encoded.position_ids,
+        ).logits[:, -1, label_set.token_ids]
+        return float(F.kl_div(F.log_softmax(logits, -1), probs, reduction="batchmean"))
+
+    with torch.no_grad():
+        assert kl(points[1]) < kl(points[0]) < kl(base)
+    with pytest.raises(W2DError, match="classification"):
+        list(segments(base, finetuned, 2, "distill"))
 
 
 def test_adam_preconditioning_is_the_rank_one_second_moment() -> None:

@@ -276,8 +276,9 @@ def cmd_select(args: argparse.Namespace) -> int:
         label_set = resolve_label_set(sel, data, finetuned, label_data)
         grads = corpus_gradients(base, finetuned, corpus.texts, label_set, data, sel, ws.cache)
     if sel.rounds > 1:
-        from weights2data.rounds import recover_in_rounds, student_config
+        from weights2data.rounds import recover_in_rounds
         from weights2data.train import Task
+        from weights2data.trajectory import expert_settings
 
         task = Task(
             "lm" if label_set is None else "classification",
@@ -292,7 +293,7 @@ def cmd_select(args: argparse.Namespace) -> int:
             task,
             data,
             sel,
-            student_config(finetuned, sel),
+            expert_settings(base, finetuned, sel.student_steps),
             sel.strategy,
             ws.cache,
             grads,

@@ -19,7 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 TASKS = ("auto", "classification", "lm")
 LM_LOSSES = ("full", "last")
 GRAD_AT = ("finetuned", "base", "both")  # where a path segment's gradients are taken
-PATHS = ("linear",)  # pseudo-expert paths from the base to the finetuned weights
+PATHS = ("linear", "distill")  # pseudo-expert paths from the base to the finetuned weights
 DEFAULT_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-3}  # measured on smollm2-135m / AG News
 # a head-only LM finetune at 1e-3 overshoots within one epoch: its weight change carries no signal
 DEFAULT_LM_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-4}  # measured on smollm2-135m / IMDB texts
@@ -217,7 +217,11 @@ class SelectConfig:
         "each matched against its own weight change with gradients taken on it (see --grad-at); "
         "1 is the original's single step (the original's --select_num_pseudoexperts)",
     )
-    path: str = opt("linear", "pseudo-expert path: linear (θ0 + (k/P)(θ1 − θ0))")
+    path: str = opt(
+        "linear",
+        "pseudo-expert path: linear (θ0 + (k/P)(θ1 − θ0)) or distill (a walk from θ0 trained to match "
+        "the finetuned model's label distribution on the corpus, pulled towards its weights)",
+    )
     path_combine: str = opt(
         "sum",
         "how gradients taken at several weights join: sum (one gradient per document, summed over the "

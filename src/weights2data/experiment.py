@@ -25,9 +25,10 @@ from weights2data.recover import (
     task_gradients,
     write_recovery,
 )
-from weights2data.rounds import recover_in_rounds, student_config
+from weights2data.rounds import recover_in_rounds
 from weights2data.store import write_json
 from weights2data.train import Task, train_eval
+from weights2data.trajectory import expert_settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,16 @@ def run_experiment(
         name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))
         if sel.rounds == 1 or name == RANDOM
         else recover_in_rounds(
-            base, expert, corpus.texts, task, data, sel, student_config(expert, sel), name, ws.cache, grads
+            base,
+            expert,
+            corpus.texts,
+            task,
+            data,
+            sel,
+            expert_settings(base, expert, sel.student_steps),
+            name,
+            ws.cache,
+            grads,
         )
         for name in dict.fromkeys([*run.strategy_list, RANDOM])
     }

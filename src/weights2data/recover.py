@@ -29,7 +29,7 @@ from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.selection import BALANCED, GradientFeatures, SummedFeatures, select
 from weights2data.store import atomic_path, write_json
 from weights2data.train import Task, lm_loss_sum
-from weights2data.trajectory import gradient_points, segments
+from weights2data.trajectory import Walk, expert_settings, gradient_points, segments
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,11 @@ def corpus_gradients(
     probs = label_probs(memo[id(finetuned)][1], *tuned_rows)
     labelled = assign_labels(probs, cfg.labels, cfg.seed)
     points, blocks, timings = [], [], {}
-    for start, end in segments(base, finetuned, cfg.pseudo_experts, cfg.path):
+    walk = None
+    if cfg.path == "distill":
+        task = Task("classification", data.seq_len, label_set)
+        walk = Walk(texts, task, probs, expert_settings(base, finetuned), cache_root=cache_root)
+    for start, end in segments(base, finetuned, cfg.pseudo_experts, cfg.path, walk):
         delta = label_rows(start, label_set)[0] - label_rows(end, label_set)[0]
         for at in gradient_points(start, end, cfg.grad_at):
             if id(at) not in memo:

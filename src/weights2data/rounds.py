@@ -38,20 +38,6 @@ def round_sizes(k: int, rounds: int) -> list[int]:
     return [k // rounds + (i < k % rounds) for i in range(rounds)]
 
 
-def student_config(finetuned: LoadedModel, cfg: SelectConfig) -> FinetuneConfig:
-    """How each round's student trains: the expert's settings (from the metadata weights2data saved
-    with it) for --student-steps, or as many steps as the expert took."""
-    saved = finetuned.meta.get("finetune")
-    if not saved:
-        raise W2DError(
-            "--rounds trains students with the expert's settings, which only a model finetuned by "
-            "weights2data records (its w2d.json); use w2d run, or --rounds 1"
-        )
-    expert_steps = sum(epoch["steps"] for epoch in finetuned.meta.get("history", [])) or None
-    steps = cfg.student_steps if cfg.student_steps > 0 else expert_steps
-    return replace(FinetuneConfig(**saved), steps=steps)
-
-
 def recover_in_rounds(
     base: LoadedModel,
     finetuned: LoadedModel,

@@ -7,33 +7,54 @@ its start φ_{k−1} (where a step from there would be taken: `--grad-at base`),
 (the original's choice: `finetuned`) or both. P = 1 is the original's single segment.
 
 `linear` is the straight path φ_k = θ0 + (k/P)(θ1 − θ0): every Δ_k is Δ/P and the points
-differ only in where the gradients are taken.
+differ only in where the gradients are taken. `distill` walks from θ0 instead, training the
+weights the finetune changed to match θ1's label distribution on corpus documents (KL) with a
+pull λ‖θ − θ1‖² towards θ1 (the original's pseudo-experts, made to work), with the expert's
+optimiser for as many steps as the expert took, and snapshots the walk P − 1 times.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from weights2data.config import GRAD_AT, PATHS
+from weights2data.config import GRAD_AT, PATHS, FinetuneConfig
+from weights2data.data import Split
 from weights2data.errors import W2DError
-from weights2data.models import LoadedModel
+from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
+from weights2data.train import ScopedModel, Task, make_optimizer, prepare
+
+log = logging.getLogger(__name__)
 
 
-def segments(base: LoadedModel, finetuned: LoadedModel, count: int, path: str) -> Iterator[tuple]:
+def segments(
+    base: LoadedModel, finetuned: LoadedModel, count: int, path: str, walk: Walk | None = None
+) -> Iterator[tuple]:
     """(φ_{k−1}, φ_k) for k = 1..count; φ_0 and φ_P are `base` and `finetuned` themselves.
 
-    One interpolated model is built at a time, so at most two extra copies are alive.
+    `linear` builds one interpolated model at a time, so at most two extra copies are alive;
+    `distill` needs the corpus `walk` to train on.
     """
     if count < 1:
         raise W2DError(f"the number of pseudo-experts must be at least 1 (got {count})")
     if path not in PATHS:
         raise W2DError(f"unknown path '{path}': choose from {', '.join(PATHS)}")
+    if path == "distill" and count > 1:
+        if walk is None:
+            raise W2DError("the distill path matches label distributions: it needs a classification finetune")
+        middle: Iterable[LoadedModel] = distill(base, finetuned, walk, count - 1)
+    else:
+        middle = (interpolate(base, finetuned, k / count) for k in range(1, count))
     start = base
-    for k in range(1, count + 1):
-        end = finetuned if k == count else interpolate(base, finetuned, k / count)
+    for end in itertools.chain(middle, [finetuned]):
         yield start, end
         start = end
 
@@ -61,3 +82,80 @@ def interpolate(base: LoadedModel, finetuned: LoadedModel, t: float) -> LoadedMo
                 raise W2DError(f"cannot interpolate weight {name}: the base model has no matching weight")
             param.lerp_(start.to(param.device, param.dtype), 1.0 - t)  # param + (1 − t)(θ0 − param)
     return LoadedModel(model, finetuned.tokenizer, f"{finetuned.spec}@{t:.3f}", meta=finetuned.meta)
+
+
+@dataclass
+class Walk:
+    """What the distill walk trains on: the corpus and the finetuned model's label distribution."""
+
+    texts: list[str]
+    task: Task  # classification: the label set and sequence length
+    target_probs: torch.Tensor  # (N, C) θ1's distribution over the label tokens
+    settings: FinetuneConfig  # optimiser, learning rate, batch size, seed; steps = the walk's length
+    pull: float = 1.0  # λ of λ‖θ − θ1‖², the original's weight
+    cache_root: Path | None = None
+
+
+def expert_settings(base: LoadedModel, finetuned: LoadedModel, steps: int = -1) -> FinetuneConfig:
+    """How the expert trained, to train students and walks alike: the settings weights2data recorded
+    with it (w2d.json), for `steps` steps or, with -1, as many as it took; for a model trained
+    elsewhere, the defaults of the scope it changed for 100 steps."""
+    saved, history = finetuned.meta.get("finetune"), finetuned.meta.get("history") or []
+    if saved:
+        settings = FinetuneConfig(**saved)
+    else:
+        kind = "lm" if (finetuned.meta.get("task") or {}).get("kind") == "lm" else "classification"
+        settings = FinetuneConfig(train_scope=changed_scope(base, finetuned)).for_task(kind)
+        log.info("the finetuned model records no training settings: students train %s", settings)
+    taken = sum(epoch["steps"] for epoch in history) or 100
+    return replace(settings, steps=steps if steps > 0 else taken)
+
+
+def changed_scope(base: LoadedModel, finetuned: LoadedModel) -> str:
+    """The train scope whose weights a finetune changed: head, top:N or full."""
+    start, blocks = first_changed_layer(base.model, finetuned.model), len(decoder_layers(finetuned.model))
+    return "head" if start == blocks else "full" if start == 0 else f"top:{blocks - start}"
+
+
+def distill(base: LoadedModel, finetuned: LoadedModel, walk: Walk, snapshots: int) -> list[LoadedModel]:
+    """`snapshots` points of a walk from θ0 that matches θ1's label distribution, pulled towards θ1."""
+    if walk.task.kind != "classification":
+        raise W2DError("the distill path matches label distributions: it needs a classification finetune")
+    student = LoadedModel(copy.deepcopy(base.model), base.tokenizer, f"{base.spec}+walk", meta=finetuned.meta)
+    scoped = ScopedModel(student, changed_scope(base, finetuned), walk.task)
+    data = prepare(scoped, Split(walk.texts, walk.target_probs.argmax(-1).numpy()), walk.cache_root)
+    params = scoped.parameters()
+    targets = targets_in(finetuned, scoped)
+    optimizer = make_optimizer(params, walk.settings)
+    generator = torch.Generator().manual_seed(walk.settings.seed)
+    steps = walk.settings.steps or 100
+    every = max(steps // (snapshots + 1), 1)
+    points = []
+    bar = tqdm(range(steps), desc="distill walk", unit="step", leave=False)
+    for step in bar:
+        index = torch.randint(len(data), (walk.settings.batch_size,), generator=generator)
+        frozen, batch, _ = data.batch(index)
+        log_p = F.log_softmax(scoped.logits(frozen, batch), -1)
+        kl = F.kl_div(log_p, walk.target_probs[index].to(log_p.device), reduction="batchmean")
+        pull = sum((p - t).square().sum() for p, t in zip(params, targets, strict=True))
+        optimizer.zero_grad(set_to_none=True)
+        (kl + walk.pull * pull).backward()
+        optimizer.step()
+        bar.set_postfix(kl=f"{kl.item():.4f}")
+        if (step + 1) % every == 0 and len(points) < snapshots:
+            scoped.finalize()
+            points.append(
+                LoadedModel(copy.deepcopy(student.model), base.tokenizer, f"{base.spec}+walk{step + 1}")
+            )
+    return points
+
+
+def targets_in(finetuned: LoadedModel, scoped: ScopedModel) -> list[torch.Tensor]:
+    """θ1's value of every weight the walk trains, in `scoped.parameters()` order."""
+    tuned = dict(finetuned.model.named_parameters())
+    names = [name for name, p in scoped.loaded.model.named_parameters() if p.requires_grad]
+    out = [tuned[name].detach() for name in names]
+    if scoped.label_rows is not None:
+        head = finetuned.model.get_output_embeddings().weight
+        out.append(head[torch.tensor(scoped.task.label_set.token_ids, device=head.device)].detach())
+    return out
