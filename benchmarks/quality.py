@@ -79,6 +79,12 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--train-rows", type=int, default=1000, help="the expert trains on NAME_<train-rows>")
     p.add_argument(
+        "--verbalizer",
+        default="letters",
+        help="label tokens: letters (A, B, ... as the original), names, or a comma-separated word list "
+        "(e.g. 'World,Sports,Business,Science'), as w2d's --verbalizer",
+    )
+    p.add_argument(
         "--corpus", default="wiki_passages_10000", help="dataset(s) to select from, space-separated"
     )
     p.add_argument(
@@ -208,7 +214,7 @@ def run_group(
     """One expert; every label rule, projection, k and strategy trained against it."""
     kind, _ = parse_scope(scope)
     batch = 512 if ws.device.type == "cuda" else 64
-    data = DataConfig(dataset=f"{dataset}_{args.train_rows}")
+    data = DataConfig(dataset=f"{dataset}_{args.train_rows}", verbalizer=args.verbalizer)
     expert_ft = FinetuneConfig(
         train_scope=scope,
         lr=LEARNING_RATES[kind],
@@ -311,7 +317,7 @@ def run_group(
 # every setting that changes a row's figures besides what the row itself records (and the device)
 SETTINGS = (
     "model", "train_rows", "corpus", "corpus_seed", "expert_epochs",
-    "eval_epochs", "patience", "max_eval_rows", "batch_size",
+    "eval_epochs", "patience", "max_eval_rows", "batch_size", "verbalizer",
 )  # fmt: skip
 
 
@@ -326,7 +332,8 @@ def merged_rows(paths: list[str]) -> list[dict]:
         try:
             with open(path) as f:
                 results = json.load(f)
-            settings = {key: results["args"].get(key) for key in SETTINGS} | {"device": results["device"]}
+            args = {"verbalizer": "letters"} | results["args"]  # files older than the option used letters
+            settings = {key: args.get(key) for key in SETTINGS} | {"device": results["device"]}
             file_rows = list(results["rows"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SystemExit(f"{path}: not a results file of quality.py ({exc!r})") from exc
