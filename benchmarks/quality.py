@@ -37,6 +37,7 @@ import statistics
 import time
 from dataclasses import fields, replace
 
+import numpy as np
 import torch
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, SelectConfig, parse_scope
@@ -127,6 +128,11 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="which NAME_N subset of the corpus; "
         "fixed across --seeds, so the corpus's hidden states are computed once",
+    )
+    p.add_argument(
+        "--no-true-k",
+        action="store_true",
+        help="skip the true_k reference rows (the base trained on k of the expert's own training rows)",
     )
     p.add_argument("--expert-epochs", type=int, default=3, help="epochs of the expert's finetune")
     p.add_argument("--eval-epochs", type=int, default=10, help="most epochs of each train-evaluate run")
@@ -259,6 +265,10 @@ def run_group(
         return row
 
     expert_row = score("expert", expert_data.train, {"k": len(expert_data.train)})
+    if not args.no_true_k:  # what k documents can teach at best: k of the expert's own rows, true labels
+        for k in csv(args.ks, int):
+            rows = np.random.default_rng(seed).permutation(len(expert_data.train))[:k]
+            score("true_k", expert_data.train.subset(np.sort(rows)), {"k": k})
     for rule in csv(args.label_rules):
         variants = [
             (d, b, v)
@@ -354,6 +364,8 @@ def table_key(row: dict) -> tuple:
     Random documents do not depend on the select options (only on the label rule): one line.
     """
     expert = row["train"] == "expert"
+    if row["train"] == "true_k":
+        return (row["dataset"], row["scope"], row["k"], "-", "-", "-", "-", "true_k")
     return (
         row["dataset"],
         row["scope"],
