@@ -1,6 +1,6 @@
 """The README's linear probe, measured: its two `w2d` commands, and the base model for reference.
 
-    python benchmarks/probe.py   # about 2 minutes on a 2-core CPU
+    python benchmarks/probe.py   # 14 min on this 2-core CPU while another benchmark shared it
 
 Runs `w2d finetune ... --train-scope head --exp-name probe`, `w2d evaluate` of that probe and of
 the base model, through the CLI in one process, in a scratch folder with a fresh cache (only the
