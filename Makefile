@@ -1,12 +1,13 @@
 # Two commands: `make demo` (the whole recovery experiment on the embedded default)
-# and `make test` (the test suite). Both install everything first.
+# and `make test` (the test suite). Both install everything first. `make results` checks
+# every figure table in README.md and benchmarks/RESULTS.md against benchmarks/results/*.json.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= $(abspath ../shared/data)
 export W2D_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint results clean
 
 $(BIN)/w2d: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +28,9 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+results: install
+	$(BIN)/python benchmarks/check_results.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -413,13 +413,7 @@ def markdown(summary: list[dict]) -> str:
         "|" + "---|" * 13,
     ]
 
-    def fmt(entry: dict, key: str) -> str:
-        if key not in entry:
-            return "n/a" if entry.get(key + "_seeds") == 0 else ""  # the expert did not beat random
-        text = f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}" if entry["seeds"] > 1 else f"{entry[key]:.3f}"
-        defined = entry.get(key + "_seeds", entry["seeds"])
-        return text if defined == entry["seeds"] else f"{text} ({defined} of {entry['seeds']} seeds)"
-
+    fmt = format_figure
     for e in summary:
         lines.append(
             f"| {e['dataset']} | {e['scope']} | {e['k']} | {e['labels']} | {e['projection_dim']} | "
@@ -428,6 +422,19 @@ def markdown(summary: list[dict]) -> str:
             f"{fmt(e, 'closure_best_epoch_test')} | {fmt(e, 'closure_val_selected_test')} | {e['seeds']} |"
         )
     return "\n".join(lines)
+
+
+def format_figure(entry: dict, key: str, scale: float = 1, digits: int = 3) -> str:
+    """One figure of a summary entry: the mean, ± the std where there are several seeds; "n/a"
+    where no seed defines it (a closure where the expert did not beat random), and how many
+    seeds do where not all."""
+    if key not in entry:
+        return "n/a" if entry.get(key + "_seeds") == 0 else ""
+    text = f"{scale * entry[key]:.{digits}f}"
+    if entry["seeds"] > 1:
+        text += f" ± {scale * entry[key + '_std']:.{digits}f}"
+    defined = entry.get(key + "_seeds", entry["seeds"])
+    return text if defined == entry["seeds"] else f"{text} ({defined} of {entry['seeds']} seeds)"
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ HELP_FLAGS = {
         "--train-scope",
         "--lr",
     ],
-    "demo": ["--data-dir", "--device", "--cache-dir"],
+    "demo": ["--data-dir", "--device", "--cache-dir", "--results-json"],
 }
 
 
@@ -206,3 +206,19 @@ def test_train_eval_writes_both_figures(cli_env: Path, capsys: pytest.CaptureFix
     assert metrics["val_selected_test"] == tests[-1] and metrics["honest_rule"] == "last epoch"
     assert all(e["test"]["n"] == 64 for e in metrics["epochs"])
     assert "best over epochs" in out and "honest" in out
+
+
+def test_demo_copies_its_results(
+    cli_env: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--results-json: the run's results.json, copied where the docs' figures are checked from."""
+    import weights2data.cli as cli
+
+    tiny = {"dataset": "ag_news_64", "corpus": "wiki_passages_120", "k": 24, "scope": "top:1", "lr": 1e-3}
+    monkeypatch.setattr(cli, "DEMO", cli.DEMO | tiny | {"epochs": 1, "eval_rows": 48, "eval_epochs": 1})
+    monkeypatch.setattr(cli, "DEMO_MODEL", "tiny-test")
+    code, out, _ = run(["demo", "--results-dir", "runs", "--results-json", "out/demo.json"], capsys)
+    assert code == 0 and "copied to out/demo.json" in out
+    copied = (cli_env / "out" / "demo.json").read_text()
+    assert copied == (cli_env / "runs" / "demo" / "results.json").read_text()
+    assert [row["model"] for row in json.loads(copied)["table"]] == ["expert", "greedy", "topk", "random"]

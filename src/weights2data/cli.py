@@ -334,6 +334,7 @@ def run_and_print(
     ev: EvalConfig,
     sel: SelectConfig,
     run_cfg: RunConfig,
+    results_json: str | None = None,
 ) -> int:
     from weights2data.experiment import format_table, run_experiment
     from weights2data.pipeline import Workspace
@@ -354,6 +355,10 @@ def run_and_print(
     )
     print(format_table(results))
     print(f"results: {run / 'results.json'}")
+    if results_json:  # e.g. benchmarks/results/demo_cpu.json, the figures the README quotes
+        Path(results_json).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / "results.json", results_json)
+        print(f"  copied to {results_json}")
     return 0
 
 
@@ -377,7 +382,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"demo: {DEMO_MODEL}, {DEMO['scope']} scope; expert on {DEMO['dataset']}; recover k = {DEMO['k']} "
         f"from {DEMO['corpus']}; train on each and score on AG News test ({DEMO['eval_rows']} rows)"
     )
-    return run_and_print(args, rt, data, ft, ev, sel, run_cfg)
+    return run_and_print(args, rt, data, ft, ev, sel, run_cfg, args.results_json)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -586,6 +591,12 @@ def make_parser() -> argparse.ArgumentParser:
         "Wikipedia passages), sized for a laptop CPU",
     )
     p.add_argument("--data-dir", default=None, help="data directory (default: $W2D_DATA_DIR)")
+    p.add_argument(
+        "--results-json",
+        default=None,
+        metavar="PATH",
+        help="also copy the run's results.json to PATH (e.g. benchmarks/results/demo_cpu.json)",
+    )
     add_config_args(p, RuntimeConfig)
 
     p = command(

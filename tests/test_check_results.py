@@ -1,0 +1,132 @@
+"""benchmarks/check_results.py on a small synthetic doc and results file: figures recomputed from JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import check_results  # noqa: E402  (a script beside quality.py, not a package)
+import quality  # noqa: E402
+
+ROW = "| AG News | 100 | 81.0 ± 1.4 | 66.0 ± 1.4 | 51.0 ± 1.4 | 0.50 ± 0.00 |"
+DOC = """# Results
+
+<!-- table quality files=quality_t.json rows=dataset,k columns=expert,greedy,random closure=greedy{flags} -->
+| dataset | k | expert | greedy | random | greedy closure |
+| --- | ---: | --- | --- | --- | --- |
+{body}
+<!-- /table -->
+
+<!-- value quality_t.json summary.train=greedy.val_selected_test*100:.1f±{flags} -->{value}<!-- /value -->
+"""
+SOURCE = "*Source: `benchmarks/results/quality_t.json` (a complete run).*"
+
+
+def rows() -> list[dict]:
+    """Two seeds of expert, random and greedy: greedy closes half the gap in each."""
+    out = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        base = {"dataset": "ag_news", "scope": "head", "seed": seed, "labels": "auto", "projection_dim": 0}
+        for train, acc in (("expert", 0.80), ("random", 0.50), ("greedy", 0.65)):
+            row = base | {"train": train, "k": 1000 if train == "expert" else 100}
+            row |= {"best_epoch_test": acc + shift, "val_selected_test": acc + shift}
+            if train == "greedy":
+                row |= {"closure_best_epoch_test": 0.5, "closure_val_selected_test": 0.5}
+            out.append(row)
+    return out
+
+
+def write(tmp_path: Path, body: str = "", value: str = "", flags: str = "", **results) -> Path:
+    """A results folder holding quality_t.json and a doc quoting it; returns the doc."""
+    folder = tmp_path / "results"
+    folder.mkdir(exist_ok=True)
+    data = {
+        "args": {},
+        "device": "cpu",
+        "rows": rows(),
+        "complete": True,
+        "summary": quality.summarise(rows()),
+    }
+    (folder / "quality_t.json").write_text(json.dumps(data | results))
+    doc = tmp_path / "doc.md"
+    doc.write_text(DOC.format(flags=flags, body=body, value=value))
+    return doc
+
+
+def check(doc: Path, write: bool = False) -> list[str]:
+    return check_results.check([doc], doc.parent / "results", write)
+
+
+def test_write_fills_the_marked_text_and_then_it_checks(tmp_path: Path) -> None:
+    doc = write(tmp_path)
+    assert check(doc, write=True) == []
+    text = doc.read_text()
+    assert f"{ROW}\n\n{SOURCE}\n<!-- /table -->" in text
+    assert "-->66.0 ± 1.4<!-- /value -->" in text
+    assert check(doc) == []
+
+
+def test_a_differing_figure_is_named_with_both_values(tmp_path: Path) -> None:
+    doc = write(tmp_path, body=ROW.replace("66.0", "66.1") + f"\n\n{SOURCE}", value="66.5 ± 1.4")
+    problems = check(doc)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("doc.md:3 (Results), table quality: ")
+    assert (
+        "row 'AG News | 100', column 'greedy': the text says '66.1 ± 1.4', the JSON gives '66.0 ± 1.4'"
+        in (problems[0])
+    )
+    assert problems[1].endswith(
+        "value quality_t.json: the text says '66.5 ± 1.4', the JSON gives '66.0 ± 1.4'"
+    )
+
+
+def test_nan_in_a_results_file_fails(tmp_path: Path) -> None:
+    doc = write(tmp_path)
+    path = tmp_path / "results" / "quality_t.json"
+    path.write_text(
+        path.read_text().replace('"closure_val_selected_test": 0.5', '"closure_val_selected_test": NaN')
+    )
+    assert any(p.startswith("quality_t.json: bare NaN") for p in check(doc, write=True))
+
+
+def test_a_stale_stored_summary_fails_until_rewritten(tmp_path: Path) -> None:
+    doc = write(tmp_path, summary=[])
+    assert any("quality_t.json: the stored summary differs from summarise(rows)" in p for p in check(doc))
+    check(doc, write=True)
+    assert check(doc) == []
+
+
+def test_an_incomplete_run_needs_the_partial_flag(tmp_path: Path) -> None:
+    doc = write(tmp_path, complete=False)
+    assert all("incomplete run (complete: false); mark it `partial`" in p for p in check(doc, write=True))
+    doc = write(tmp_path, flags=" partial", complete=False)
+    assert check(doc, write=True) == []
+    assert (
+        "*Source: `benchmarks/results/quality_t.json` (an incomplete run: `complete: false`).*"
+        in doc.read_text()
+    )
+    doc = write(tmp_path, flags=" partial")
+    assert any("marked `partial`, but every file it quotes is complete" in p for p in check(doc, write=True))
+
+
+def test_a_measured_strategy_left_out_of_the_table_fails(tmp_path: Path) -> None:
+    topk = [r | {"train": "topk"} for r in rows() if r["train"] == "greedy"]
+    doc = write(tmp_path, rows=rows() + topk, summary=quality.summarise(rows() + topk))
+    assert any("leaves out the measured train topk" in p for p in check(doc, write=True))
+
+
+def test_a_pending_file_is_skipped_and_a_missing_one_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    doc = write(tmp_path)
+    doc.write_text(doc.read_text().replace("quality_t.json", "later.json"))
+    assert any("no results file later.json" in p for p in check(doc))
+    doc.write_text(
+        doc.read_text().replace("closure=greedy", "closure=greedy pending").replace("± -->", "± pending -->")
+    )
+    assert check(doc) == []
+    assert capsys.readouterr().err.count("not checked: its results file is pending") == 2
