@@ -197,10 +197,10 @@ def test_grad_at_both_is_the_sum_of_the_two_gradients(pair) -> None:
 
 
 def test_float16_cache_streams_chunks_and_resumes(pair, tmp_path, monkeypatch) -> None:
-    import weights2data.features as features
+    import weights2data.store as store
 
     base, finetuned = pair
-    monkeypatch.setattr(features, "CHUNK_ROWS", 4)  # three chunks for ten documents
+    monkeypatch.setattr(store, "CHUNK_ROWS", 4)  # three chunks for ten documents
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
     chunks = list(hidden_chunks(finetuned, encoded, cache_root=tmp_path, dtype=torch.float16))
     assert [c.shape[0] for c in chunks] == [4, 4, 2] and all(c.dtype == torch.float16 for c in chunks)
@@ -220,12 +220,12 @@ def test_lm_features_are_cached_and_reused_without_the_model(pair, tmp_path, mon
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
     kw = dict(dim=256, seed=2, cache_root=tmp_path, dtype=torch.float32, progress=False)
     first = lm_features(base, finetuned, encoded, **kw)
-    assert len(list((tmp_path / "lm-features").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "lm-features").glob("*/chunk_*.safetensors"))) == 1
 
     def no_forward(*_args, **_kwargs):
         raise AssertionError("the model ran again")
 
-    monkeypatch.setattr(lm_features_module, "hidden_chunks", no_forward)
+    monkeypatch.setattr(lm_features_module, "HiddenStates", no_forward)
     again = lm_features(base, finetuned, encoded, **kw)
     assert again.timings["cached"] is True
     for name in ("grads", "delta", "target_dots", "sq_norms"):

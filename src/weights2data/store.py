@@ -1,35 +1,66 @@
-"""Disk state: the cache directory, content hashes, atomic writes and run directories.
+"""Disk state: the cache directory, cache keys, content hashes, atomic writes, resumable chunks
+and run directories.
 
 Every file a later run trusts is written to a temporary name and renamed into place, so a
-killed process leaves either the old file or the new one, never half of one.
+killed process leaves either the old file or the new one, never half of one. What a killed
+process does leave is a temporary name (`.NAME.HEX.tmp`): every reader ignores those, and
+`remove_stale_temps` deletes them once they are old enough to belong to no live writer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from weights2data import __version__
+from weights2data.errors import W2DError
 
 CACHE_ENV = "W2D_CACHE_DIR"
+CHUNK_ROWS = 1024  # rows per chunk file: at most this much work is lost when a run is killed
+TEMP_PATTERN = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # _temp_name's names
+STALE_TEMP_S = 10 * 60  # every write is the last step of its work, so a live one is far younger
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """The cache root: the flag, else $W2D_CACHE_DIR, else ~/.cache/weights2data."""
     root = override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "weights2data"
     path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    with write_errors(path):
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cache_key(device: torch.device | str, **parts: Any) -> dict:
+    """The key of a cache entry: what it was computed from (`parts`) and what computed it.
+
+    Numerics differ between devices and between versions of weights2data and torch, so an
+    entry is reused only by the same versions on the same kind of device (cpu, cuda, mps).
+    """
+    return {
+        "weights2data": __version__,
+        "torch": torch.__version__,
+        "device": torch.device(device).type,
+        **parts,
+    }
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -55,16 +86,67 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
 
 
+def is_temp(path: Path) -> bool:
+    """A name `_temp_name` made: a write in progress, or one a killed process left behind."""
+    return TEMP_PATTERN.fullmatch(path.name) is not None
+
+
+def remove_stale_temps(root: Path, min_age_s: float = STALE_TEMP_S, dry_run: bool = False) -> list[Path]:
+    """Delete the temporary files and folders under `root` last changed over `min_age_s` ago.
+
+    Symbolic links are not followed. Returns what was (with dry_run: would be) deleted.
+    """
+    stale = []
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if is_temp(path) and time.time() - path.lstat().st_mtime > min_age_s:
+                stale.append(path)
+        dirs[:] = [d for d in dirs if not is_temp(Path(d))]
+    for path in [] if dry_run else stale:
+        remove(path)
+    return stale
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a link (not its target) or a folder; a folder vanishes at once, by a rename
+    to a temporary name, so a prune killed halfway never leaves a half-deleted entry to be reused."""
+    with write_errors(path):
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+            return
+        doomed = path if is_temp(path) else _temp_name(path)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+
+
+@contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write (a full disk, a read-only folder) into a W2DError that says what to do."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        code = getattr(exc, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            hint = "the disk is full: free space (`w2d cache prune --help`) or write elsewhere (--cache-dir)"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = "no permission to write there: pass a writable --cache-dir / --results-dir"
+        else:
+            hint = str(exc)
+        raise W2DError(f"could not write {path}: {hint}") from exc
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = _temp_name(path)
-    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -73,16 +155,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
-    tmp.mkdir()
     try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            yield tmp
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def touch(path: Path) -> None:
+    """Record a cache entry's use in its modification time (what `w2d cache prune --older-than` reads).
+
+    Best effort: an entry that cannot be touched (a read-only cache) is still read.
+    """
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -117,6 +209,50 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class ChunkCache:
+    """A resumable cache entry: `<root>/<kind>/<hash of key>/` holds meta.json (the key, checked on
+    reload) and one safetensors file per chunk of CHUNK_ROWS rows, each written atomically once done.
+
+    A killed run keeps its finished chunks; the next run with the same key reads them back and
+    computes only the rest. The chunk size is part of the key, so chunks never overlap.
+    """
+
+    def __init__(self, root: Path, kind: str, key: dict) -> None:
+        self.key = {**key, "chunk_rows": CHUNK_ROWS}
+        self.folder = Path(root) / kind / stable_hash(self.key, 20)
+        meta = self.folder / "meta.json"
+        if not meta.exists():
+            write_json(meta, self.key)
+        elif read_json(meta) != self.key:
+            raise W2DError(f"{kind} cache {self.folder} does not match its key; delete the folder")
+        else:
+            touch(meta)
+
+    def path(self, rows: range) -> Path:
+        return self.folder / f"chunk_{rows.start:09d}.safetensors"
+
+    def save(self, rows: range, tensors: dict[str, torch.Tensor]) -> None:
+        blob = save({name: value.contiguous() for name, value in tensors.items()})
+        with atomic_path(self.path(rows)) as tmp:
+            tmp.write_bytes(blob)  # a Python write: a full disk raises OSError, not a bare SafetensorError
+
+
+def chunk_ranges(n_rows: int) -> list[range]:
+    return [range(start, min(start + CHUNK_ROWS, n_rows)) for start in range(0, n_rows, CHUNK_ROWS)]
+
+
+def cached_chunk(
+    cache: ChunkCache | None, rows: range, compute: Callable[[range], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The tensors of chunk `rows`: read back when a run finished it, else computed and written."""
+    if cache is not None and cache.path(rows).exists():
+        return load_file(str(cache.path(rows)))
+    tensors = compute(rows)
+    if cache is not None:
+        cache.save(rows, tensors)
+    return tensors
 
 
 @dataclass(frozen=True)
