@@ -197,10 +197,10 @@ def test_grad_at_both_is_the_sum_of_the_two_gradients(pair) -> None:
 
 
 def test_float16_cache_streams_chunks_and_resumes(pair, tmp_path, monkeypatch) -> None:
-    import weights2data.store as store
+    import weights2data.features as features
 
     base, finetuned = pair
-    monkeypatch.setattr(store, "CHUNK_ROWS", 4)  # three chunks for ten documents
+    monkeypatch.setattr(features, "CHUNK_ROWS", 4)  # three chunks for ten documents
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
     chunks = list(hidden_chunks(finetuned, encoded, cache_root=tmp_path, dtype=torch.float16))
     assert [c.shape[0] for c in chunks] == [4, 4, 2] and all(c.dtype == torch.float16 for c in chunks)

@@ -159,11 +159,10 @@ def test_check_pair_names_the_difference(pair, cache) -> None:
 
 def test_cached_rows_are_reused_by_other_sets(pair, tmp_path, monkeypatch) -> None:
     import weights2data.features as features
-    import weights2data.store as store
 
     _, finetuned = pair
     encoded = encode_classification(finetuned.tokenizer, TEXTS, 16)
-    monkeypatch.setattr(store, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(features, "CHUNK_ROWS", 5)
     hidden_states(finetuned, encoded.subset(slice(0, 8)), last_only=True, cache_root=tmp_path)
     run, real_forward = [], features.forward_hidden
 

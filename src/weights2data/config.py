@@ -8,11 +8,10 @@ keys are errors.
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from weights2data.errors import W2DError
 

@@ -21,22 +21,77 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask
 
+from weights2data import __version__
 from weights2data.data import Encoded
+from weights2data.errors import W2DError
 from weights2data.models import LoadedModel, decoder_layers
-from weights2data.store import (
-    ChunkCache,
-    atomic_path,
-    cache_key,
-    cached_chunk,
-    chunk_ranges,
-    is_temp,
-    read_json,
-)
+from weights2data.store import atomic_path, is_temp, key_matches, read_json, stable_hash, touch, write_json
 
 log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 1024  # rows per chunk file: at most this much work is lost when a run is killed
+
+
+def cache_key(device: torch.device | str, **parts: Any) -> dict:
+    """The key of a cache entry: what it was computed from (`parts`) and what computed it.
+
+    Numerics differ between devices and between versions of weights2data and torch, so an
+    entry is reused only by the same versions on the same kind of device (cpu, cuda, mps).
+    """
+    return {
+        "weights2data": __version__,
+        "torch": torch.__version__,
+        "device": torch.device(device).type,
+        **parts,
+    }
+
+
+class ChunkCache:
+    """A resumable cache entry: `<root>/<kind>/<hash of key>/` holds meta.json (the key, checked on
+    reload) and one safetensors file per chunk of CHUNK_ROWS rows, each written atomically once done.
+
+    A killed run keeps its finished chunks; the next run with the same key reads them back and
+    computes only the rest. The chunk size is part of the key, so chunks never overlap.
+    """
+
+    def __init__(self, root: Path, kind: str, key: dict) -> None:
+        self.key = {**key, "chunk_rows": CHUNK_ROWS}
+        self.folder = Path(root) / kind / stable_hash(self.key, 20)
+        meta = self.folder / "meta.json"
+        if not meta.exists():
+            write_json(meta, self.key)
+        elif not key_matches(read_json(meta), self.key):
+            raise W2DError(f"{kind} cache {self.folder} does not match its key; delete the folder")
+        else:
+            touch(meta)
+
+    def path(self, rows: range) -> Path:
+        return self.folder / f"chunk_{rows.start:09d}.safetensors"
+
+    def save(self, rows: range, tensors: dict[str, torch.Tensor]) -> None:
+        blob = save({name: value.contiguous() for name, value in tensors.items()})
+        with atomic_path(self.path(rows)) as tmp:
+            tmp.write_bytes(blob)  # a Python write: a full disk raises OSError, not a bare SafetensorError
+
+
+def chunk_ranges(n_rows: int) -> list[range]:
+    return [range(start, min(start + CHUNK_ROWS, n_rows)) for start in range(0, n_rows, CHUNK_ROWS)]
+
+
+def cached_chunk(
+    cache: ChunkCache | None, rows: range, compute: Callable[[range], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The tensors of chunk `rows`: read back when a run finished it, else computed and written."""
+    if cache is not None and cache.path(rows).exists():
+        return load_file(str(cache.path(rows)))
+    tensors = compute(rows)
+    if cache is not None:
+        cache.save(rows, tensors)
+    return tensors
 
 
 class _StopForward(Exception):

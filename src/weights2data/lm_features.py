@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -33,10 +34,9 @@ from tqdm.auto import tqdm
 from weights2data.config import GRAD_AT
 from weights2data.data import Encoded, scored_positions
 from weights2data.errors import W2DError
-from weights2data.features import HiddenStates, encoded_fingerprint, gather_chunks
+from weights2data.features import ChunkCache, HiddenStates, cache_key, encoded_fingerprint, gather_chunks
 from weights2data.models import LoadedModel
 from weights2data.selection import DenseFeatures
-from weights2data.store import ChunkCache, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -325,19 +325,21 @@ class HeadPass:
         self.combined = torch.cat([delta, sketch.r_e], dim=1)  # (V, d + a), shared by every view
         self.grad_views = [i for i, n in enumerate(self.names) if grad_at in (n, "both")]
         self.hidden_options = hidden_options  # HiddenStates' keyword options: cache_root, dtype
-        self.sources: dict[str, HiddenStates] = {}
         self.hidden_s = self.head_s = 0.0
         self.computed_rows = 0
 
+    @cached_property
+    def sources(self) -> dict[str, HiddenStates]:
+        """Each view's hidden states; a base model with the finetuned body reads the finetuned ones."""
+        models = {"finetuned": self.finetuned, "base": self.base}
+        same_body = self.base.body_fingerprint == self.finetuned.body_fingerprint
+        return {
+            n: HiddenStates(models[n], self.encoded, desc=f"{n} hidden states", **self.hidden_options)
+            for n in self.names
+            if n == "finetuned" or not same_body
+        }
+
     def _hidden(self, rows: range) -> dict[str, Tensor]:
-        if not self.sources:
-            models = {"finetuned": self.finetuned, "base": self.base}
-            for n in self.names:
-                same_body = n == "base" and self.base.body_fingerprint == self.finetuned.body_fingerprint
-                if not same_body:
-                    self.sources[n] = HiddenStates(
-                        models[n], self.encoded, desc=f"{n} hidden states", **self.hidden_options
-                    )
         chunk = {n: source.chunk(rows) for n, source in self.sources.items()}
         return {n: chunk.get(n, chunk["finetuned"]) for n in self.names}
 

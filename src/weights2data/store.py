@@ -1,5 +1,4 @@
-"""Disk state: the cache directory, cache keys, content hashes, atomic writes, resumable chunks
-and run directories.
+"""Disk state: the cache directory, content hashes, atomic writes and run directories.
 
 Every file a later run trusts is written to a temporary name and renamed into place, so a
 killed process leaves either the old file or the new one, never half of one. What a killed
@@ -20,22 +19,18 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
-from weights2data import __version__
 from weights2data.errors import W2DError
 
 CACHE_ENV = "W2D_CACHE_DIR"
-CHUNK_ROWS = 1024  # rows per chunk file: at most this much work is lost when a run is killed
 TEMP_PATTERN = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # _temp_name's names
 STALE_TEMP_S = 10 * 60  # every write is the last step of its work, so a live one is far younger
 
@@ -49,24 +44,15 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def cache_key(device: torch.device | str, **parts: Any) -> dict:
-    """The key of a cache entry: what it was computed from (`parts`) and what computed it.
-
-    Numerics differ between devices and between versions of weights2data and torch, so an
-    entry is reused only by the same versions on the same kind of device (cpu, cuda, mps).
-    """
-    return {
-        "weights2data": __version__,
-        "torch": torch.__version__,
-        "device": torch.device(device).type,
-        **parts,
-    }
-
-
 def stable_hash(obj: Any, length: int = 16) -> str:
     """Hash of a JSON-serialisable object, independent of dict key order."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def key_matches(saved: Any, key: dict) -> bool:
+    """Whether a key read back from JSON is `key` (JSON turns tuples into lists)."""
+    return stable_hash(saved, 64) == stable_hash(key, 64)
 
 
 def hash_texts(texts: list[str], labels: np.ndarray | None = None) -> str:
@@ -128,7 +114,7 @@ def write_errors(path: Path) -> Iterator[None]:
     except (OSError, SafetensorError) as exc:
         code = getattr(exc, "errno", None)
         if code in (errno.ENOSPC, errno.EDQUOT):
-            hint = "the disk is full: free space (`w2d cache prune --help`) or write elsewhere (--cache-dir)"
+            hint = "the disk is full: free space (see `w2d cache prune --help`) or write elsewhere"
         elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
             hint = "no permission to write there: pass a writable --cache-dir / --results-dir"
         else:
@@ -209,50 +195,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-class ChunkCache:
-    """A resumable cache entry: `<root>/<kind>/<hash of key>/` holds meta.json (the key, checked on
-    reload) and one safetensors file per chunk of CHUNK_ROWS rows, each written atomically once done.
-
-    A killed run keeps its finished chunks; the next run with the same key reads them back and
-    computes only the rest. The chunk size is part of the key, so chunks never overlap.
-    """
-
-    def __init__(self, root: Path, kind: str, key: dict) -> None:
-        self.key = {**key, "chunk_rows": CHUNK_ROWS}
-        self.folder = Path(root) / kind / stable_hash(self.key, 20)
-        meta = self.folder / "meta.json"
-        if not meta.exists():
-            write_json(meta, self.key)
-        elif read_json(meta) != self.key:
-            raise W2DError(f"{kind} cache {self.folder} does not match its key; delete the folder")
-        else:
-            touch(meta)
-
-    def path(self, rows: range) -> Path:
-        return self.folder / f"chunk_{rows.start:09d}.safetensors"
-
-    def save(self, rows: range, tensors: dict[str, torch.Tensor]) -> None:
-        blob = save({name: value.contiguous() for name, value in tensors.items()})
-        with atomic_path(self.path(rows)) as tmp:
-            tmp.write_bytes(blob)  # a Python write: a full disk raises OSError, not a bare SafetensorError
-
-
-def chunk_ranges(n_rows: int) -> list[range]:
-    return [range(start, min(start + CHUNK_ROWS, n_rows)) for start in range(0, n_rows, CHUNK_ROWS)]
-
-
-def cached_chunk(
-    cache: ChunkCache | None, rows: range, compute: Callable[[range], dict[str, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """The tensors of chunk `rows`: read back when a run finished it, else computed and written."""
-    if cache is not None and cache.path(rows).exists():
-        return load_file(str(cache.path(rows)))
-    tensors = compute(rows)
-    if cache is not None:
-        cache.save(rows, tensors)
-    return tensors
 
 
 @dataclass(frozen=True)
