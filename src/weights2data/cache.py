@@ -108,6 +108,8 @@ def describe(kind: str, path: Path) -> str:
 
 
 def describe_model(path: Path) -> str:
+    if path.is_symlink():  # listed and pruned as the link: its size is the link's
+        return f"a link to {os.readlink(path)}"
     if path.parent.name == "hub":
         return "downloaded from the Hugging Face hub"
     if (path / "config.json").exists():
@@ -131,7 +133,8 @@ def describe_scores(saved: dict) -> str:
 
 
 def describe_chunks(kind: str, path: Path, key: dict) -> str:
-    fields = ", ".join(f"{name} {key[name]}" for name in KEY_FIELDS[kind] if name in key)
+    shown = {**key, "layer": "final" if key.get("layer") is None else key["layer"]}
+    fields = ", ".join(f"{name} {shown[name]}" for name in KEY_FIELDS[kind] if name in key)
     done = len(list(path.glob("chunk_*.safetensors")))
     total = math.ceil(key["rows"] / key["chunk_rows"]) if "chunk_rows" in key else "?"
     return f"{fields}; {done}/{total} chunks; {versions(key)}"
