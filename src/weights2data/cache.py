@@ -2,7 +2,7 @@
 
 One folder per kind of entry under the cache root (store.cache_dir); an entry is one child of
 it. Every entry but a model is keyed by what it was computed from and by the versions of
-weights2data and torch and the device kind that computed it (store.cache_key), so an entry
+weights2data and torch and the device kind that computed it (features.cache_key), so an entry
 written by another version or on another kind of device is never reused, only listed and pruned.
 """
 

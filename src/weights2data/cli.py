@@ -106,7 +106,7 @@ Every key but a model's also holds the versions of weights2data and torch and th
 reused, only listed and pruned. Chunked kinds resume: a killed run keeps its finished chunks.
 Last use is the newest modification time of an entry; reusing an entry updates it.
 A killed run can leave temporary files (.NAME.HEX.tmp); readers ignore them, and `w2d cache
-prune` deletes those older than 10 minutes.
+prune` deletes those older than {minutes} minutes.
 """
 
 
@@ -641,12 +641,14 @@ def make_parser() -> argparse.ArgumentParser:
 def add_cache_commands(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     """`w2d cache ls` and `w2d cache prune`."""
     from weights2data.cache import KINDS, PROTECTED
+    from weights2data.store import STALE_TEMP_S
 
+    epilog = CACHE_HELP.format(minutes=STALE_TEMP_S // 60)
     cache = sub.add_parser(
         "cache",
         help="list the cache (w2d cache ls) or free its space (w2d cache prune)",
         description="list the cache or free its space",
-        epilog=CACHE_HELP,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -658,7 +660,7 @@ def add_cache_commands(sub: Any, command: Callable[..., argparse.ArgumentParser]
         "what the cache holds: per kind its entries, size and last use, then one line per entry "
         "with a summary of its key",
         actions,
-        CACHE_HELP,
+        epilog,
     )
     p.add_argument("--kind", action="append", choices=list(KINDS), metavar="KIND", help=kind_help)
     add_config_args(p, RuntimeConfig, skip=runtime_only)
@@ -670,7 +672,7 @@ def add_cache_commands(sub: Any, command: Callable[..., argparse.ArgumentParser]
         "temporary files left by killed runs. Do not prune under a running command: it may be "
         "using the entries.",
         actions,
-        CACHE_HELP,
+        epilog,
     )
     p.add_argument(
         "--kind",
