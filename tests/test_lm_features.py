@@ -220,12 +220,12 @@ def test_lm_features_are_cached_and_reused_without_the_model(pair, tmp_path, mon
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
     kw = dict(dim=256, seed=2, cache_root=tmp_path, dtype=torch.float32, progress=False)
     first = lm_features(base, finetuned, encoded, **kw)
-    assert len(list((tmp_path / "lm-features").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "lm-features").glob("*/chunk_*.safetensors"))) == 1
 
     def no_forward(*_args, **_kwargs):
         raise AssertionError("the model ran again")
 
-    monkeypatch.setattr(lm_features_module, "hidden_chunks", no_forward)
+    monkeypatch.setattr(lm_features_module, "HiddenStates", no_forward)
     again = lm_features(base, finetuned, encoded, **kw)
     assert again.timings["cached"] is True
     for name in ("grads", "delta", "target_dots", "sq_norms"):

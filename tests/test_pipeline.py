@@ -8,12 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import weights2data
 from weights2data import pipeline
 from weights2data.config import DataConfig, FinetuneConfig
 from weights2data.data import load_dataset
 from weights2data.errors import W2DError
 from weights2data.models import load_model
 from weights2data.pipeline import Workspace, finetune_cached, finetune_key, pick_device, task_for_model
+from weights2data.store import stable_hash
 from weights2data.train import Task, finetune, resolve_task
 
 
@@ -85,7 +87,8 @@ def test_finetune_cache_reuse_and_keys(
     base = workspace.model("tiny-test")
     task = resolve_task(data, ds, base)
     key = finetune_key(base, ds, task, cfg)
-    assert key == first.name
+    assert stable_hash(key) == first.name and meta["key"] == key
+    assert key["device"] == "cpu" and key["weights2data"] == weights2data.__version__
     assert finetune_key(base, ds, task, other_lr) != key
     assert finetune_key(base, other_data, task, cfg) != key
     assert finetune_key(base, ds, resolve_task(DataConfig(seq_len=9), ds, base), cfg) != key

@@ -11,6 +11,7 @@ blocks, with ΔW = W_base − W_finetuned:
 
 The blocks run from the cached input of the first chosen block, and one backward pass per
 batch gives every δ_t (the weights need no gradient: hooks read the activations' gradients).
+The per-document results are cached in resumable chunks like hidden states.
 Norm weights are left out (0.03 % of a SmolLM2 block's parameters).
 """
 
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -28,7 +30,14 @@ from tqdm.auto import tqdm
 
 from weights2data.data import Encoded
 from weights2data.errors import W2DError
-from weights2data.features import hidden_chunks, run_top_layers
+from weights2data.features import (
+    ChunkCache,
+    HiddenStates,
+    cache_key,
+    encoded_fingerprint,
+    gather_chunks,
+    run_top_layers,
+)
 from weights2data.lm_features import KroneckerSketch
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.selection import DenseFeatures
@@ -138,6 +147,7 @@ def block_features(
     projection: str = "rademacher",
     seed: int = 0,
     cache_root: Path | None = None,
+    loss_key: str | None = None,
     batch_size: int = 16,
     at: LoadedModel | None = None,
     progress: bool = True,
@@ -147,7 +157,9 @@ def block_features(
     Taken at the finetuned weights, or at `at` (e.g. the base model, or a pseudo-expert).
     None when the finetune changed no block (a head-only finetune). `batch_loss` gives the
     summed loss of a batch from its final normed hidden states (B, T, d); documents must not
-    interact in it (each document's δ is then its own gradient).
+    interact in it (each document's δ is then its own gradient). With `cache_root`, the inputs
+    of the first block are cached, and so are the gradients in resumable chunks when `loss_key`
+    names what `batch_loss` computes (the rest of their key: weights, inputs and sketch).
     """
     at = at or finetuned
     start = first_block(base, finetuned, blocks)
@@ -157,38 +169,83 @@ def block_features(
     started = time.time()
     device = next(at.model.parameters()).device
     layers = layer_sketches(base, finetuned, start, dim, projection, seed, device)
+    cache = None
+    if cache_root is not None and loss_key is not None:
+        key = cache_key(
+            device,
+            base=base.fingerprint,
+            finetuned=finetuned.fingerprint,
+            at=at.fingerprint,
+            inputs=encoded_fingerprint(encoded),
+            start=start,
+            settings=[dim, projection, seed],
+            loss=loss_key,
+            rows=len(encoded),
+        )
+        cache = ChunkCache(Path(cache_root), "blocks", key)
     n_docs = len(encoded)
-    sketch = torch.empty(n_docs, dim * len(layers))
-    target_dots, sq_norms = torch.zeros(n_docs), torch.zeros(n_docs)
-    lower = hidden_chunks(at, encoded, layer=start, cache_root=cache_root, desc=f"inputs of block {start}")
     bar = tqdm(
         total=n_docs, desc=f"gradients of blocks {start}+", unit="doc", disable=not progress or n_docs < 256
     )
-    done = 0
-    with activation_taps(at.model, start, set(layers)) as (inputs, grads), torch.enable_grad():
-        for chunk in lower:
-            for s in range(0, len(chunk), batch_size):
-                rows = slice(done + s, done + min(s + batch_size, len(chunk)))
-                batch = encoded.subset(rows)
-                h = chunk[s : s + batch_size].to(device).requires_grad_(True)
-                final = run_top_layers(at.model, h, batch, start)
-                batch_loss(final, batch, rows).backward()
-                mask = batch.attention_mask.to(device, torch.float32)[:, :, None]  # (B, T, 1)
-                parts = []
-                for name, layer in layers.items():
-                    dot, sq, sk = layer_terms(inputs[name] * mask, grads[name] * mask, layer)
-                    target_dots[rows] += dot.cpu()
-                    sq_norms[rows] += sq.cpu()
-                    parts.append(sk)
-                sketch[rows] = torch.cat(parts, dim=1).cpu()
-            done += len(chunk)
-            bar.update(len(chunk))
-    bar.close()
+    with activation_taps(at.model, start, set(layers)) as taps, torch.enable_grad():
+        grads = BlockPass(at, encoded, batch_loss, start, layers, taps, cache_root, batch_size)
+        out = gather_chunks(cache, n_docs, grads.chunk, bar)
     delta = torch.cat([layer.sketch.matrix(layer.delta) for layer in layers.values()]).cpu()
-    features = DenseFeatures(sketch, delta, target_dots=target_dots, sq_norms=sq_norms)
+    features = DenseFeatures(out["grads"], delta, target_dots=out["target_dots"], sq_norms=out["sq_norms"])
     features.delta_sq_norm = sum(float(layer.delta.double().square().sum()) for layer in layers.values())
     timings = {
         "block_gradients_s": round(time.time() - started, 2),
         "gradient_blocks": f"{start}-{n_layers - 1}",
     }
     return BlockFeatures(features, start, len(layers), timings)
+
+
+class BlockPass:
+    """The blocks' gradient terms for one chunk of documents, from the cached inputs of block `start`.
+
+    Those inputs are opened only once a chunk has to be computed: cached gradients need no model pass.
+    """
+
+    def __init__(
+        self,
+        at: LoadedModel,
+        encoded: Encoded,
+        batch_loss: BatchLoss,
+        start: int,
+        layers: dict[str, LayerSketch],
+        taps: tuple[dict[str, Tensor], dict[str, Tensor]],
+        cache_root: Path | None,
+        batch_size: int,
+    ) -> None:
+        self.at, self.encoded, self.batch_loss, self.start = at, encoded, batch_loss, start
+        self.layers, self.taps, self.cache_root, self.batch_size = layers, taps, cache_root, batch_size
+
+    @cached_property
+    def lower(self) -> HiddenStates:
+        desc = f"inputs of block {self.start}"
+        return HiddenStates(self.at, self.encoded, layer=self.start, cache_root=self.cache_root, desc=desc)
+
+    def chunk(self, rows: range) -> dict[str, Tensor]:
+        lower = self.lower.chunk(rows)
+        parts = [self._batch(lower, rows, s) for s in range(0, len(rows), self.batch_size)]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+    def _batch(self, lower: Tensor, rows: range, s: int) -> dict[str, Tensor]:
+        """Rows s.. of the chunk: one forward from block `start` and one backward."""
+        inputs, grads = self.taps
+        sub = rows[s : s + self.batch_size]
+        index = slice(sub.start, sub.stop)
+        batch = self.encoded.subset(index)
+        device = next(self.at.model.parameters()).device
+        h = lower[s : s + len(sub)].to(device).requires_grad_(True)
+        final = run_top_layers(self.at.model, h, batch, self.start)
+        self.batch_loss(final, batch, index).backward()
+        mask = batch.attention_mask.to(device, torch.float32)[:, :, None]  # (B, T, 1)
+        target_dots, sq_norms = torch.zeros(len(sub)), torch.zeros(len(sub))
+        parts = []
+        for name, layer in self.layers.items():
+            dot, sq, sk = layer_terms(inputs[name] * mask, grads[name] * mask, layer)
+            target_dots += dot.cpu()
+            sq_norms += sq.cpu()
+            parts.append(sk)
+        return {"grads": torch.cat(parts, dim=1).cpu(), "target_dots": target_dots, "sq_norms": sq_norms}

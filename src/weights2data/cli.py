@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from weights2data import __version__
 from weights2data.config import (
     DataConfig,
     EvalConfig,
@@ -91,6 +92,21 @@ stays whole); a local parquet / csv / jsonl file or folder; several separated by
 are concatenated, e.g. "ag_news_10000 wiki_passages_10000".
 models: smollm2-135m (embedded, the default), tiny-test (a random 2-layer Llama), a local
 Hugging Face directory with safetensors weights, or a hub name (gpt2, llama3-1b, ...).
+"""
+CACHE_HELP = """\
+the cache (--cache-dir, else $W2D_CACHE_DIR, else ~/.cache/weights2data) holds one folder per kind:
+  models       the smollm2-135m converted from its GGUF file, its tokenizer; hub/ downloads
+  finetuned    finetuned models (w2d finetune / run), keyed by base weights, data, task, settings
+  hidden       hidden states in chunks, keyed by the weights below the layer, the token ids, layer, dtype
+  lm-features  LM head-gradient sketches in chunks, keyed by both models' weights, inputs, sketch
+  blocks       block gradient sketches (--grad-blocks) in chunks, keyed like lm-features plus the loss
+  train-eval   scores of train-evaluate runs, keyed by weights, training and test rows, settings
+Every key but a model's also holds the versions of weights2data and torch and the device kind
+(cpu, cuda, mps) that computed the entry: an entry from another version or device kind is never
+reused, only listed and pruned. Chunked kinds resume: a killed run keeps its finished chunks.
+Last use is the newest modification time of an entry; reusing an entry updates it.
+A killed run can leave temporary files (.NAME.HEX.tmp); readers ignore them, and `w2d cache
+prune` deletes those older than {minutes} minutes.
 """
 
 
@@ -439,6 +455,26 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    from weights2data.cache import KINDS, entries, format_listing
+    from weights2data.store import cache_dir, remove_stale_temps
+
+    root = cache_dir(build_config(RuntimeConfig, args, read_toml(args)).cache_dir)
+    listed = entries(root, args.kind or tuple(KINDS))
+    print(format_listing(root, listed, remove_stale_temps(root, dry_run=True)))
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from weights2data.cache import format_pruned, prune
+    from weights2data.store import cache_dir
+
+    root = cache_dir(build_config(RuntimeConfig, args, read_toml(args)).cache_dir)
+    doomed, temps = prune(root, args.kind, args.older_than, args.all, args.dry_run)
+    print(format_pruned(doomed, temps, args.dry_run))
+    return 0
+
+
 def check_train_labels(train: Any, task: Any, name: str) -> None:
     if task.kind != "classification":
         return
@@ -505,15 +541,17 @@ def make_parser() -> argparse.ArgumentParser:
         epilog=DATASET_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version="weights2data 0.1.0")
+    parser.add_argument("--version", action="version", version=f"weights2data {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(
+    def command(
+        name: str, func: Callable, help_text: str, parent: Any = sub, epilog: str = DATASET_HELP
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog=DATASET_HELP,
+            epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(func=func)
@@ -637,7 +675,64 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of that subsample (default: %(default)s)")
     add_config_args(p, DataConfig, skip=("dataset", "verbalizer", "seq_len", "task"))
     add_config_args(p, RuntimeConfig, skip=("cache_dir", "allow_pickle"))
+    add_cache_commands(sub, command)
     return parser
+
+
+def add_cache_commands(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """`w2d cache ls` and `w2d cache prune`."""
+    from weights2data.cache import KINDS, PROTECTED
+    from weights2data.store import STALE_TEMP_S
+
+    epilog = CACHE_HELP.format(minutes=STALE_TEMP_S // 60)
+    cache = sub.add_parser(
+        "cache",
+        help="list the cache (w2d cache ls) or free its space (w2d cache prune)",
+        description="list the cache or free its space",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    runtime_only = tuple(f.name for f in fields(RuntimeConfig) if f.name != "cache_dir")
+    kind_help = f"only entries of this kind ({', '.join(KINDS)}); repeat for several"
+    p = command(
+        "ls",
+        cmd_cache_ls,
+        "what the cache holds: per kind its entries, size and last use, then one line per entry "
+        "with a summary of its key",
+        actions,
+        epilog,
+    )
+    p.add_argument("--kind", action="append", choices=list(KINDS), metavar="KIND", help=kind_help)
+    add_config_args(p, RuntimeConfig, skip=runtime_only)
+    p = command(
+        "prune",
+        cmd_cache_prune,
+        "free space: delete the entries last used over DAYS days ago (--older-than) or all of them "
+        f"(--all), of every kind but {', '.join(PROTECTED)} unless --kind names it; always deletes "
+        "temporary files left by killed runs. Do not prune under a running command: it may be "
+        "using the entries.",
+        actions,
+        epilog,
+    )
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=list(KINDS),
+        metavar="KIND",
+        help=f"{kind_help} (default: every kind but {', '.join(PROTECTED)}: the converted "
+        "smollm2-135m and hub downloads are deleted only when asked for by --kind models)",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="delete the entries last used more than DAYS days ago (fractions allowed: 0.5 = 12 hours)",
+    )
+    which.add_argument("--all", action="store_true", help="delete every entry of the chosen kinds")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    add_config_args(p, RuntimeConfig, skip=runtime_only)
 
 
 def setup_logging() -> None:

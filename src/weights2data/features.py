@@ -3,7 +3,8 @@
 Everything downstream of the frozen part of a model (the trained head or top blocks, the
 per-example head gradients) is a cheap function of hidden states, so the model's forward
 pass runs once per document and its outputs are stored in chunks keyed by the body
-weights, the token ids and the layer. A killed run keeps its finished chunks, and a set of
+weights, the token ids and the layer (and, like every cache entry, by the versions and the
+device kind that computed them). A killed run keeps its finished chunks, and a set of
 documents that were already run in another set (a selection from a cached corpus, a
 concatenation of cached corpora) reads their rows instead of running the model again.
 """
@@ -13,25 +14,84 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask
 
+from weights2data import __version__
 from weights2data.data import Encoded
 from weights2data.errors import W2DError
 from weights2data.models import LoadedModel, decoder_layers
-from weights2data.store import atomic_path, read_json, write_json
+from weights2data.store import atomic_path, is_temp, key_matches, read_json, stable_hash, touch, write_json
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 1024  # rows per chunk file: at most this much work is lost when a run is killed
+
+
+def cache_key(device: torch.device | str, **parts: Any) -> dict:
+    """The key of a cache entry: what it was computed from (`parts`) and what computed it.
+
+    Numerics differ between devices and between versions of weights2data and torch, so an
+    entry is reused only by the same versions on the same kind of device (cpu, cuda, mps).
+    """
+    return {
+        "weights2data": __version__,
+        "torch": torch.__version__,
+        "device": torch.device(device).type,
+        **parts,
+    }
+
+
+class ChunkCache:
+    """A resumable cache entry: `<root>/<kind>/<hash of key>/` holds meta.json (the key, checked on
+    reload) and one safetensors file per chunk of CHUNK_ROWS rows, each written atomically once done.
+
+    A killed run keeps its finished chunks; the next run with the same key reads them back and
+    computes only the rest. The chunk size is part of the key, so chunks never overlap.
+    """
+
+    def __init__(self, root: Path, kind: str, key: dict) -> None:
+        self.key = {**key, "chunk_rows": CHUNK_ROWS}
+        self.folder = Path(root) / kind / stable_hash(self.key, 20)
+        meta = self.folder / "meta.json"
+        if not meta.exists():
+            write_json(meta, self.key)
+        elif not key_matches(read_json(meta), self.key):
+            raise W2DError(f"{kind} cache {self.folder} does not match its key; delete the folder")
+        else:
+            touch(meta)
+
+    def path(self, rows: range) -> Path:
+        return self.folder / f"chunk_{rows.start:09d}.safetensors"
+
+    def save(self, rows: range, tensors: dict[str, torch.Tensor]) -> None:
+        blob = save({name: value.contiguous() for name, value in tensors.items()})
+        with atomic_path(self.path(rows)) as tmp:
+            tmp.write_bytes(blob)  # a Python write: a full disk raises OSError, not a bare SafetensorError
+
+
+def chunk_ranges(n_rows: int) -> list[range]:
+    return [range(start, min(start + CHUNK_ROWS, n_rows)) for start in range(0, n_rows, CHUNK_ROWS)]
+
+
+def cached_chunk(
+    cache: ChunkCache | None, rows: range, compute: Callable[[range], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The tensors of chunk `rows`: read back when a run finished it, else computed and written."""
+    if cache is not None and cache.path(rows).exists():
+        return load_file(str(cache.path(rows)))
+    tensors = compute(rows)
+    if cache is not None:
+        cache.save(rows, tensors)
+    return tensors
 
 
 class _StopForward(Exception):
@@ -80,7 +140,7 @@ def row_fingerprints(encoded: Encoded) -> np.ndarray:
 
 
 class CachedRows:
-    """Where each cached row of one (weights, layer, last_only, dtype) family lives on disk."""
+    """Where each cached row of one (weights, layer, last_only, dtype, versions, device) family lives."""
 
     def __init__(self, places: dict[bytes, tuple[Path, int]]) -> None:
         self.places = places  # row digest → (chunk file, row in it)
@@ -91,7 +151,7 @@ class CachedRows:
         for meta_path in sorted(hidden_root.glob("*/meta.json")):
             folder = meta_path.parent
             rows_path = folder / "rows.npy"
-            if folder == skip or not rows_path.exists():
+            if folder == skip or is_temp(folder) or not rows_path.exists():
                 continue
             meta = read_json(meta_path)
             if any(meta.get(name) != value for name, value in family.items()):
@@ -123,6 +183,71 @@ class CachedRows:
         return found, missing
 
 
+class HiddenStates:
+    """The hidden states of one encoded set, one chunk of rows at a time.
+
+    `layer=None` is the final normed hidden state (what the LM head reads); an integer is the
+    input of that block (what a top:N finetune reads); `last_only` keeps the last position:
+    (rows, d), else (rows, T, d). With a cache root, a chunk is read back when a run finished
+    it, else gathered from other cached sets holding the same rows and computed for the rest,
+    then written atomically, so a killed run resumes.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        encoded: Encoded,
+        *,
+        layer: int | None = None,
+        last_only: bool = False,
+        cache_root: Path | None = None,
+        batch_size: int = 32,
+        dtype: torch.dtype = torch.float32,
+        desc: str = "hidden states",
+    ) -> None:
+        self.loaded, self.encoded, self.layer, self.last_only = loaded, encoded, layer, last_only
+        self.batch_size, self.dtype, self.desc = batch_size, dtype, desc
+        self.cache = None if cache_root is None else self._open(Path(cache_root))
+        self.shared: CachedRows | None = None  # other sets' rows, scanned once a chunk is missing
+
+    def _open(self, cache_root: Path) -> ChunkCache:
+        loaded, layer = self.loaded, self.layer
+        key = cache_key(
+            next(loaded.model.parameters()).device,
+            weights=loaded.body_fingerprint if layer is None else loaded.prefix_fingerprint(layer),
+            inputs=encoded_fingerprint(self.encoded),
+            layer=self.layer,
+            last_only=self.last_only,
+            dtype=str(self.dtype),
+            rows=len(self.encoded),
+        )
+        cache = ChunkCache(cache_root, "hidden", key)
+        if not (cache.folder / "rows.npy").exists():
+            with atomic_path(cache.folder / "rows.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, row_fingerprints(self.encoded))
+        return cache
+
+    def chunk(self, rows: range) -> torch.Tensor:
+        return cached_chunk(self.cache, rows, self._compute)["hidden"]
+
+    def _compute(self, rows: range) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            return {"hidden": torch.cat(list(self._forward(rows)))}
+        if self.shared is None:
+            family = {k: v for k, v in self.cache.key.items() if k not in ("inputs", "rows", "chunk_rows")}
+            self.shared = CachedRows.scan(self.cache.folder.parent, family, skip=self.cache.folder)
+        digests = np.load(self.cache.folder / "rows.npy", mmap_mode="r")[rows.start : rows.stop]
+        found, missing = self.shared.gather(digests)
+        if missing:
+            computed = torch.cat(list(self._forward([rows[i] for i in missing])))
+            found.update(zip(missing, computed.unbind(), strict=True))
+        return {"hidden": torch.stack([found[i] for i in range(len(rows))])}
+
+    def _forward(self, rows: Sequence[int]) -> Iterator[torch.Tensor]:
+        options = (self.layer, self.last_only, self.batch_size, self.dtype)
+        return _compute_chunks(self.loaded, self.encoded, *options, rows, self.desc)
+
+
 def hidden_states(loaded: LoadedModel, encoded: Encoded, **options: Any) -> torch.Tensor:
     """All of `hidden_chunks` (same keyword options) in one tensor: (N, d) at the last
     position when last_only, else (N, T, d); cached when cache_root is set.
@@ -131,67 +256,30 @@ def hidden_states(loaded: LoadedModel, encoded: Encoded, **options: Any) -> torc
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def hidden_chunks(
-    loaded: LoadedModel,
-    encoded: Encoded,
-    *,
-    layer: int | None = None,
-    last_only: bool = False,
-    cache_root: Path | None = None,
-    batch_size: int = 32,
-    dtype: torch.dtype = torch.float32,
-    desc: str = "hidden states",
-) -> Iterator[torch.Tensor]:
-    """Hidden states of `encoded`, in order, one chunk of up to CHUNK_ROWS rows at a time.
+def hidden_chunks(loaded: LoadedModel, encoded: Encoded, **options: Any) -> Iterator[torch.Tensor]:
+    """The hidden states of `encoded` in order, a chunk of up to CHUNK_ROWS rows at a time
+    (keyword options: those of HiddenStates); at most one chunk is held in memory."""
+    source = HiddenStates(loaded, encoded, **options)
+    for rows in chunk_ranges(len(encoded)):
+        yield source.chunk(rows)
 
-    `layer=None` is the final normed hidden state (what the LM head reads); an integer is
-    the input of that block (what a top:N finetune reads). With a cache, finished chunks
-    are read back and missing ones computed and written atomically, so a killed run
-    resumes; at most one chunk is held in memory.
-    """
-    if cache_root is None:
-        yield from _compute_chunks(
-            loaded, encoded, layer, last_only, batch_size, dtype, range(len(encoded)), desc
-        )
-        return
-    key = {
-        "weights": loaded.body_fingerprint if layer is None else loaded.prefix_fingerprint(layer),
-        "inputs": encoded_fingerprint(encoded),
-        "layer": layer,
-        "last_only": last_only,
-        "dtype": str(dtype),
-        "rows": len(encoded),
-    }
-    hidden_root = cache_root / "hidden"
-    folder = hidden_root / hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:20]
-    meta_path = folder / "meta.json"
-    if meta_path.exists() and read_json(meta_path) != key:
-        raise W2DError(f"hidden-state cache {folder} does not match its key; delete the folder")
-    write_json(meta_path, key)
-    rows_path = folder / "rows.npy"
-    if not rows_path.exists():
-        with atomic_path(rows_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, row_fingerprints(encoded))
-    cached: CachedRows | None = None  # other sets' rows, looked up once a chunk is missing
-    for start in range(0, len(encoded), CHUNK_ROWS):
-        path = folder / f"chunk_{start:09d}.safetensors"
-        if path.exists():
-            yield load_file(str(path))["hidden"]
-            continue
-        if cached is None:
-            family = {name: value for name, value in key.items() if name not in ("inputs", "rows")}
-            cached = CachedRows.scan(hidden_root, family, skip=folder)
-            digests = np.load(rows_path)
-        rows = range(start, min(start + CHUNK_ROWS, len(encoded)))
-        found, missing = cached.gather(digests[start : rows.stop])
-        computed = _compute_chunks(
-            loaded, encoded, layer, last_only, batch_size, dtype, [rows[i] for i in missing], desc
-        )
-        found.update(zip(missing, torch.cat(list(computed)).unbind(), strict=True) if missing else ())
-        chunk = torch.stack([found[i] for i in range(len(rows))])
-        with atomic_path(path) as tmp:
-            save_file({"hidden": chunk.contiguous()}, str(tmp))
-        yield chunk
+
+def gather_chunks(
+    cache: ChunkCache | None,
+    n_rows: int,
+    compute: Callable[[range], dict[str, torch.Tensor]],
+    bar: tqdm,
+) -> dict[str, torch.Tensor]:
+    """Every chunk of a per-row result (read back, or computed and cached) in whole tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for rows in chunk_ranges(n_rows):
+        for name, part in cached_chunk(cache, rows, compute).items():
+            if name not in out:
+                out[name] = part.new_empty((n_rows, *part.shape[1:]))
+            out[name][rows.start : rows.stop] = part
+        bar.update(len(rows))
+    bar.close()
+    return out
 
 
 def _compute_chunks(

@@ -13,32 +13,30 @@ e_t = softmax(W h_t) − onehot(y_{t+1}). It has rank ≤ T, so:
 
 Hidden states come from the chunked on-disk cache of `features` (float16 by default) and
 are consumed chunk by chunk: what stays in memory is the (N, a·b) sketch and the exact
-(N,) terms, never the (N, T, d) hidden states.
+(N,) terms, never the (N, T, d) hidden states. The per-document results are cached in chunks
+the same way, so a killed run resumes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from weights2data.config import GRAD_AT
 from weights2data.data import Encoded, scored_positions
 from weights2data.errors import W2DError
-from weights2data.features import encoded_fingerprint, hidden_chunks
+from weights2data.features import ChunkCache, HiddenStates, cache_key, encoded_fingerprint, gather_chunks
 from weights2data.models import LoadedModel
 from weights2data.selection import DenseFeatures
-from weights2data.store import atomic_path, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +202,6 @@ def batch_terms(
     return BatchTerms(sketched, target_dots, sq_norms, loss_sum, tokens)
 
 
-# ---------------------------------------------------------------- streaming hidden states
-
-
 # ---------------------------------------------------------------- corpus features
 
 
@@ -255,131 +250,137 @@ def lm_features(
 
     `encoded` comes from data.encode_lm (right-padded). Gradients are taken at the finetuned
     weights (or `base`, or `both`: the sum of the two), Δ = W_head(base) − W_head(finetuned).
-    With `cache_root`, the result is stored under it keyed by both models' weights, the inputs
-    and the sketch: the vocabulary-sized head pass over a corpus runs once, like its forward pass.
+    With `cache_root`, the per-document results are stored under it in chunks keyed by both
+    models' weights, the inputs and the sketch: the vocabulary-sized head pass over a corpus
+    runs once, like its forward pass, and a killed run resumes from its last finished chunk.
     """
     if grad_at not in GRAD_AT:
         raise W2DError(f"unknown --grad-at '{grad_at}': choose from {', '.join(GRAD_AT)}")
     scored_positions(encoded.attention_mask[:1], lm_loss)  # validates the mode
-    if cache_root is not None:
-        key = {
-            "base": base.fingerprint,
-            "finetuned": finetuned.fingerprint,
-            "inputs": encoded_fingerprint(encoded),
-            "dtype": str(dtype),
-            "settings": [lm_loss, grad_at, dim, projection, seed, None if factors is None else list(factors)],
-        }
-        saved = Path(cache_root) / "lm-features" / f"{stable_hash(key, 20)}.safetensors"
-        if saved.exists():
-            log.info("reusing the LM head gradients in %s", saved)
-            return _load(saved, key)
     started = time.time()
     device = next(finetuned.model.parameters()).device
     delta = head_delta(base, finetuned).to(device)
-    vocab, d = delta.shape
-    sketch = KroneckerSketch(vocab, d, dim, seed, projection, factors).to(device)
-    # the finetuned view comes first: it gives the loss; in `base` mode it contributes no gradient
-    names = ["finetuned", "base"] if grad_at != "finetuned" else ["finetuned"]
-    models = {"finetuned": finetuned, "base": base}
-    views = [head_view(models[n]) for n in names]
-    combined = torch.cat([delta, sketch.r_e], dim=1)  # (V, d + a), shared by every view
-    grad_views = [i for i, n in enumerate(names) if grad_at in (n, "both")]
-    streams = {}
-    for n in names:
-        same_body = n == "base" and base.body_fingerprint == finetuned.body_fingerprint
-        streams[n] = (
-            None
-            if same_body
-            else hidden_chunks(
-                models[n], encoded, cache_root=cache_root, dtype=dtype, desc=f"{n} hidden states"
-            )
+    sketch = KroneckerSketch(*delta.shape, dim, seed, projection, factors).to(device)
+    cache = None
+    if cache_root is not None:
+        key = cache_key(
+            device,
+            base=base.fingerprint,
+            finetuned=finetuned.fingerprint,
+            inputs=encoded_fingerprint(encoded),
+            dtype=str(dtype),
+            settings=[lm_loss, grad_at, dim, projection, seed, None if factors is None else list(factors)],
+            rows=len(encoded),
         )
+        cache = ChunkCache(Path(cache_root), "lm-features", key)
+    hidden_options = {"cache_root": cache_root, "dtype": dtype}
+    head = HeadPass(base, finetuned, encoded, delta, sketch, grad_at, lm_loss, batch_size, hidden_options)
     n_docs = len(encoded)
-    out_sketch = torch.empty(n_docs, dim)
-    target_dots, sq_norms = torch.empty(n_docs), torch.empty(n_docs)
-    losses, tokens = torch.empty(n_docs), torch.empty(n_docs, dtype=torch.long)
-    hidden_s = head_s = 0.0
-    done = 0
     bar = tqdm(total=n_docs, desc="LM head gradients", unit="doc", disable=not progress or n_docs < 256)
-    while done < n_docs:
-        tick = time.time()
-        chunk = {n: next(s) for n, s in streams.items() if s is not None}
-        if "base" in names and streams["base"] is None:
-            chunk["base"] = chunk["finetuned"]
-        rows = next(iter(chunk.values())).shape[0]
-        tock = time.time()
-        hidden_s += tock - tick
-        for s in range(0, rows, batch_size):
-            sl = slice(done + s, done + min(s + batch_size, rows))
-            batch = encoded.subset(sl)
-            hs = [chunk[n][s : s + batch_size] for n in names]
-            # loss from the finetuned view; gradient from grad_views
-            if grad_views == [0]:
-                terms = batch_terms(
-                    hs, views, batch.input_ids, batch.attention_mask, delta, sketch, lm_loss, combined
-                )
-            else:
-                terms = _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch, lm_loss)
-            out_sketch[sl] = terms.sketch.cpu()
-            target_dots[sl], sq_norms[sl] = terms.target_dots.cpu(), terms.sq_norms.cpu()
-            tokens[sl] = terms.tokens.cpu()
-            losses[sl] = (terms.loss_sum.cpu() / terms.tokens.cpu().clamp_min(1)).masked_fill(
-                terms.tokens.cpu() == 0, math.nan
-            )
-        head_s += time.time() - tock
-        done += rows
-        bar.update(rows)
-    bar.close()
+    out = gather_chunks(cache, n_docs, head.chunk, bar)
     features = DenseFeatures(
-        out_sketch, sketch.matrix(delta).cpu(), target_dots=target_dots, sq_norms=sq_norms
+        out["grads"], sketch.matrix(delta).cpu(), target_dots=out["target_dots"], sq_norms=out["sq_norms"]
     )
     features.delta_sq_norm = float(delta.double().square().sum())  # exact, not the sketched norm
-    empty = int((tokens == 0).sum())
+    empty = int((out["tokens"] == 0).sum())
     if empty:
         log.warning(
             "%d corpus documents have fewer than 2 tokens: zero gradient, never selected first", empty
         )
     timings = {
-        "hidden_states_s": round(hidden_s, 2),
-        "head_gradients_s": round(head_s, 2),
+        "hidden_states_s": round(head.hidden_s, 2),
+        "head_gradients_s": round(head.head_s, 2),
         "features_s": round(time.time() - started, 2),
         "sketch": f"{sketch.factors[0]}x{sketch.factors[1]}",
+        "cached": head.computed_rows == 0,
     }
-    out = LMFeatures(features, losses, tokens, timings)
-    if cache_root is not None:
-        _save(out, saved, key)
-    return out
+    return LMFeatures(features, out["losses"], out["tokens"], timings)
 
 
-def _save(out: LMFeatures, path: Path, key: dict) -> None:
-    f = out.features
-    tensors = {
-        "grads": f.grads,
-        "delta": f.delta,
-        "target_dots": f.target_dots,
-        "sq_norms": f.sq_norms,
-        "losses": out.losses,
-        "tokens": out.tokens,
-    }
-    meta = {
-        "key": json.dumps(key),
-        "delta_sq_norm": repr(f.delta_sq_norm),
-        "timings": json.dumps(out.timings),
-    }
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+class HeadPass:
+    """The LM head pass over one chunk of documents: their hidden states in, their terms out.
 
+    The models' hidden states are opened only once a chunk has to be computed, so a corpus whose
+    head gradients are all cached needs neither its hidden states nor a forward pass.
+    """
 
-def _load(path: Path, key: dict) -> LMFeatures:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        if json.loads(meta["key"]) != key:
-            raise W2DError(f"LM feature cache {path} does not match its key; delete the file")
-        t = {name: f.get_tensor(name) for name in f.keys()}
-    features = DenseFeatures(t["grads"], t["delta"], target_dots=t["target_dots"], sq_norms=t["sq_norms"])
-    features.delta_sq_norm = float(meta["delta_sq_norm"])
-    timings = {**json.loads(meta["timings"]), "cached": True}
-    return LMFeatures(features, t["losses"], t["tokens"], timings)
+    def __init__(
+        self,
+        base: LoadedModel,
+        finetuned: LoadedModel,
+        encoded: Encoded,
+        delta: Tensor,
+        sketch: KroneckerSketch,
+        grad_at: str,
+        lm_loss: str,
+        batch_size: int,
+        hidden_options: dict,
+    ) -> None:
+        self.base, self.finetuned, self.encoded = base, finetuned, encoded
+        self.delta, self.sketch, self.lm_loss, self.batch_size = delta, sketch, lm_loss, batch_size
+        # the finetuned view comes first: it gives the loss; in `base` mode it contributes no gradient
+        self.names = ["finetuned", "base"] if grad_at != "finetuned" else ["finetuned"]
+        models = {"finetuned": finetuned, "base": base}
+        self.views = [head_view(models[n]) for n in self.names]
+        self.combined = torch.cat([delta, sketch.r_e], dim=1)  # (V, d + a), shared by every view
+        self.grad_views = [i for i, n in enumerate(self.names) if grad_at in (n, "both")]
+        self.hidden_options = hidden_options  # HiddenStates' keyword options: cache_root, dtype
+        self.hidden_s = self.head_s = 0.0
+        self.computed_rows = 0
+
+    @cached_property
+    def sources(self) -> dict[str, HiddenStates]:
+        """Each view's hidden states; a base model with the finetuned body reads the finetuned ones."""
+        models = {"finetuned": self.finetuned, "base": self.base}
+        same_body = self.base.body_fingerprint == self.finetuned.body_fingerprint
+        return {
+            n: HiddenStates(models[n], self.encoded, desc=f"{n} hidden states", **self.hidden_options)
+            for n in self.names
+            if n == "finetuned" or not same_body
+        }
+
+    def _hidden(self, rows: range) -> dict[str, Tensor]:
+        chunk = {n: source.chunk(rows) for n, source in self.sources.items()}
+        return {n: chunk.get(n, chunk["finetuned"]) for n in self.names}
+
+    def chunk(self, rows: range) -> dict[str, Tensor]:
+        tick = time.time()
+        hidden = self._hidden(rows)
+        tock = time.time()
+        parts = []
+        for s in range(0, len(rows), self.batch_size):
+            sub = rows[s : s + self.batch_size]
+            batch = self.encoded.subset(slice(sub.start, sub.stop))
+            parts.append(self._batch([hidden[n][s : s + len(sub)] for n in self.names], batch))
+        self.hidden_s += tock - tick
+        self.head_s += time.time() - tock
+        self.computed_rows += len(rows)
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+    def _batch(self, hs: list[Tensor], batch: Encoded) -> dict[str, Tensor]:
+        if self.grad_views == [0]:
+            terms = batch_terms(
+                hs,
+                self.views,
+                batch.input_ids,
+                batch.attention_mask,
+                self.delta,
+                self.sketch,
+                self.lm_loss,
+                self.combined,
+            )
+        else:  # loss from the finetuned view; gradient from grad_views
+            terms = _terms_with_loss_view(
+                hs, self.views, self.combined, self.grad_views, batch, self.delta, self.sketch, self.lm_loss
+            )
+        tokens = terms.tokens.cpu()
+        return {
+            "grads": terms.sketch.cpu(),
+            "target_dots": terms.target_dots.cpu(),
+            "sq_norms": terms.sq_norms.cpu(),
+            "losses": (terms.loss_sum.cpu() / tokens.clamp_min(1)).masked_fill(tokens == 0, math.nan),
+            "tokens": tokens,
+        }
 
 
 def _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch, lm_loss) -> BatchTerms:

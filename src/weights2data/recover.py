@@ -27,7 +27,7 @@ from weights2data.gradients import (
 )
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.selection import BALANCED, GradientFeatures, SummedFeatures, select
-from weights2data.store import atomic_path, write_json
+from weights2data.store import atomic_path, stable_hash, write_json
 from weights2data.train import Task, lm_loss_sum
 from weights2data.trajectory import Walk, expert_settings, gradient_points, segments
 
@@ -178,7 +178,9 @@ def lm_corpus_gradients(
                 def batch_loss(final: torch.Tensor, batch: Encoded, _index: slice, head=head) -> torch.Tensor:
                     return lm_loss_sum(head(final), batch, lm_loss)[0]
 
-                block, block_timings = block_part(start, end, at, encoded, batch_loss, cfg, cache_root)
+                block, block_timings = block_part(
+                    start, end, at, encoded, batch_loss, f"lm:{lm_loss}", cfg, cache_root
+                )
                 parts += [block] if block is not None else []
                 timings = merge_timings(timings, block_timings)
     return CorpusGradients(joined(parts), None, losses, timings, kind="lm")
@@ -217,9 +219,9 @@ def corpus_gradients(
                 memo[id(at)] = (at, hidden_at(base, finetuned, at, encoded, cache_root))
             points.append(GradientPoint(memo[id(at)][1], *label_rows(at, label_set), delta))
             if cfg.grad_blocks:
-                block, block_timings = block_part(
-                    start, end, at, encoded, label_loss(at, label_set, labelled.labels), cfg, cache_root
-                )
+                loss = label_loss(at, label_set, labelled.labels)
+                loss_key = label_loss_key(label_set, labelled.labels)
+                block, block_timings = block_part(start, end, at, encoded, loss, loss_key, cfg, cache_root)
                 blocks += [block] if block is not None else []
                 timings = merge_timings(timings, block_timings)
         memo = {key: value for key, value in memo.items() if value[0] in (finetuned, end)}
@@ -243,6 +245,11 @@ def label_loss(at: LoadedModel, label_set: LabelSet, labels: torch.Tensor) -> Ba
         return F.cross_entropy(F.linear(final[:, -1], weight, bias), labels[index], reduction="sum")
 
     return batch_loss
+
+
+def label_loss_key(label_set: LabelSet, labels: torch.Tensor) -> str:
+    """What label_loss computes, beyond the model: its label set and the labels (a cache key part)."""
+    return f"labels:{stable_hash([label_set.to_dict(), labels.tolist()])}"
 
 
 def as_list(features: GradientFeatures | list) -> list:
@@ -283,10 +290,12 @@ def block_part(
     at: LoadedModel,
     encoded: Encoded,
     batch_loss: BatchLoss,
+    loss_key: str,
     cfg: SelectConfig,
     cache_root: Path | None,
 ) -> tuple[GradientFeatures | None, dict]:
-    """The gradients of the top changed blocks at `at`, against the segment start − end (--grad-blocks)."""
+    """The gradients of the top changed blocks at `at`, against the segment start − end (--grad-blocks);
+    `loss_key` names what `batch_loss` computes, for their cache key."""
     blocks = block_features(
         start,
         end,
@@ -297,6 +306,7 @@ def block_part(
         projection=cfg.projection,
         seed=cfg.seed,
         cache_root=cache_root,
+        loss_key=loss_key,
         at=at,
     )
     if blocks is None:

@@ -31,9 +31,9 @@ from weights2data.data import (
     scored_positions,
 )
 from weights2data.errors import W2DError
-from weights2data.features import hidden_states, run_top_layers
+from weights2data.features import cache_key, hidden_states, run_top_layers
 from weights2data.models import LoadedModel, decoder_layers, untie_head
-from weights2data.store import read_json, stable_hash, write_json
+from weights2data.store import key_matches, read_json, stable_hash, touch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,13 @@ def train_eval(
     its figure, so each equals what a run with that protocol alone would report.
     """
     ft = ft.for_task(task.kind)
-    saved = None if cache_root is None else _scores_path(cache_root, loaded, train, test, task, ft, ev)
+    run_key = scores_key(loaded, train, test, task, ft, ev)
+    saved = (
+        None if cache_root is None else Path(cache_root) / "train-eval" / f"{stable_hash(run_key, 20)}.json"
+    )
     if saved is not None and saved.exists():
         log.info("reusing the scores of an identical training run: %s", saved)
-        return read_json(saved)
+        return read_scores(saved, run_key)
     torch.manual_seed(ft.seed)
     fit_split, val_split = hold_out(train, ev.val_fraction, ft.seed)
     scoped = ScopedModel(loaded, ft.train_scope, task)
@@ -376,7 +379,7 @@ def train_eval(
         "val_rows": 0 if val_split is None else len(val_split),
     }
     if saved is not None:
-        write_json(saved, result)
+        write_json(saved, {"key": run_key, "scores": result})
     return result
 
 
@@ -402,22 +405,29 @@ class EarlyStopping:
         self.stopped = self.last_epoch - self.best["epoch"] >= self.patience
 
 
-def _scores_path(
-    root: Path, model: LoadedModel, train: Split, test: Split, task: Task, ft: FinetuneConfig, ev: EvalConfig
-) -> Path:
-    """Where the scores of this exact run are kept: same weights, rows, task, settings and device kind."""
-    key = {
-        "model": model.fingerprint,
-        "train": train.fingerprint,
-        "test": test.fingerprint,
-        "task": task.to_dict(),
-        "finetune": to_dict(ft),
-        "eval": to_dict(ev),
-        "device": next(model.model.parameters()).device.type,
-        "torch": torch.__version__,
-        "protocol": TRAIN_EVAL_PROTOCOL,
-    }
-    return Path(root) / "train-eval" / f"{stable_hash(key, 20)}.json"
+def scores_key(
+    model: LoadedModel, train: Split, test: Split, task: Task, ft: FinetuneConfig, ev: EvalConfig
+) -> dict:
+    """What the scores of a train-eval run depend on: weights, rows, task, settings, protocol,
+    and the versions and device kind that train."""
+    return cache_key(
+        next(model.model.parameters()).device,
+        model=model.fingerprint,
+        train=train.fingerprint,
+        test=test.fingerprint,
+        task=task.to_dict(),
+        finetune=to_dict(ft),
+        eval=to_dict(ev),
+        protocol=TRAIN_EVAL_PROTOCOL,
+    )
+
+
+def read_scores(path: Path, key: dict) -> dict:
+    saved = read_json(path)
+    if not key_matches(saved.get("key"), key):
+        raise W2DError(f"train-eval cache {path} does not match its key; delete the file")
+    touch(path)
+    return saved["scores"]
 
 
 def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
