@@ -9,8 +9,10 @@ and re-tokenised, labelled and scored there like any corpus document.
 
 Classifiers: the original's format puts the label token after the text, so a generation
 cannot be conditioned on its label without a template the expert never saw. Documents are
-generated unconditionally and θ1 labels them (autolabels), as it labels corpus documents;
-the contrast still steers them towards the finetuning data's topics.
+generated unconditionally and θ1 labels them (autolabels), as it labels corpus documents.
+A classifier's loss touched only the label position, so its contrast on ordinary text may be
+weak (four samples from a top:4 AG News SmolLM2 classifier read as web and code text, not
+news); language-modelling finetunes are where the contrast is expected to carry the data.
 """
 
 from __future__ import annotations
