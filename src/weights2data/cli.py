@@ -18,6 +18,7 @@ from weights2data.config import (
     DataConfig,
     EvalConfig,
     FinetuneConfig,
+    GenerateConfig,
     RunConfig,
     RuntimeConfig,
     SelectConfig,
@@ -36,6 +37,7 @@ SECTIONS = {
     RuntimeConfig: "runtime",
     SelectConfig: "select",
     RunConfig: "run",
+    GenerateConfig: "generate",
 }
 
 # The original research code's flag names (seed README), accepted by `w2d run`.
@@ -71,6 +73,8 @@ FIXED_SEED_OPTIONS = {
     "select_use_expert_grads": (("0", "1"), "where gradients are taken is set by --grad-at"),
     "num_experts": (("1",), "only one expert is trained"),
 }
+# `w2d select` / `w2d run`: the generation flags carry a generate- prefix; --generate N asks for N
+GENERATE_ALIASES = {"docs": ["--generate"]}
 DEMO_MODEL = "smollm2-135m"
 DEMO = {  # sized to finish within 10 minutes on a 2-core CPU; see README for the choice of scope
     "dataset": "ag_news_500",
@@ -118,13 +122,14 @@ def add_config_args(
     cls: type,
     aliases: dict[str, list[str]] | None = None,
     skip: tuple[str, ...] = (),
+    prefix: str = "",
 ) -> None:
-    """One flag per dataclass field (--field-name), with the field's help text and default."""
+    """One flag per dataclass field (--PREFIXfield-name), with the field's help text and default."""
     group = parser.add_argument_group(f"{SECTIONS.get(cls, cls.__name__)} options")
     for f in fields(cls):
         if f.name in skip:
             continue
-        names = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
+        names = ["--" + prefix + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         dest = f"{cls.__name__}.{f.name}"
         if f.type == "bool":
@@ -258,11 +263,13 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from weights2data.generate import mark_sources, with_generated
     from weights2data.pipeline import Workspace
     from weights2data.recover import check_pair, corpus_gradients, recover, resolve_label_set, write_recovery
 
     toml = read_toml(args)
     data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
+    gen = build_config(GenerateConfig, args, toml, seed=sel.seed)
     run = open_run(
         args,
         rt,
@@ -273,12 +280,14 @@ def cmd_select(args: argparse.Namespace) -> int:
             "corpus": args.corpus,
             "data": to_dict(data),
             "select": to_dict(sel),
+            **({"generate": to_dict(gen)} if gen.docs else {}),
         },
     )
     ws = Workspace.from_config(rt, data)
     corpus = ws.corpus(args.corpus, data, sel.k, sel.seed)
     base, finetuned = ws.model(args.base), ws.model(args.finetuned)
     check_pair(base, finetuned)
+    corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache)
     saved_task = finetuned.meta.get("task") or {}
     if data.task == "lm" or (data.task == "auto" and saved_task.get("kind") == "lm"):
         from weights2data.recover import lm_corpus_gradients
@@ -316,12 +325,51 @@ def cmd_select(args: argparse.Namespace) -> int:
         )
     else:
         recovery = recover(grads, corpus.texts, label_set, sel)
+    recovery = mark_sources(recovery, sources)
     parquet, _ = write_recovery(recovery, run)
     finish(run, rt, recovery.summary)
     print(
         f"selected {sel.k} of {len(corpus)} documents with {sel.strategy}: {parquet}\n"
         f"  objective cos(sum of selected gradients, delta) = {recovery.summary['objective_cos']:.4f}\n"
         f"  labels: {recovery.summary.get('label_distribution')}"
+        + (f"\n  generated: {recovery.summary['generated_picks']} of the picks" if gen.docs else "")
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from weights2data.generate import generate_cached, write_generated
+    from weights2data.pipeline import Workspace
+    from weights2data.recover import check_pair
+    from weights2data.store import write_json
+
+    toml = read_toml(args)
+    gen, rt = build_config(GenerateConfig, args, toml), build_config(RuntimeConfig, args, toml)
+    if gen.docs < 1:
+        raise W2DError("w2d generate needs -n N, the number of documents to generate (at least 1)")
+    config = {"base": args.base, "finetuned": args.finetuned, "generate": to_dict(gen)}
+    run = open_run(args, rt, "generate", config)
+    ws = Workspace.from_config(rt)
+    base, finetuned = ws.model(args.base), ws.model(args.finetuned)
+    check_pair(base, finetuned)
+    # the length the finetune was trained at, when it recorded one
+    seq_len = gen.seq_len or (finetuned.meta.get("task") or {}).get("seq_len") or DataConfig().seq_len
+    started = time.time()
+    texts = generate_cached(base, finetuned, gen, seq_len, ws.cache)
+    parquet = write_generated(texts, run)
+    summary = {
+        "base": args.base,
+        "finetuned": args.finetuned,
+        "docs": len(texts),
+        "distinct": len(set(texts)),
+        "seconds": round(time.time() - started, 1),
+        "settings": {**to_dict(gen), "seq_len": seq_len},
+    }
+    write_json(run / "summary.json", summary)
+    finish(run, rt, summary)
+    print(
+        f"generated {len(texts)} documents ({len(set(texts))} distinct, {seq_len} tokens at most): "
+        f"{parquet}\n  first: {texts[0]!r}"
     )
     return 0
 
@@ -339,7 +387,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for c in (DataConfig, FinetuneConfig, EvalConfig, RunConfig, RuntimeConfig)
     )
     sel = build_config(SelectConfig, args, toml, seed=ft.seed)  # one --seed for the whole experiment
-    return run_and_print(args, rt, data, ft, ev, sel, run_cfg)
+    gen = build_config(GenerateConfig, args, toml, seed=ft.seed)
+    return run_and_print(args, rt, data, ft, ev, sel, run_cfg, gen)
 
 
 def run_and_print(
@@ -350,6 +399,7 @@ def run_and_print(
     ev: EvalConfig,
     sel: SelectConfig,
     run_cfg: RunConfig,
+    gen: GenerateConfig | None = None,
     results_json: str | None = None,
 ) -> int:
     from weights2data.experiment import format_table, run_experiment
@@ -361,15 +411,19 @@ def run_and_print(
         "eval": to_dict(ev),
         "select": to_dict(sel),
         "run": to_dict(run_cfg),
+        **({"generate": to_dict(gen)} if gen and gen.docs else {}),
     }
     run = open_run(args, rt, "run", config)
-    results = run_experiment(Workspace.from_config(rt, data), run, data, ft, ev, sel, run_cfg)
+    results = run_experiment(Workspace.from_config(rt, data), run, data, ft, ev, sel, run_cfg, gen)
     finish(run, rt, {"table": results["table"], "seconds": results["seconds"]})
     print(
         f"\n{results['expert_dataset']}: expert vs {sel.k} documents recovered from {run_cfg.corpus} "
         f"({ft.train_scope} scope, {results['seconds']:.0f} s)"
     )
     print(format_table(results))
+    if gen and gen.docs:
+        picks = {name: s["generated_picks"] for name, s in results["selections"].items()}
+        print(f"generated documents among the {sel.k} picks (of {gen.docs} candidates): {picks}")
     print(f"results: {run / 'results.json'}")
     if results_json:  # e.g. benchmarks/results/demo_cpu.json, the figures the README quotes
         Path(results_json).parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +452,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"demo: {DEMO_MODEL}, {DEMO['scope']} scope; expert on {DEMO['dataset']}; recover k = {DEMO['k']} "
         f"from {DEMO['corpus']}; train on each and score on AG News test ({DEMO['eval_rows']} rows)"
     )
-    return run_and_print(args, rt, data, ft, ev, sel, run_cfg, args.results_json)
+    return run_and_print(args, rt, data, ft, ev, sel, run_cfg, results_json=args.results_json)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -605,6 +659,18 @@ def make_parser() -> argparse.ArgumentParser:
         "(default: the finetuned model's saved setting, else full); --projection-dim 0 means a "
         "4096-dimensional Kronecker sketch for LM",
     )
+    add_config_args(p, GenerateConfig, GENERATE_ALIASES, skip=("seed", "seq_len"), prefix="generate-")
+    add_config_args(p, RuntimeConfig)
+
+    p = command(
+        "generate",
+        cmd_generate,
+        "sample in-domain documents from the finetuned model contrasted against the base "
+        "(next-token logits: finetuned − alpha · base; writes generated.parquet + summary.json)",
+    )
+    p.add_argument("--base", required=True, help="base model (before finetuning)")
+    p.add_argument("--finetuned", required=True, help="finetuned model (any directory transformers can load)")
+    add_config_args(p, GenerateConfig, {"docs": ["-n"]})
     add_config_args(p, RuntimeConfig)
 
     p = command(
@@ -618,6 +684,7 @@ def make_parser() -> argparse.ArgumentParser:
         add_config_args(
             p, cls, SEED_ALIASES.get(cls), skip=("strategy", "seed") if cls is SelectConfig else ()
         )
+    add_config_args(p, GenerateConfig, GENERATE_ALIASES, skip=("seed", "seq_len"), prefix="generate-")
     seed = p.add_argument_group("original options with one supported value (others are refused)")
     for name, (supported, why) in FIXED_SEED_OPTIONS.items():
         seed.add_argument(f"--{name}", default=None, help=f"only {' or '.join(supported)}: {why}")

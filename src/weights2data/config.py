@@ -333,3 +333,43 @@ class RunConfig:
     @property
     def strategy_list(self) -> list[str]:
         return [s.strip() for s in self.strategies.split(",") if s.strip()]
+
+
+@dataclass
+class GenerateConfig:
+    docs: int = opt(
+        0,
+        "documents to generate from the finetuned model contrasted against the base; select / run "
+        "append them to the corpus as candidates (0: none)",
+    )
+    alpha: float = opt(
+        0.5,
+        "contrast strength: next-token logits = logit(finetuned) − alpha · logit(base); 0 samples the "
+        "finetuned model alone, 1 its likelihood ratio to the base",
+    )
+    plausibility: float = opt(
+        0.1,
+        "keep only tokens the finetuned model gives at least this share of its top token's probability "
+        "(contrastive decoding's plausibility constraint; 0: off)",
+    )
+    temperature: float = opt(1.0, "divides the contrasted logits before sampling")
+    top_p: float = opt(0.95, "nucleus sampling over the contrasted distribution (1: off)")
+    prefixes: str | None = opt(
+        None,
+        "openings drawn for each document: a comma-separated list or a file with one per line "
+        "(default: The, A, In, It, This, I, On, After)",
+    )
+    seq_len: int | None = opt(
+        None, "tokens per document, its opening included (default: the task's sequence length, 32)"
+    )
+    batch_size: int = opt(32, "documents generated together")
+    seed: int = opt(0, "seed for the openings and the sampling")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.docs < 0 or self.alpha < 0 or self.batch_size < 1:
+            raise W2DError("docs and alpha must be >= 0, batch size at least 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or not 0 <= self.plausibility <= 1:
+            raise W2DError("temperature must be > 0, top_p in (0, 1], plausibility in [0, 1]")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise W2DError(f"generated sequence length must be at least 2 (got {self.seq_len})")

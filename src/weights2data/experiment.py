@@ -17,6 +17,7 @@ from pathlib import Path
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig, to_dict
 from weights2data.data import Split
 from weights2data.errors import W2DError
+from weights2data.generate import GenerateConfig, mark_sources, with_generated
 from weights2data.pipeline import Workspace, finetune_cached
 from weights2data.recover import (
     Recovery,
@@ -43,8 +44,13 @@ def run_experiment(
     ev: EvalConfig,
     sel: SelectConfig,
     run: RunConfig,
+    gen: GenerateConfig | None = None,
 ) -> dict:
-    """Expert → selection(s) → expert / recovered / random scores; writes results.json."""
+    """Expert → selection(s) → expert / recovered / random scores; writes results.json.
+
+    `gen`: documents generated from the expert against the base join the corpus as candidates
+    (for the random baseline too: every strategy draws from the same pool).
+    """
     started = time.time()
     expert_data = ws.dataset(data.dataset, data, expert_ft.seed)
     if expert_data.test is None:
@@ -54,6 +60,7 @@ def run_experiment(
     task = Task.from_dict(meta["task"])
     base, expert = ws.model(run.base), ws.model(str(expert_path))
     check_pair(base, expert)
+    corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache)
     if task.kind == "lm" and "topk_balanced" in run.strategy_list:
         raise W2DError(
             "topk_balanced balances labels, and a language-modelling selection has none: use topk (or greedy)"
@@ -76,6 +83,7 @@ def run_experiment(
         )
         for name in dict.fromkeys([*run.strategy_list, RANDOM])
     }
+    recoveries = {name: mark_sources(recovery, sources) for name, recovery in recoveries.items()}
     del base, expert
     for name, recovery in recoveries.items():
         write_recovery(recovery, run_dir / f"selection-{name}")

@@ -97,6 +97,7 @@ class Recovery:
     label_set: LabelSet | None
     scores: torch.Tensor
     summary: dict = field(default_factory=dict)
+    sources: list[str] | None = None  # per pick: corpus or generated (generate.mark_sources); None: corpus
 
     def label_names(self) -> list[str]:
         return [self.label_set.names[i] for i in self.labels.tolist()]
@@ -396,7 +397,7 @@ def label_prior(spec: str, grads: CorpusGradients, label_set: LabelSet | None) -
 
 
 def write_recovery(recovery: Recovery, out_dir: Path) -> tuple[Path, Path]:
-    """selection.parquet (text, label, label_name, corpus_row, rank, score) + summary.json."""
+    """selection.parquet (text, label, label_name, corpus_row, rank, score, source) + summary.json."""
     columns = {"text": recovery.texts}
     if recovery.labels is not None:
         columns |= {"label": recovery.labels.tolist(), "label_name": recovery.label_names()}
@@ -404,6 +405,7 @@ def write_recovery(recovery: Recovery, out_dir: Path) -> tuple[Path, Path]:
         "corpus_row": recovery.rows.tolist(),
         "rank": list(range(len(recovery.texts))),
         "score": recovery.scores.float().tolist(),
+        "source": recovery.sources or ["corpus"] * len(recovery.texts),
     }
     table = pa.table(columns)
     parquet, summary = out_dir / "selection.parquet", out_dir / "summary.json"

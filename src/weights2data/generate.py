@@ -1,0 +1,220 @@
+"""Contrastive candidate generation: in-domain documents sampled from the finetuned model against the base.
+
+SELECT can only return what the corpus holds (Wikipedia passages for a news classifier). Here
+the finetuned model θ1 writes candidates itself, each next token drawn from
+logit(θ1) − α · logit(θ0): what the finetune made more likely than the base already found it,
+the idea of contrastive decoding (Li et al. 2023) and of CDD (Brzozowski et al. 2026), which
+recovers finetuning data this way from vague openings. The texts are appended to the corpus
+and re-tokenised, labelled and scored there like any corpus document.
+
+Classifiers: the original's format puts the label token after the text, so a generation
+cannot be conditioned on its label without a template the expert never saw. Documents are
+generated unconditionally and θ1 labels them (autolabels), as it labels corpus documents.
+A classifier's loss touched only the label position, so its contrast on ordinary text may be
+weak (four samples from a top:4 AG News SmolLM2 classifier read as web and code text, not
+news); language-modelling finetunes are where the contrast is expected to carry the data.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from weights2data.config import GenerateConfig, to_dict
+from weights2data.data import Split
+from weights2data.errors import W2DError
+from weights2data.models import LoadedModel
+from weights2data.store import atomic_path, read_json, stable_hash, write_json
+
+if TYPE_CHECKING:
+    from weights2data.recover import Recovery
+
+log = logging.getLogger(__name__)
+
+CORPUS, GENERATED = "corpus", "generated"
+# Generic openings, neutral across news, reviews and encyclopedic text: the contrast, not the
+# opening, should steer. No BOS token: weights2data encodes every text without special tokens,
+# so a document is generated in the form it is later scored in.
+OPENINGS = ("The", "A", "In", "It", "This", "I", "On", "After")
+
+Pick = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def contrastive_logits(tuned: torch.Tensor, base: torch.Tensor, alpha: float) -> torch.Tensor:
+    """logit(θ1) − α · logit(θ0), (B, V). Raw logits or log-probabilities give the same
+    distribution: they differ by a constant per row.
+
+    α = 0.5 by default: α = 1 samples the pure likelihood ratio p1 / p0, which rewards any token
+    the base finds rarer than the finetune does, rare junk included; 0.5 keeps half of θ1's own
+    preference while still favouring what the finetune added.
+    """
+    return tuned - alpha * base
+
+
+def next_tokens(
+    tuned: torch.Tensor, base: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """(B,) tokens sampled from the contrasted distribution, filtered by plausibility and top-p.
+
+    The plausibility constraint keeps tokens with p1 ≥ β · max p1. It is needed: with α < 1 the
+    contrast is p1 · p0^-α, which lifts the whole long tail of the vocabulary above θ1's few
+    sensible tokens.
+    """
+    logits = contrastive_logits(tuned, base, cfg.alpha) / cfg.temperature
+    if cfg.plausibility > 0:
+        floor = tuned.max(-1, keepdim=True).values + math.log(cfg.plausibility)
+        logits = logits.masked_fill(tuned < floor, -math.inf)
+    if cfg.top_p < 1:
+        logits = nucleus(logits, cfg.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask all but the smallest set of most likely tokens whose probability reaches top_p."""
+    ordered, order = logits.sort(-1, descending=True)
+    probs = ordered.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+    return logits.scatter(-1, order, ordered.masked_fill(before >= top_p, -math.inf))
+
+
+def forward(model: torch.nn.Module, ids: torch.Tensor, cache: object) -> tuple[torch.Tensor, object]:
+    """Last-position logits (B, V) float32 and the grown KV cache (the keyword is `cache` from
+    transformers 5, `past_key_values` before)."""
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, use_cache=True, **{key: cache})
+    return out.logits[:, -1].float(), getattr(out, key)
+
+
+@torch.inference_mode()
+def decode(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    prefix: torch.Tensor,
+    steps: int,
+    pick: Pick,
+    stop: torch.Tensor,
+) -> torch.Tensor:
+    """(B, P + ≤ steps) ids: `prefix` (B, P) extended one token a step, both models in lockstep.
+
+    Each step both models read only the tokens just added, attending to their own KV caches;
+    `pick(logits of θ1, logits of θ0)` returns the next tokens. Stops early once every row has
+    emitted a token in `stop`.
+    """
+    ids, new, caches = prefix, prefix, [None, None]
+    done = torch.zeros(len(prefix), dtype=torch.bool, device=prefix.device)
+    for _ in range(steps):
+        tuned, caches[0] = forward(finetuned.model, new, caches[0])
+        ref, caches[1] = forward(base.model, new, caches[1])
+        new = pick(tuned, ref).unsqueeze(1)
+        ids = torch.cat([ids, new], 1)
+        done |= torch.isin(new[:, 0], stop)
+        if done.all():
+            break
+    return ids
+
+
+def openings(spec: str | None) -> list[str]:
+    """--prefixes: None for the built-in list, a file with one opening per line, or a comma list."""
+    if spec is None:
+        return list(OPENINGS)
+    lines = Path(spec).read_text().splitlines() if Path(spec).is_file() else spec.split(",")
+    found = [line.strip() for line in lines if line.strip()]
+    if not found:
+        raise W2DError(f"--prefixes {spec!r} names no opening")
+    return found
+
+
+def generate(
+    base: LoadedModel, finetuned: LoadedModel, cfg: GenerateConfig, seq_len: int, progress: bool = True
+) -> list[str]:
+    """`cfg.docs` texts of up to `seq_len` tokens each, the opening included (kept: it is part of
+    the text). Documents sharing an opening are batched, so no row needs padding. Deterministic
+    for a seed, a batch size and a device."""
+    tokenizer = finetuned.tokenizer
+    starts = openings(cfg.prefixes)
+    prefixes = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in starts]
+    for text, ids in zip(starts, prefixes, strict=True):
+        if not 1 <= len(ids) < seq_len:
+            raise W2DError(f"opening {text!r} has {len(ids)} tokens: it must leave room in {seq_len}")
+    drawn = np.random.default_rng(cfg.seed).integers(len(starts), size=cfg.docs)
+    device = next(finetuned.model.parameters()).device
+    pick = partial(next_tokens, cfg=cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    specials = set(tokenizer.all_special_ids)
+    stop = torch.tensor(sorted(specials), device=device)
+    texts = [""] * cfg.docs
+    with tqdm(total=cfg.docs, desc="generating", unit="doc", disable=not progress) as bar:
+        for o, prefix in enumerate(prefixes):
+            rows = np.flatnonzero(drawn == o)
+            for first in range(0, len(rows), cfg.batch_size):
+                batch = rows[first : first + cfg.batch_size]
+                start = torch.tensor([prefix] * len(batch), device=device)
+                ids = decode(base, finetuned, start, seq_len - len(prefix), pick, stop)
+                for row, seq in zip(batch.tolist(), ids.tolist(), strict=True):
+                    end = next((i for i, t in enumerate(seq) if t in specials), len(seq))
+                    texts[row] = tokenizer.decode(seq[:end], clean_up_tokenization_spaces=False)
+                bar.update(len(batch))
+    return texts
+
+
+def generate_cached(
+    base: LoadedModel, finetuned: LoadedModel, cfg: GenerateConfig, seq_len: int, cache_root: Path | None
+) -> list[str]:
+    """generate(), reused from <cache>/generated/<key>.json when both models and the settings match."""
+    if cache_root is None:
+        return generate(base, finetuned, cfg, seq_len)
+    settings = {**to_dict(cfg), "seq_len": seq_len, "prefixes": openings(cfg.prefixes)}
+    key = stable_hash({"base": base.fingerprint, "finetuned": finetuned.fingerprint, "settings": settings})
+    path = Path(cache_root) / "generated" / f"{key}.json"
+    if path.exists():
+        log.info("reusing %d generated documents from %s", cfg.docs, path)
+        return read_json(path)["texts"]
+    texts = generate(base, finetuned, cfg, seq_len)
+    write_json(path, {"settings": settings, "texts": texts})
+    return texts
+
+
+def with_generated(
+    corpus: Split,
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    cfg: GenerateConfig | None,
+    seq_len: int,
+    cache_root: Path | None,
+) -> tuple[Split, list[str]]:
+    """The corpus with `cfg.docs` generated candidates appended, and each row's source.
+
+    The corpus's own labels are dropped with them: selection labels every candidate itself.
+    `seq_len`: the task's, used unless the config sets one.
+    """
+    if cfg is None or not cfg.docs:
+        return corpus, [CORPUS] * len(corpus)
+    texts = generate_cached(base, finetuned, cfg, cfg.seq_len or seq_len, cache_root)
+    log.info("%d generated candidates appended to the %d corpus documents", len(texts), len(corpus))
+    return Split(corpus.texts + texts, None), [CORPUS] * len(corpus) + [GENERATED] * len(texts)
+
+
+def mark_sources(recovery: Recovery, sources: list[str]) -> Recovery:
+    """The recovery with each pick's source, and the generated counts in its summary."""
+    picked = [sources[i] for i in recovery.rows.tolist()]
+    counts = {"generated_candidates": sources.count(GENERATED), "generated_picks": picked.count(GENERATED)}
+    return replace(recovery, sources=picked, summary={**recovery.summary, **counts})
+
+
+def write_generated(texts: list[str], out_dir: Path) -> Path:
+    """<out_dir>/generated.parquet: text, source = generated; a dataset argument for other commands."""
+    path = Path(out_dir) / "generated.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table({"text": texts, "source": [GENERATED] * len(texts)}), tmp)
+    return path
