@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from weights2data import lm_features as lm_features_module
+from weights2data.config import SelectConfig
 from weights2data.data import encode_lm
 from weights2data.errors import W2DError
 from weights2data.features import forward_hidden, hidden_chunks, hidden_states
@@ -24,8 +25,10 @@ from weights2data.lm_features import (
     scored_positions,
 )
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
-from weights2data.selection import BALANCED, STRATEGIES, select
+from weights2data.recover import lm_corpus_gradients
+from weights2data.selection import BALANCED, STRATEGIES, SummedFeatures, select
 from weights2data.train import lm_loss_sum
+from weights2data.trajectory import interpolate
 
 TEXTS = [
     "The team won the championship after a dramatic overtime goal in front of a home crowd.",
@@ -194,6 +197,22 @@ def test_grad_at_both_is_the_sum_of_the_two_gradients(pair) -> None:
     assert_terms_match(at["both"].features, total, delta_of(base, finetuned))
     for g in ("base", "both"):  # the loss is always the finetuned model's
         torch.testing.assert_close(at[g].losses, at["finetuned"].losses, equal_nan=True)
+
+
+def test_lm_pseudo_experts_concatenate_one_part_per_point(pair) -> None:
+    """P = 2, both ends of each segment: four parts, each lm_features of its segment and end."""
+    base, finetuned = pair
+    cfg = SelectConfig(k=3, pseudo_experts=2, grad_at="both", path_combine="concat", projection_dim=64)
+    grads = lm_corpus_gradients(base, finetuned, TEXTS, SEQ_LEN, "full", cfg, None)
+    assert isinstance(grads.features, SummedFeatures) and len(grads.features.parts) == 4
+    mid = interpolate(base, finetuned, 0.5)
+    encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
+    expected = lm_features(mid, finetuned, encoded, grad_at="base", dim=64, progress=False).features
+    torch.testing.assert_close(grads.features.parts[2].target_dots, expected.target_dots)
+    torch.testing.assert_close(grads.features.parts[2].grads, expected.grads)
+    summed = SelectConfig(k=3, pseudo_experts=2)
+    with pytest.raises(W2DError, match="concat"):
+        lm_corpus_gradients(base, finetuned, TEXTS, SEQ_LEN, "full", summed, None)
 
 
 def test_float16_cache_streams_chunks_and_resumes(pair, tmp_path, monkeypatch) -> None:

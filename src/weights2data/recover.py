@@ -151,9 +151,8 @@ def lm_corpus_gradients(
     if cfg.path_combine == "sum" and cfg.pseudo_experts > 1:
         raise W2DError("language-modelling gradients of several pseudo-experts join by --path-combine concat")
     encoded = encode_lm(finetuned.tokenizer, texts, seq_len)
-    # `sum` over one segment is lm_features' own view sum; `concat` takes one part per point
-    views = [cfg.grad_at] if cfg.path_combine == "sum" else ["base", "finetuned"]
-    views = [v for v in views if cfg.path_combine == "sum" or cfg.grad_at in (v, "both")]
+    # `both` summed within a segment is lm_features' own; concatenated, it is one part per end
+    views = ["base", "finetuned"] if cfg.grad_at == "both" and cfg.path_combine == "concat" else [cfg.grad_at]
     parts, losses, timings = [], None, {"lm_loss": lm_loss}
     for start, end in segments(base, finetuned, cfg.pseudo_experts, cfg.path):
         for view in views:
