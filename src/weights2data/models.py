@@ -33,6 +33,8 @@ ALIASES = {  # the original code's short names
 }
 META_FILE = "w2d.json"  # what weights2data knows about a model it saved (task, label set, scope)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# files that carry a tokenizer's vocabulary (fast, SentencePiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 HUB_HOST = ("huggingface.co", 443)
 HUB_TIMEOUT_S = 3.0
 
@@ -142,6 +144,11 @@ def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, Pr
             "arbitrary code when loaded. Convert them to safetensors, or pass --allow-pickle if you "
             "trust their source."
         )
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise W2DError(
+            f"{path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}): copy the base "
+            "model's tokenizer files into it"
+        )
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
@@ -154,7 +161,8 @@ def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, Pr
     except W2DError:
         raise
     except Exception as exc:  # corrupt or truncated files surface as many exception types
-        raise W2DError(f"could not load the model in {path}: {type(exc).__name__}: {exc}") from exc
+        reason = " ".join(str(exc).split())  # one line: some loaders raise multi-line messages
+        raise W2DError(f"could not load the model in {path}: {type(exc).__name__}: {reason}") from exc
     missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k or not _tied(model)]
     if missing:
         raise W2DError(f"{path} is missing weights for {len(missing)} tensors, e.g. {missing[:3]}")

@@ -177,7 +177,7 @@ def true_label_distribution(run: Run, data_dir: Path | None) -> tuple[dict[str, 
             name,
             data_dir=data_dir,
             text_column=data_cfg.get("text_column", "text"),
-            label_column=data_cfg.get("label_column", "label"),
+            label_column=data_cfg.get("label_column"),
             seed=seed,
         )
     except W2DError as exc:
