@@ -339,6 +339,8 @@ class RunConfig:
         from weights2data.selection import STRATEGIES
 
         check_types(self)
+        if not self.strategy_list:
+            raise W2DError(f"strategies names no strategy (got {self.strategies!r}): e.g. greedy,topk")
         for name in self.strategy_list:
             _choice("strategy", name, STRATEGIES)
         if self.optimizer_test is not None:

@@ -123,6 +123,8 @@ def _load_part(
     path = Path(part).expanduser()
     if path.exists():
         return _load_local(path, text_column, label_column)
+    if root is not None and not root.is_dir():
+        raise W2DError(f"the data directory {root} (--data-dir or ${DATA_DIR_ENV}) is not a folder")
     base, n = (part, None) if root is not None and (root / part).is_dir() else split_size_suffix(part)
     if root is not None and (root / base).is_dir():
         dataset = _load_local(root / base, text_column, label_column, name=base)

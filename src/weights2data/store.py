@@ -118,7 +118,7 @@ def write_errors(path: Path) -> Iterator[None]:
         elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
             hint = "no permission to write there: pass a writable --cache-dir / --results-dir"
         elif code in (errno.EEXIST, errno.ENOTDIR):
-            hint = "a file is in the way where a folder is needed: pass another --cache-dir / --results-dir"
+            hint = "a file stands where a folder is needed: choose another folder"
         else:
             hint = str(exc)
         raise W2DError(f"could not write {path}: {hint}") from exc
