@@ -207,9 +207,13 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def _declared_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def hub_reachable() -> bool:
     """True when the hub answers within a few seconds (the hub client itself retries for ~25 s)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if _declared_offline():
         return False
     try:
         socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S).close()
@@ -221,11 +225,16 @@ def hub_reachable() -> bool:
 def download_from_hub(repo_id: str, cache: Path) -> Path:
     """Fetch safetensors weights, config and tokenizer of `repo_id`, failing fast when offline."""
     if not hub_reachable():
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if _declared_offline()
+            else f"tried {HUB_HOST[0]} for {HUB_TIMEOUT_S:.0f} s"
+        )
         raise W2DError(
             f"unknown model '{repo_id}': it is not a local directory, not one of "
             f"{EMBEDDED}, {TINY}, {', '.join(ALIASES)}, and the Hugging Face hub is unreachable "
-            f"(tried {HUB_HOST[0]} for {HUB_TIMEOUT_S:.0f} s). Download it where the hub is reachable "
-            "and pass its directory with --model /path/to/model."
+            f"({why}). Download it where the hub is reachable and pass its directory with "
+            "--model /path/to/model."
         )
     from huggingface_hub import snapshot_download
 
