@@ -548,7 +548,9 @@ def open_run(args: argparse.Namespace, rt: RuntimeConfig, command: str, config: 
     path = Path(rt.results_dir) / (rt.exp_name or f"{command}-{stable_hash(config, 8)}")
     if not path.exists():
         args.new_run_dir = path
-    run = RunDir.create(rt.results_dir, path.name, {"command": command, **config, "runtime": to_dict(rt)})
+    # where and on what it runs (the runtime settings) is not part of a run's identity, nor of its name
+    record = {"command": command, **config, "runtime": to_dict(rt)}
+    run = RunDir.create(rt.results_dir, path.name, record, ignore=("runtime",))
     run.attach_log()
     log.info("run directory: %s", run.path)
     return run.path

@@ -206,17 +206,22 @@ class RunDir:
     path: Path
 
     @classmethod
-    def create(cls, results_dir: str | os.PathLike, exp_name: str, config: dict) -> RunDir:
+    def create(
+        cls, results_dir: str | os.PathLike, exp_name: str, config: dict, ignore: tuple[str, ...] = ()
+    ) -> RunDir:
         """Create the directory and write `config` into it. An unfinished run there (killed before
-        its metrics.json) is resumed, and so is a finished one of the same config: the same command
-        again. A finished run of another config is kept: its results would no longer match it."""
+        its metrics.json) is resumed, and so is a finished one of the same config (but for the keys
+        in `ignore`): the same command again. A finished run of another config is kept: its results
+        would no longer match it."""
         path = Path(results_dir) / exp_name
         saved = path / "config.json"
-        if (path / "metrics.json").exists() and saved.exists() and not key_matches(read_json(saved), config):
-            raise W2DError(
-                f"{path} holds a finished run of another command or other settings: choose another "
-                "--exp-name, or delete that folder"
-            )
+        if (path / "metrics.json").exists() and saved.exists():
+            old = {k: v for k, v in read_json(saved).items() if k not in ignore}
+            if not key_matches(old, {k: v for k, v in config.items() if k not in ignore}):
+                raise W2DError(
+                    f"{path} holds a finished run of another command or other settings: choose another "
+                    "--exp-name, or delete that folder"
+                )
         with write_errors(path):
             path.mkdir(parents=True, exist_ok=True)
         write_json(saved, config)
