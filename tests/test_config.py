@@ -108,10 +108,18 @@ def test_flags_beat_toml_which_beats_defaults(tmp_path: Path) -> None:
     assert data.seq_len == 16
 
 
-def test_toml_unknown_key_is_an_error(tmp_path: Path) -> None:
-    args, toml = _args(tmp_path, "[finetune]\nlearning_rate = 0.5\n")
-    with pytest.raises(W2DError, match="unknown key.*learning_rate"):
-        build_config(FinetuneConfig, args, toml)
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        ("[finetune]\nlearning_rate = 0.5\n", "unknown key.*learning_rate"),
+        ("[select]\nkk = 3\n", r"unknown key.*\[select\]: kk"),  # a table `finetune` does not read
+        ("[select]\n[select.inner]\nk = 3\n", "unknown key.*inner"),
+        ("data = 3\n", "data must be a table"),
+    ],
+)
+def test_toml_unknown_key_is_an_error(tmp_path: Path, toml: str, match: str) -> None:
+    with pytest.raises(W2DError, match=match):
+        _args(tmp_path, toml)
 
 
 def test_toml_unknown_section_is_an_error(tmp_path: Path) -> None:

@@ -124,8 +124,7 @@ def test_cache_dir_order_flag_then_env(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_run_dir_writes_config_and_metrics(tmp_path: Path) -> None:
-    run = RunDir.create(tmp_path, "exp")
-    run.write_config({"model": "tiny-test"})
+    run = RunDir.create(tmp_path, "exp", {"model": "tiny-test"})
     run.write_metrics({"accuracy": np.float64(0.5)})
     assert read_json(tmp_path / "exp" / "config.json") == {"model": "tiny-test"}
     assert read_json(tmp_path / "exp" / "metrics.json") == {"accuracy": 0.5}

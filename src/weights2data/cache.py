@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from weights2data.errors import W2DError
 from weights2data.store import read_json, remove, remove_stale_temps
 
 KINDS = {  # kind → its folders under the cache root
@@ -76,6 +77,8 @@ def prune(
 
     Returns the entries and temporary files deleted (with dry_run: that would be deleted).
     """
+    if older_than_days is not None and not older_than_days >= 0:
+        raise W2DError(f"--older-than takes a number of days >= 0 (got {older_than_days})")
     chosen = entries(root, kinds or [k for k in KINDS if k not in PROTECTED])
     if every:
         doomed = chosen

@@ -154,9 +154,7 @@ def _flag_type(annotation: str) -> Callable[[str], Any]:
 
 def build_config(cls: type, args: argparse.Namespace, toml: dict[str, dict], **overrides: Any) -> Any:
     """Dataclass defaults, then the TOML table, then explicit flags, then forced overrides."""
-    section = SECTIONS.get(cls, cls.__name__.lower())
-    table = dict(toml.get(section, {}))
-    check_keys(table, cls, section)
+    table = dict(toml.get(SECTIONS.get(cls, cls.__name__.lower()), {}))
     prefix = cls.__name__ + "."
     flags = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
     return cls(**{**table, **flags, **overrides})
@@ -169,6 +167,8 @@ def read_toml(args: argparse.Namespace) -> dict[str, dict]:
     unknown = sorted(set(toml) - set(SECTIONS.values()))
     if unknown:
         raise W2DError(f"unknown section(s) in {args.config}: {', '.join(unknown)}")
+    for cls, section in SECTIONS.items():  # a typo is an error even in a table this command does not read
+        check_keys(toml.get(section, {}), cls, section)
     return toml
 
 
@@ -224,7 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train_eval(args: argparse.Namespace) -> int:
     from weights2data.pipeline import Workspace
-    from weights2data.train import resolve_task, train_eval
+    from weights2data.train import check_labels, resolve_task, train_eval
 
     toml = read_toml(args)
     data, ft, ev, rt = (
@@ -244,13 +244,13 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     )
     ws = Workspace.from_config(rt, data)
     target = ws.dataset(data.dataset, data, ft.seed)
-    train = ws.dataset(args.train, data, ft.seed).train
+    train = ws.dataset(args.train, data, ft.seed)
     if target.test is None:
         raise W2DError(f"dataset '{target.name}' has no test split")
     loaded = ws.model(args.model)
     task = resolve_task(data, target, loaded, ft.lm_loss)
-    check_train_labels(train, task, args.train)
-    result = train_eval(loaded, train, target.test, task, ft, ev, cache_root=ws.cache)
+    check_labels(train, train.train, task)
+    result = train_eval(loaded, train.train, target.test, task, ft, ev, cache_root=ws.cache)
     finish(run, rt, result)
     print(
         f"{args.model} trained on {args.train}, tested on {target.name}: {result['metric']}\n"
@@ -265,7 +265,15 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from weights2data.generate import mark_sources, with_generated
     from weights2data.pipeline import Workspace
-    from weights2data.recover import check_pair, corpus_gradients, recover, resolve_label_set, write_recovery
+    from weights2data.recover import (
+        check_lm_selection,
+        check_pair,
+        corpus_gradients,
+        lm_corpus_gradients,
+        recover,
+        resolve_label_set,
+        write_recovery,
+    )
 
     toml = read_toml(args)
     data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
@@ -287,18 +295,19 @@ def cmd_select(args: argparse.Namespace) -> int:
     corpus = ws.corpus(args.corpus, data, sel.k, sel.seed)
     base, finetuned = ws.model(args.base), ws.model(args.finetuned)
     check_pair(base, finetuned)
-    corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache)
     saved_task = finetuned.meta.get("task") or {}
     if data.task == "lm" or (data.task == "auto" and saved_task.get("kind") == "lm"):
-        from weights2data.recover import lm_corpus_gradients
-
+        check_lm_selection(sel, [sel.strategy])
         label_set = None
+    else:
+        label_data = ws.dataset(sel.label_set, data) if sel.label_set and "," not in sel.label_set else None
+        label_set = resolve_label_set(sel, data, finetuned, label_data)
+    corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache)
+    if label_set is None:
         grads = lm_corpus_gradients(
             base, finetuned, corpus.texts, data.seq_len, lm_loss_of(args, finetuned), sel, ws.cache
         )
     else:
-        label_data = ws.dataset(sel.label_set, data) if sel.label_set and "," not in sel.label_set else None
-        label_set = resolve_label_set(sel, data, finetuned, label_data)
         grads = corpus_gradients(base, finetuned, corpus.texts, label_set, data, sel, ws.cache)
     if sel.rounds > 1:
         from weights2data.rounds import recover_in_rounds
@@ -529,15 +538,6 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_train_labels(train: Any, task: Any, name: str) -> None:
-    if task.kind != "classification":
-        return
-    if train.labels is None:
-        raise W2DError(f"training set '{name}' has no labels, but the task is classification")
-    if train.labels.max() >= len(task.label_set.names):
-        raise W2DError(f"training set '{name}' has label ids beyond the {len(task.label_set.names)} labels")
-
-
 # ---------------------------------------------------------------- run directories and output
 
 
@@ -548,8 +548,9 @@ def open_run(args: argparse.Namespace, rt: RuntimeConfig, command: str, config: 
     path = Path(rt.results_dir) / (rt.exp_name or f"{command}-{stable_hash(config, 8)}")
     if not path.exists():
         args.new_run_dir = path
-    run = RunDir.create(rt.results_dir, path.name)
-    run.write_config({"command": command, **config, "runtime": to_dict(rt)})
+    # where and on what it runs (the runtime settings) is not part of a run's identity, nor of its name
+    record = {"command": command, **config, "runtime": to_dict(rt)}
+    run = RunDir.create(rt.results_dir, path.name, record, ignore=("runtime",))
     run.attach_log()
     log.info("run directory: %s", run.path)
     return run.path
@@ -682,7 +683,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     for cls in (RunConfig, DataConfig, FinetuneConfig, EvalConfig, SelectConfig, RuntimeConfig):
         add_config_args(
-            p, cls, SEED_ALIASES.get(cls), skip=("strategy", "seed") if cls is SelectConfig else ()
+            p,
+            cls,
+            SEED_ALIASES.get(cls),
+            skip=("strategy", "seed", "label_set") if cls is SelectConfig else (),
         )
     add_config_args(p, GenerateConfig, GENERATE_ALIASES, skip=("seed", "seq_len"), prefix="generate-")
     seed = p.add_argument_group("original options with one supported value (others are refused)")

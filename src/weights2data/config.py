@@ -42,7 +42,10 @@ class DataConfig:
         None, "folder holding <name>/{train,validation,test}.parquet and labels.json (default: $W2D_DATA_DIR)"
     )
     text_column: str = opt("text", "text column of local files")
-    label_column: str = opt("label", "label column of local files (absent: unlabelled text)")
+    label_column: str | None = opt(
+        None,
+        "label column of local files; a column named here must exist (default: label, when there is one)",
+    )
     verbalizer: str = opt(
         "letters",
         "token the model predicts for each label: letters (A, B, C, ... as the "
@@ -164,7 +167,11 @@ def load_toml(path: str | Path) -> dict[str, dict]:
         raise W2DError(f"could not read config file {path}: {exc}") from exc
 
 
-def check_keys(table: dict, cls: type, section: str) -> None:
+def check_keys(table: Any, cls: type, section: str) -> None:
+    if not isinstance(table, dict):
+        raise W2DError(
+            f"{section} must be a table ([{section}] followed by key = value lines), not {table!r}"
+        )
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - known)
     if unknown:
@@ -181,7 +188,7 @@ class RuntimeConfig:
     )
     results_dir: str = opt("runs", "parent folder of run directories")
     exp_name: str | None = opt(None, "run directory name (default: derived from the command and its inputs)")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (cuda when available)")
     allow_pickle: bool = opt(
         False, "allow loading pickle checkpoints (.bin/.pt): they can run arbitrary code"
     )
@@ -189,6 +196,11 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.exp_name and (Path(self.exp_name).name != self.exp_name or self.exp_name == ".."):
+            raise W2DError(
+                f"exp_name must be a folder name, without '/' (got {self.exp_name!r}); "
+                "--results-dir sets the folder it goes in"
+            )
 
 
 @dataclass
@@ -276,6 +288,8 @@ class SelectConfig:
         _choice("path", self.path, PATHS)
         _choice("path_combine", self.path_combine, ("concat", "sum"))
         _choice("precondition", self.precondition, ("none", "adam", "kfac"))
+        if self.k < 1:
+            raise W2DError(f"k must be at least 1 (got {self.k})")
         if self.rounds < 1 or self.rounds > self.k:
             raise W2DError(f"rounds must be between 1 and k = {self.k} (got {self.rounds})")
         if self.student_steps < -1 or self.student_steps == 0:
@@ -297,8 +311,6 @@ class SelectConfig:
                 "--projection-dim use --path-combine concat"
             )
         _choice("projection", self.projection, ("rademacher", "normal"))
-        if self.k < 1:
-            raise W2DError(f"k must be at least 1 (got {self.k})")
         if self.projection_dim < 0:
             raise W2DError("projection_dim must be 0 (exact) or positive")
         if self.grad_blocks < -1:
@@ -307,6 +319,8 @@ class SelectConfig:
             )
         if self.block_sketch_dim < 1:
             raise W2DError(f"block_sketch_dim must be positive (got {self.block_sketch_dim})")
+        if self.batch_reset < 1:
+            raise W2DError(f"batch_reset must be at least 1 (got {self.batch_reset})")
 
 
 @dataclass
@@ -325,6 +339,8 @@ class RunConfig:
         from weights2data.selection import STRATEGIES
 
         check_types(self)
+        if not self.strategy_list:
+            raise W2DError(f"strategies names no strategy (got {self.strategies!r}): e.g. greedy,topk")
         for name in self.strategy_list:
             _choice("strategy", name, STRATEGIES)
         if self.optimizer_test is not None:

@@ -8,7 +8,9 @@ local file or directory, or a name resolved first in the data directory
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -17,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -104,7 +105,7 @@ def load_dataset(
     *,
     data_dir: str | os.PathLike | None = None,
     text_column: str = "text",
-    label_column: str = "label",
+    label_column: str | None = None,
     seed: int = 0,
 ) -> Dataset:
     """Resolve a dataset argument (see module docstring) into train/validation/test splits."""
@@ -116,15 +117,21 @@ def load_dataset(
     return loaded[0] if len(loaded) == 1 else concatenate(loaded)
 
 
-def _load_part(part: str, root: Path | None, text_column: str, label_column: str, seed: int) -> Dataset:
+def _load_part(
+    part: str, root: Path | None, text_column: str, label_column: str | None, seed: int
+) -> Dataset:
     path = Path(part).expanduser()
     if path.exists():
         return _load_local(path, text_column, label_column)
+    if root is not None and not root.is_dir():
+        raise W2DError(f"the data directory {root} (--data-dir or ${DATA_DIR_ENV}) is not a folder")
     base, n = (part, None) if root is not None and (root / part).is_dir() else split_size_suffix(part)
     if root is not None and (root / base).is_dir():
         dataset = _load_local(root / base, text_column, label_column, name=base)
     elif base in SEED_DATASETS:
         dataset = _load_hub(base, root)
+    elif path.suffix in FILE_SUFFIXES or "/" in part:
+        raise W2DError(f"dataset file not found: {part}")
     else:
         known = sorted(set(SEED_DATASETS) | _data_dir_names(root))
         raise W2DError(
@@ -136,8 +143,9 @@ def _load_part(part: str, root: Path | None, text_column: str, label_column: str
 
 
 def split_size_suffix(name: str) -> tuple[str, int | None]:
-    """'ag_news_1000' -> ('ag_news', 1000); 'ag_news' -> ('ag_news', None)."""
-    match = re.fullmatch(r"(.+?)_(\d+)", name)
+    """'ag_news_1000' -> ('ag_news', 1000); 'ag_news' -> ('ag_news', None); 'ag_news_-5' -> ('ag_news', -5),
+    which take_first refuses."""
+    match = re.fullmatch(r"(.+?)_(-?\d+)", name)
     return (match.group(1), int(match.group(2))) if match else (name, None)
 
 
@@ -157,7 +165,7 @@ def take_first(dataset: Dataset, n: int, seed: int, name: str) -> Dataset:
     return Dataset(name, dataset.train.subset(order), dataset.test, dataset.validation, dataset.label_names)
 
 
-def _load_local(path: Path, text_column: str, label_column: str, name: str | None = None) -> Dataset:
+def _load_local(path: Path, text_column: str, label_column: str | None, name: str | None = None) -> Dataset:
     """A data-directory folder, a folder of split files, or one file (all rows are 'train')."""
     name = name or path.stem
     if path.is_file():
@@ -190,7 +198,10 @@ def _read_table(path: Path) -> pa.Table:
 def _label_names(path: Path) -> list[str] | None:
     if not path.exists():
         return None
-    names = read_json(path)
+    try:
+        names = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise W2DError(f"{path}: could not read the label names: {exc}") from exc
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise W2DError(f"{path}: expected a JSON list of label names")
     return names
@@ -200,19 +211,27 @@ def _make_dataset(
     name: str,
     tables: dict[str, pa.Table],
     text_column: str,
-    label_column: str,
+    label_column: str | None,
     label_names: list[str] | None,
     source: Path,
 ) -> Dataset:
+    """`label_column` None reads the column `label` when there is one; a named column must exist."""
     train = tables["train"]
+    columns = ", ".join(train.column_names)
     if text_column not in train.column_names:
         raise W2DError(
-            f"{source}: no text column '{text_column}' (columns: {', '.join(train.column_names)}); "
-            "choose one with --text-column"
+            f"{source}: no text column '{text_column}' (columns: {columns}); choose one with --text-column"
         )
+    if label_column is not None and label_column not in train.column_names:
+        raise W2DError(
+            f"{source}: no label column '{label_column}' (columns: {columns}); choose one with "
+            "--label-column, or leave it unset to read the column 'label' when there is one"
+        )
+    label_column = label_column or "label"
     labelled = label_column in train.column_names
     if labelled:
-        label_names = label_names or _infer_label_names(train.column(label_column))
+        values = _label_values(train.column(label_column).to_pylist(), f"{source}:train")
+        label_names = label_names or _infer_label_names(values)
     splits = {
         split: _make_split(
             table, text_column, label_column if labelled else None, label_names, f"{source}:{split}"
@@ -226,11 +245,11 @@ def _make_dataset(
     )
 
 
-def _infer_label_names(column: pa.ChunkedArray) -> list[str]:
-    if pa.types.is_integer(column.type):
-        top = pc.max(column).as_py()
-        return [str(i) for i in range((top or 0) + 1)]
-    return sorted(str(v) for v in pc.unique(column).to_pylist() if v is not None)
+def _infer_label_names(values: list[str] | np.ndarray) -> list[str]:
+    """Integer ids 0..max name themselves; names are sorted."""
+    if isinstance(values, np.ndarray):
+        return [str(i) for i in range(int(values.max(initial=0)) + 1)]
+    return sorted(set(values))
 
 
 def _make_split(
@@ -238,7 +257,14 @@ def _make_split(
 ) -> Split:
     if text_column not in table.column_names:
         raise W2DError(f"{where}: no text column '{text_column}'")
-    texts = [t if isinstance(t, str) else "" for t in table.column(text_column).to_pylist()]
+    values = table.column(text_column).to_pylist()
+    other = next((v for v in values if v is not None and not isinstance(v, str)), None)
+    if other is not None:
+        raise W2DError(
+            f"{where}: the text column '{text_column}' holds {type(other).__name__} values "
+            f"such as {other!r}, not text; choose the text column with --text-column"
+        )
+    texts = [t or "" for t in values]
     labels = None
     if label_column is not None:
         if label_column not in table.column_names:
@@ -252,19 +278,34 @@ def _make_split(
     return Split(texts, labels)
 
 
-def _label_ids(values: list, label_names: list[str], where: str) -> np.ndarray:
-    if any(v is None for v in values):
+def _label_values(values: list, where: str) -> list[str] | np.ndarray:
+    """A label column as names (strings) or integer ids; a float column of whole numbers (how
+    pandas stores integers with gaps) holds ids, and NaN is a missing value."""
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
         raise W2DError(f"{where}: the label column has missing values")
     if all(isinstance(v, str) for v in values):
+        return values
+    bad = next((v for v in values if not isinstance(v, int | float) or not float(v).is_integer()), None)
+    if bad is not None:
+        raise W2DError(f"{where}: labels must be integer ids or names (strings), not {bad!r}")
+    return np.asarray(values, dtype=np.int64)
+
+
+def _label_ids(values: list, label_names: list[str], where: str) -> np.ndarray:
+    found = _label_values(values, where)
+    if isinstance(found, list):
         index = {name: i for i, name in enumerate(label_names)}
-        unknown = sorted({v for v in values if v not in index})
+        unknown = sorted({v for v in found if v not in index})
         if unknown:
             raise W2DError(f"{where}: labels {unknown[:5]} are not in the label set {label_names}")
-        return np.array([index[v] for v in values], dtype=np.int64)
-    labels = np.asarray(values, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= len(label_names)):
-        raise W2DError(f"{where}: label ids must lie in 0..{len(label_names) - 1}")
-    return labels
+        return np.array([index[v] for v in found], dtype=np.int64)
+    outside = sorted({int(v) for v in found if not 0 <= v < len(label_names)})
+    if outside:
+        raise W2DError(
+            f"{where}: label ids must lie in 0..{len(label_names) - 1} (labels: {label_names}); "
+            f"found {outside[:5]}"
+        )
+    return found
 
 
 def _load_hub(name: str, root: Path | None) -> Dataset:
@@ -287,7 +328,7 @@ def _load_hub(name: str, root: Path | None) -> Dataset:
     if source.label and source.label in hub["train"].features:
         label_names = list(getattr(hub["train"].features[source.label], "names", []) or []) or None
     tables = {split: hub[split].data.table for split in SPLITS if split in hub}
-    return _make_dataset(name, tables, source.text, source.label or "", label_names, Path(source.repo))
+    return _make_dataset(name, tables, source.text, source.label, label_names, Path(source.repo))
 
 
 def concatenate(parts: list[Dataset]) -> Dataset:
@@ -346,6 +387,11 @@ def make_label_set(
         words = [w.strip() for w in verbalizer.split(",")]
         if not all(words):
             raise W2DError(f"the verbalizer list '{verbalizer}' has an empty entry")
+        if len(words) == 1 < len(label_names):
+            raise W2DError(
+                f"unknown verbalizer '{verbalizer}': use letters, names or a comma-separated list of "
+                f"{len(label_names)} tokens"
+            )
         if len(words) != len(label_names):
             raise W2DError(
                 f"the verbalizer lists {len(words)} tokens but the dataset has {len(label_names)} labels"

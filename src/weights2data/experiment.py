@@ -21,6 +21,7 @@ from weights2data.generate import GenerateConfig, mark_sources, with_generated
 from weights2data.pipeline import Workspace, finetune_cached
 from weights2data.recover import (
     Recovery,
+    check_lm_selection,
     check_pair,
     recover,
     task_gradients,
@@ -51,6 +52,10 @@ def run_experiment(
     `gen`: documents generated from the expert against the base join the corpus as candidates
     (for the random baseline too: every strategy draws from the same pool).
     """
+    if sel.label_set:
+        raise W2DError(
+            "w2d run labels with the expert's own label set (see --verbalizer); --label-set is for w2d select"
+        )
     started = time.time()
     expert_data = ws.dataset(data.dataset, data, expert_ft.seed)
     if expert_data.test is None:
@@ -60,11 +65,9 @@ def run_experiment(
     task = Task.from_dict(meta["task"])
     base, expert = ws.model(run.base), ws.model(str(expert_path))
     check_pair(base, expert)
+    if task.kind == "lm":
+        check_lm_selection(sel, run.strategy_list)
     corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache)
-    if task.kind == "lm" and "topk_balanced" in run.strategy_list:
-        raise W2DError(
-            "topk_balanced balances labels, and a language-modelling selection has none: use topk (or greedy)"
-        )
     grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)
     recoveries = {
         name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))

@@ -129,7 +129,12 @@ def openings(spec: str | None) -> list[str]:
     """--prefixes: None for the built-in list, a file with one opening per line, or a comma list."""
     if spec is None:
         return list(OPENINGS)
-    lines = Path(spec).read_text().splitlines() if Path(spec).is_file() else spec.split(",")
+    if "," not in spec and ("/" in spec or spec.endswith(".txt")) and not Path(spec).is_file():
+        raise W2DError(f"--prefixes {spec}: no such file (to use it as the one opening, end it with a comma)")
+    try:
+        lines = Path(spec).read_text().splitlines() if Path(spec).is_file() else spec.split(",")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise W2DError(f"--prefixes {spec}: could not read the file: {exc}") from exc
     found = [line.strip() for line in lines if line.strip()]
     if not found:
         raise W2DError(f"--prefixes {spec!r} names no opening")
@@ -148,6 +153,11 @@ def generate(
     for text, ids in zip(starts, prefixes, strict=True):
         if not 1 <= len(ids) < seq_len:
             raise W2DError(f"opening {text!r} has {len(ids)} tokens: it must leave room in {seq_len}")
+    if base.fingerprint == finetuned.fingerprint:
+        raise W2DError(
+            "the finetuned weights equal the base weights: contrasting a model with itself samples it "
+            "alone; pass the finetuned model as --finetuned"
+        )
     drawn = np.random.default_rng(cfg.seed).integers(len(starts), size=cfg.docs)
     device = next(finetuned.model.parameters()).device
     pick = partial(next_tokens, cfg=cfg, generator=torch.Generator(device=device).manual_seed(cfg.seed))

@@ -33,6 +33,8 @@ ALIASES = {  # the original code's short names
 }
 META_FILE = "w2d.json"  # what weights2data knows about a model it saved (task, label set, scope)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# files that carry a tokenizer's vocabulary (fast, SentencePiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 HUB_HOST = ("huggingface.co", 443)
 HUB_TIMEOUT_S = 3.0
 
@@ -142,6 +144,11 @@ def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, Pr
             "arbitrary code when loaded. Convert them to safetensors, or pass --allow-pickle if you "
             "trust their source."
         )
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise W2DError(
+            f"{path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}): copy the base "
+            "model's tokenizer files into it"
+        )
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
@@ -154,7 +161,8 @@ def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, Pr
     except W2DError:
         raise
     except Exception as exc:  # corrupt or truncated files surface as many exception types
-        raise W2DError(f"could not load the model in {path}: {type(exc).__name__}: {exc}") from exc
+        reason = " ".join(str(exc).split())  # one line: some loaders raise multi-line messages
+        raise W2DError(f"could not load the model in {path}: {type(exc).__name__}: {reason}") from exc
     missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k or not _tied(model)]
     if missing:
         raise W2DError(f"{path} is missing weights for {len(missing)} tensors, e.g. {missing[:3]}")
@@ -199,9 +207,13 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def _declared_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def hub_reachable() -> bool:
     """True when the hub answers within a few seconds (the hub client itself retries for ~25 s)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if _declared_offline():
         return False
     try:
         socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S).close()
@@ -213,11 +225,16 @@ def hub_reachable() -> bool:
 def download_from_hub(repo_id: str, cache: Path) -> Path:
     """Fetch safetensors weights, config and tokenizer of `repo_id`, failing fast when offline."""
     if not hub_reachable():
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if _declared_offline()
+            else f"tried {HUB_HOST[0]} for {HUB_TIMEOUT_S:.0f} s"
+        )
         raise W2DError(
             f"unknown model '{repo_id}': it is not a local directory, not one of "
             f"{EMBEDDED}, {TINY}, {', '.join(ALIASES)}, and the Hugging Face hub is unreachable "
-            f"(tried {HUB_HOST[0]} for {HUB_TIMEOUT_S:.0f} s). Download it where the hub is reachable "
-            "and pass its directory with --model /path/to/model."
+            f"({why}). Download it where the hub is reachable and pass its directory with "
+            "--model /path/to/model."
         )
     from huggingface_hub import snapshot_download
 

@@ -17,7 +17,7 @@ from weights2data.errors import W2DError
 from weights2data.features import cache_key
 from weights2data.models import META_FILE, LoadedModel, load_model, save_model
 from weights2data.store import cache_dir, read_json, stable_hash, touch
-from weights2data.train import Task, finetune, resolve_task
+from weights2data.train import Task, check_labels, finetune, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,16 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise W2DError(f"unknown device '{name}'") from exc
+        raise W2DError(f"unknown device '{name}': use cpu, cuda, cuda:N, mps or auto") from exc
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise W2DError(f"unsupported device '{name}': use cpu, cuda, cuda:N, mps or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise W2DError("--device cuda was asked for but no GPU is available")
+        raise W2DError(f"--device {name} was asked for but no GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise W2DError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise W2DError(f"--device {name} was asked for but this machine has no usable MPS (Apple GPU)")
     return device
 
 
@@ -118,10 +125,13 @@ def finetune_cached(
 
 
 def task_for_model(loaded: LoadedModel, data: DataConfig, dataset: Dataset) -> Task:
-    """The task a weights2data model was trained for, else the one the dataset implies."""
-    if "task" in loaded.meta:
-        task = Task.from_dict(loaded.meta["task"])
-        if data.seq_len != task.seq_len:
-            task = Task(task.kind, data.seq_len, task.label_set, task.lm_loss)
-        return task
-    return resolve_task(data, dataset, loaded)
+    """The task a weights2data model was trained for (checked against the dataset's test labels),
+    else the one the dataset implies."""
+    if "task" not in loaded.meta:
+        return resolve_task(data, dataset, loaded)
+    task = Task.from_dict(loaded.meta["task"])
+    if data.seq_len != task.seq_len:
+        task = Task(task.kind, data.seq_len, task.label_set, task.lm_loss)
+    if dataset.test is not None:
+        check_labels(dataset, dataset.test, task)
+    return task

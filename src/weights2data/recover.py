@@ -70,21 +70,29 @@ def check_pair(base: LoadedModel, finetuned: LoadedModel) -> None:
 def resolve_label_set(
     cfg: SelectConfig, data: DataConfig, finetuned: LoadedModel, label_dataset: Dataset | None
 ) -> LabelSet:
-    """From --label-set (a dataset or a token list), else the finetuned model's metadata."""
+    """From --label-set (a dataset or a token list), else the finetuned model's metadata; a label
+    set given for a model that saved its own must have the same tokens."""
+    saved = (finetuned.meta.get("task") or {}).get("label_set")
     if label_dataset is not None:
         if not label_dataset.has_labels:
             raise W2DError(f"--label-set {cfg.label_set}: that dataset has no labels")
-        return make_label_set(label_dataset.label_names, finetuned.tokenizer, data.verbalizer)
-    if cfg.label_set:
-        words = [w.strip() for w in cfg.label_set.split(",") if w.strip()]
-        return make_label_set(words, finetuned.tokenizer, ",".join(words))
-    saved = (finetuned.meta.get("task") or {}).get("label_set")
-    if saved:
+        given = make_label_set(label_dataset.label_names, finetuned.tokenizer, data.verbalizer)
+    elif cfg.label_set:
+        words = [w.strip() for w in cfg.label_set.split(",")]
+        given = make_label_set(words, finetuned.tokenizer, cfg.label_set)
+    elif saved:
         return LabelSet.from_dict(saved)
-    raise W2DError(
-        "classification selection needs a label set: pass --label-set DATASET (e.g. ag_news) or "
-        "--label-set 'A,B,C,D', or use a finetuned model saved by weights2data"
-    )
+    else:
+        raise W2DError(
+            "classification selection needs a label set: pass --label-set DATASET (e.g. ag_news) or "
+            "--label-set 'A,B,C,D', or use a finetuned model saved by weights2data"
+        )
+    if saved and given.token_ids != LabelSet.from_dict(saved).token_ids:
+        raise W2DError(
+            f"--label-set {cfg.label_set} gives the label tokens {given.tokens}, but the finetuned model "
+            f"was trained on {saved['tokens']} ({', '.join(saved['names'])}): leave --label-set unset"
+        )
+    return given
 
 
 @dataclass
@@ -318,6 +326,22 @@ def block_part(
     return blocks.features, {**blocks.timings, "block_layers": blocks.layers}
 
 
+def check_lm_selection(cfg: SelectConfig, strategies: list[str]) -> None:
+    """A language-modelling selection has no labels: refuse the options that need them, before any work."""
+    balanced = [s for s in strategies if s in BALANCED]
+    if balanced:
+        raise W2DError(
+            f"{balanced[0]} balances labels, and a language-modelling selection has none: "
+            "use topk (or greedy)"
+        )
+    if cfg.labels == "random" or cfg.label_set:
+        option = "--labels random" if cfg.labels == "random" else f"--label-set {cfg.label_set}"
+        raise W2DError(
+            f"{option} labels the picks, and a language-modelling selection has none: leave it unset, "
+            "or pass --task classification"
+        )
+
+
 def recover(
     grads: CorpusGradients,
     corpus_texts: list[str],
@@ -329,10 +353,8 @@ def recover(
 ) -> Recovery:
     """Run one strategy over precomputed corpus gradients (never picking the rows in `exclude`)."""
     strategy = strategy or cfg.strategy
-    if strategy in BALANCED and grads.labels is None:
-        raise W2DError(
-            f"{strategy} balances labels, and a language-modelling selection has none: use topk (or greedy)"
-        )
+    if grads.labels is None:
+        check_lm_selection(cfg, [strategy])
     if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:
         where = "the LM head's label rows" if grads.kind == "classification" else "the LM head"
         blocks = " and the chosen blocks" if cfg.grad_blocks else ""

@@ -27,7 +27,7 @@ from typing import Any
 
 from weights2data.errors import W2DError
 from weights2data.experiment import format_closure
-from weights2data.store import atomic_path, read_json
+from weights2data.store import atomic_path, read_json, write_errors
 
 SAMPLE_CHARS = 300
 SAMPLES_PER_LABEL = 3
@@ -177,7 +177,7 @@ def true_label_distribution(run: Run, data_dir: Path | None) -> tuple[dict[str, 
             name,
             data_dir=data_dir,
             text_column=data_cfg.get("text_column", "text"),
-            label_column=data_cfg.get("label_column", "label"),
+            label_column=data_cfg.get("label_column"),
             seed=seed,
         )
     except W2DError as exc:
@@ -550,7 +550,8 @@ def build_report(
     samples_section(doc, runs)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
     for name, png in doc.images.items():
         _write(out / name, png)
     _write(out / "report.md", render_markdown(doc, title).encode("utf-8"))

@@ -117,6 +117,8 @@ def write_errors(path: Path) -> Iterator[None]:
             hint = "the disk is full: free space (see `w2d cache prune --help`) or write elsewhere"
         elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
             hint = "no permission to write there: pass a writable --cache-dir / --results-dir"
+        elif code in (errno.EEXIST, errno.ENOTDIR):
+            hint = "a file stands where a folder is needed: choose another folder"
         else:
             hint = str(exc)
         raise W2DError(f"could not write {path}: {hint}") from exc
@@ -204,13 +206,26 @@ class RunDir:
     path: Path
 
     @classmethod
-    def create(cls, results_dir: str | os.PathLike, exp_name: str) -> RunDir:
+    def create(
+        cls, results_dir: str | os.PathLike, exp_name: str, config: dict, ignore: tuple[str, ...] = ()
+    ) -> RunDir:
+        """Create the directory and write `config` into it. An unfinished run there (killed before
+        its metrics.json) is resumed, and so is a finished one of the same config (but for the keys
+        in `ignore`): the same command again. A finished run of another config is kept: its results
+        would no longer match it."""
         path = Path(results_dir) / exp_name
-        path.mkdir(parents=True, exist_ok=True)
+        saved = path / "config.json"
+        if (path / "metrics.json").exists() and saved.exists():
+            old = {k: v for k, v in read_json(saved).items() if k not in ignore}
+            if not key_matches(old, {k: v for k, v in config.items() if k not in ignore}):
+                raise W2DError(
+                    f"{path} holds a finished run of another command or other settings: choose another "
+                    "--exp-name, or delete that folder"
+                )
+        with write_errors(path):
+            path.mkdir(parents=True, exist_ok=True)
+        write_json(saved, config)
         return cls(path)
-
-    def write_config(self, config: dict) -> None:
-        write_json(self.path / "config.json", config)
 
     def write_metrics(self, metrics: dict, name: str = "metrics.json") -> None:
         write_json(self.path / name, metrics)

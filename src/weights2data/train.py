@@ -73,7 +73,7 @@ def resolve_task(data: DataConfig, dataset: Dataset, loaded: LoadedModel, lm_los
         kind = "classification" if dataset.has_labels else "lm"
     if kind == "classification" and not dataset.has_labels:
         raise W2DError(
-            f"dataset '{dataset.name}' has no labels (column '{data.label_column}'); use --task lm"
+            f"dataset '{dataset.name}' has no labels (column '{data.label_column or 'label'}'); use --task lm"
         )
     label_set = (
         make_label_set(dataset.label_names, loaded.tokenizer, data.verbalizer)
@@ -81,6 +81,23 @@ def resolve_task(data: DataConfig, dataset: Dataset, loaded: LoadedModel, lm_los
         else None
     )
     return Task(kind, data.seq_len, label_set, lm_loss)
+
+
+def check_labels(dataset: Dataset, split: Split, task: Task) -> None:
+    """A split trained or scored for `task` has its labels: the same names, or bare ids (a file
+    without labels.json) within the label set."""
+    if task.kind != "classification":
+        return
+    names = task.label_set.names
+    if split.labels is None:
+        raise W2DError(f"dataset '{dataset.name}' has no labels, but the task is classification ({names})")
+    bare_ids = [str(i) for i in range(len(dataset.label_names))]
+    if dataset.label_names not in (names, bare_ids):
+        raise W2DError(
+            f"dataset '{dataset.name}' has the labels {dataset.label_names}, but the task's are {names}"
+        )
+    if len(split) and split.labels.max() >= len(names):
+        raise W2DError(f"dataset '{dataset.name}' has label ids beyond the {len(names)} labels {names}")
 
 
 class ScopedModel:
