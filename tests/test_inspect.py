@@ -116,3 +116,14 @@ def test_cli_inspect_then_select_discover(cli_env: Path, capsys: pytest.CaptureF
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert sorted(summary["label_set"]["tokens"]) == [" negative", " positive"]
     assert sum(summary["label_distribution"].values()) == 6
+
+
+def test_inspect_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert all(
+        flag in out
+        for flag in ("--base", "--finetuned", "--corpus", "--docs", "--template", "--chat-template")
+    )

@@ -153,3 +153,24 @@ def test_template_round_trip(cli_env: Path, capsys: pytest.CaptureFixture) -> No
     train_eval += ["--dataset", "rotten_tomatoes", "--eval-epochs", "1", "--max-eval-rows", "32"]
     assert main([*train_eval, *flags, "--label-loss", "full", "--exp-name", "te", *common]) == 0
     assert "honest" in capsys.readouterr().out
+
+
+def test_run_with_a_template(cli_env: Path) -> None:
+    """`w2d run`: the expert, the selection and every compared model read the same template and loss."""
+    argv = ["run", "--model", "tiny-test", "--dataset", "rotten_tomatoes_48", "-k", "8"]
+    argv += ["--select_seed_dataset", "wiki_passages_40", "--strategies", "greedy", "--skip-similarity"]
+    argv += ["--eval-epochs", "1", "--max-eval-rows", "32", "--results_dir", "runs", "--train-scope", "top:1"]
+    argv += [
+        "--seq-len",
+        "24",
+        "--template",
+        "Review: {text}\\nSentiment:",
+        "--verbalizer",
+        "negative,positive",
+    ]
+    argv += ["--label-loss", "full"]
+    assert main([*argv, "--exp_name", "tpl"]) == 0
+    results = json.loads((cli_env / "runs" / "tpl" / "results.json").read_text())
+    assert results["selections"]["greedy"]["template"] == repr(REVIEW)
+    assert results["selections"]["greedy"]["label_loss"] == "full"
+    assert [row["model"] for row in results["table"]] == ["expert", "greedy", "random"]

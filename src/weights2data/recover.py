@@ -255,17 +255,18 @@ def corpus_gradients(
             if id(at) not in memo:
                 memo[id(at)] = (at, hidden_at(base, finetuned, at, encoded, cache_root))
             if mode == "full":
-                view = head_view(at)
-                heads.append(
-                    full_vocab_features(
-                        memo[id(at)][1],
-                        (view.weight, view.bias),
-                        head_delta(start, end),
-                        token_ids,
-                        labelled.labels,
-                        cfg.seed,
+                delta_head, view = head_delta(start, end), head_view(at)
+                if not (cfg.grad_blocks and delta_head.sq_norm() == 0):  # else only the blocks count
+                    heads.append(
+                        full_vocab_features(
+                            memo[id(at)][1],
+                            (view.weight, view.bias),
+                            delta_head,
+                            token_ids,
+                            labelled.labels,
+                            cfg.seed,
+                        )
                     )
-                )
             else:
                 points.append(GradientPoint(memo[id(at)][1], *label_rows(at, label_set), delta))
             if cfg.grad_blocks:
@@ -310,6 +311,8 @@ def changed_parts(heads: list, blocks: list) -> tuple[list, dict]:
     """The head's feature parts and the blocks', without the head's when it did not change and the
     blocks did (a LoRA adapter that leaves the head as it is): gradients of weights the finetune
     did not move only add to every norm."""
+    if not heads and not blocks:
+        raise W2DError("the finetuned weights equal the base weights in the LM head and in every block")
     if blocks and all(part.delta_sq_norm <= 0 for part in heads):
         log.info("the LM head is unchanged: selecting on the gradients of the changed blocks alone")
         return blocks, {"gradients": "changed blocks only (the LM head is unchanged)"}
