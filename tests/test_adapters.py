@@ -129,9 +129,9 @@ def test_lora_head_terms_match_dense(cache, make_adapter, tmp_path) -> None:
 
 
 def test_adapter_selects_on_its_layers(base, lora) -> None:
-    cfg = select_for_adapter(SelectConfig(k=4), lora)
+    cfg = select_for_adapter(SelectConfig(k=4), base, lora)
     assert cfg.grad_blocks == -1
-    assert select_for_adapter(SelectConfig(k=4, grad_blocks=1), lora).grad_blocks == 1  # the user's choice
+    assert select_for_adapter(SelectConfig(k=4, grad_blocks=1), base, lora).grad_blocks == 1  # the user's
 
 
 def test_cli_select_on_an_adapter(cli_env: Path, base, make_adapter, capsys: pytest.CaptureFixture) -> None:

@@ -209,11 +209,15 @@ def weight_delta(base: LoadedModel, finetuned: LoadedModel, name: str, device: t
     return DenseDelta(wa.to(device).float() - wb.to(device).float())
 
 
-def select_for_adapter(cfg: SelectConfig, finetuned: LoadedModel) -> SelectConfig:
+def select_for_adapter(cfg: SelectConfig, base: LoadedModel, finetuned: LoadedModel) -> SelectConfig:
     """An adapter that leaves the LM head as it is changed only its adapted layers: select on their
-    gradients (--grad-blocks -1) unless the user chose blocks."""
+    gradients (--grad-blocks -1) unless the user chose blocks. (A head the adapter saved whole, as
+    peft's modules_to_save does, counts as changed.)"""
     adapter = getattr(finetuned, "adapter", None)
-    if adapter is None or adapter.head_adapted or cfg.grad_blocks:
+    if adapter is None or cfg.grad_blocks:
+        return cfg
+    heads = [m.model.get_output_embeddings().weight for m in (base, finetuned)]
+    if adapter.head_adapted or not torch.equal(heads[0], heads[1].to(heads[0].device)):
         return cfg
     log.warning(
         "the adapter (%s) leaves the LM head unchanged: selecting on the gradients of its adapted layers "

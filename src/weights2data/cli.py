@@ -298,7 +298,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     base = ws.model(args.base)
     finetuned = ws.finetuned(args.finetuned, base)
     check_pair(base, finetuned)
-    sel = select_for_adapter(sel, finetuned)
+    sel = select_for_adapter(sel, base, finetuned)
     corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache)
     saved_task = finetuned.meta.get("task") or {}
     template = resolve_template(data.template, data.chat_template, finetuned.meta)
