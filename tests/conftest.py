@@ -106,3 +106,23 @@ def _restore_package_logger():
         logger.removeHandler(handler)
         handler.close()
     logger.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def make_adapter():
+    """Save a LoRA adapter of a model with peft, its B factors random (peft starts them at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    def save(base, path: Path, targets: list[str], scale_b: float = 0.05) -> Path:
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+        model = get_peft_model(copy.deepcopy(base.model), config)
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(scale_b * torch.randn(p.shape, generator=generator))
+        model.save_pretrained(path)
+        return path
+
+    return save

@@ -158,7 +158,7 @@ CASES = {
     ),
     "multi-token label names": (
         [*FT, "multitok", "--verbalizer", "names"],
-        "every verbalizer must be a single token",
+        "every label word must be a single token",
     ),
     "verbalizer typo": ([*FT, "ag_news_10", "--verbalizer", "lettrs"], "unknown verbalizer 'lettrs'"),
     "verbalizer count": ([*FT, "ag_news_10", "--verbalizer", "A,B"], "the verbalizer lists 2 tokens"),
@@ -183,7 +183,7 @@ CASES = {
     "label set with an empty entry": ([*SEL, "tiny-test:1", "--label-set", "A,,B"], "has an empty entry"),
     "label set of several-token words": (
         [*SEL, "tiny-test:1", "--label-set", "World,Sci/Tech"],
-        "'Sci/Tech' -> ' Sci/Tech' (3 tokens)",
+        "'Sci/Tech' -> ' Sci/Tech' is 3 tokens",
     ),
     "label set of an unlabelled dataset": (
         [*SEL, "tiny-test:1", "--label-set", "wiki_passages"],
@@ -221,7 +221,7 @@ CASES = {
     "no config.json": ([*EV, "{models}/no-config"], "is not a Hugging Face model directory (no config.json)"),
     "no weights": ([*EV, "{models}/no-weights"], "holds no weights (expected model.safetensors)"),
     "pickle only": ([*EV, "{models}/pickle"], "holds only pickle checkpoints (pytorch_model.bin)"),
-    "no tokenizer": ([*EV, "{models}/no-tokenizer"], "has no tokenizer (expected one of tokenizer.json"),
+    "no tokenizer": ([*EV, "{models}/no-tokenizer"], "has no tokenizer files (tokenizer.json"),
     "different architectures": (
         [*SEL, "{models}/narrow", "--label-set", "A,B"],
         "base and finetuned models do not match: config hidden_size: base 64 vs finetuned 32",

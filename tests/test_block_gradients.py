@@ -145,7 +145,7 @@ def test_classification_exact_terms_and_sketch_match_autograd(pair) -> None:
     layers = layer_sketches(base, finetuned, out.start, 64, "rademacher", 5, "cpu")
     offset, explicit = 0, []
     for layer in layers.values():
-        size = layer.delta.numel()
+        size = layer.delta.shape.numel()
         g = dense[:, offset : offset + size].float().reshape(len(TEXTS), *layer.delta.shape)
         explicit.append(torch.stack([layer.sketch.matrix(gi) for gi in g]))
         offset += size

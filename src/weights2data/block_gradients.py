@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from weights2data.adapters import DenseDelta, WeightDelta, weight_delta
 from weights2data.data import Encoded
 from weights2data.errors import W2DError
 from weights2data.features import (
@@ -63,7 +64,7 @@ def first_block(base: LoadedModel, finetuned: LoadedModel, blocks: int) -> int:
 class LayerSketch:
     """One linear layer: its weight change and the Kronecker sketch of its gradients."""
 
-    delta: Tensor  # (out, in) ΔW = W_base − W_finetuned
+    delta: WeightDelta  # (out, in) ΔW = W_base − W_finetuned, dense or a LoRA adapter's factors
     sketch: KroneckerSketch  # rows side: out, columns side: in
 
 
@@ -76,15 +77,24 @@ def layer_sketches(
     seed: int,
     device: torch.device | str,
 ) -> dict[str, LayerSketch]:
-    """A sketch per linear layer of blocks start.., keyed "block.module", each with its own matrices."""
-    base_layers, tuned_layers = decoder_layers(base.model), decoder_layers(finetuned.model)
+    """A sketch per changed linear layer of blocks start.., keyed "block.module", each with its own
+    matrices. A layer the finetune left as it was only adds to the gradients' norms: left out. With
+    a LoRA adapter, the adapted layers, their ΔW kept as the adapter's factors."""
+    tuned_layers = decoder_layers(finetuned.model)
+    names = {id(m): n for n, m in finetuned.model.named_modules()}
+    adapter = finetuned.adapter
     out = {}
     for i in range(start, len(tuned_layers)):
-        base_modules = dict(base_layers[i].named_modules())
+        prefix = names[id(tuned_layers[i])]
         for name, module in tuned_layers[i].named_modules():
-            if not isinstance(module, torch.nn.Linear):
+            full = f"{prefix}.{name}"
+            if not isinstance(module, torch.nn.Linear) or (
+                adapter is not None and full not in adapter.layers
+            ):
                 continue
-            delta = base_modules[name].weight.detach().to(device).float() - module.weight.detach().float()
+            delta = weight_delta(base, finetuned, full, device)
+            if isinstance(delta, DenseDelta) and not delta.weight.any():
+                continue
             sketch = KroneckerSketch(*delta.shape, dim=dim, seed=seed + 7919 * (len(out) + 1), kind=kind)
             out[f"{i}.{name}"] = LayerSketch(delta, sketch.to(device))
     return out
@@ -122,7 +132,7 @@ def activation_taps(model: torch.nn.Module, start: int, names: set[str]):
 def layer_terms(x: Tensor, delta_out: Tensor, layer: LayerSketch) -> tuple[Tensor, Tensor, Tensor]:
     """(B,) ⟨G, ΔW⟩, (B,) ‖G‖² and (B, a·b) sketch of G = Σ_t δ_t x_tᵀ for a batch of documents."""
     x, d = x.float(), delta_out.float()  # (B, T, in), (B, T, out); zero at padded positions
-    target = ((x @ layer.delta.T) * d).sum((1, 2))
+    target = (layer.delta.times(x) * d).sum((1, 2))
     sq_norm = ((d @ d.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum((1, 2))
     sketched = torch.einsum("bta,btc->bac", d @ layer.sketch.r_e, x @ layer.sketch.r_h)
     return target, sq_norm, sketched.reshape(x.shape[0], -1)
@@ -169,6 +179,8 @@ def block_features(
     started = time.time()
     device = next(at.model.parameters()).device
     layers = layer_sketches(base, finetuned, start, dim, projection, seed, device)
+    if not layers:
+        return None
     cache = None
     if cache_root is not None and loss_key is not None:
         key = cache_key(
@@ -181,6 +193,7 @@ def block_features(
             settings=[dim, projection, seed],
             loss=loss_key,
             rows=len(encoded),
+            **({"layers": sorted(layers)} if finetuned.adapter is not None else {}),
         )
         cache = ChunkCache(Path(cache_root), "blocks", key)
     n_docs = len(encoded)
@@ -190,9 +203,13 @@ def block_features(
     with activation_taps(at.model, start, set(layers)) as taps, torch.enable_grad():
         grads = BlockPass(at, encoded, batch_loss, start, layers, taps, cache_root, batch_size)
         out = gather_chunks(cache, n_docs, grads.chunk, bar)
-    delta = torch.cat([layer.sketch.matrix(layer.delta) for layer in layers.values()]).cpu()
-    features = DenseFeatures(out["grads"], delta, target_dots=out["target_dots"], sq_norms=out["sq_norms"])
-    features.delta_sq_norm = sum(float(layer.delta.double().square().sum()) for layer in layers.values())
+    delta = torch.cat(
+        [layer.delta.kron_sketch(layer.sketch.r_e, layer.sketch.r_h) for layer in layers.values()]
+    )
+    features = DenseFeatures(
+        out["grads"], delta.cpu(), target_dots=out["target_dots"], sq_norms=out["sq_norms"]
+    )
+    features.delta_sq_norm = sum(layer.delta.sq_norm() for layer in layers.values())
     timings = {
         "block_gradients_s": round(time.time() - started, 2),
         "gradient_blocks": f"{start}-{n_layers - 1}",

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weights2data import __version__
 from weights2data.config import (
@@ -27,6 +27,12 @@ from weights2data.config import (
     to_dict,
 )
 from weights2data.errors import W2DError
+
+if TYPE_CHECKING:  # imported lazily below: `w2d --help` stays fast
+    from weights2data.data import LabelSet
+    from weights2data.models import LoadedModel
+    from weights2data.pipeline import Workspace
+    from weights2data.templates import Template
 
 log = logging.getLogger("weights2data")
 
@@ -76,6 +82,7 @@ FIXED_SEED_OPTIONS = {
 # `w2d select` / `w2d run`: the generation flags carry a generate- prefix; --generate N asks for N
 GENERATE_ALIASES = {"docs": ["--generate"]}
 DEMO_MODEL = "smollm2-135m"
+DISCOVER_DOCS = 128  # corpus texts read by --label-set discover (w2d inspect: --docs)
 DEMO = {  # sized to finish within 10 minutes on a 2-core CPU; see README for the choice of scope
     "dataset": "ag_news_500",
     "corpus": "wiki_passages_3000",
@@ -205,7 +212,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from weights2data.pipeline import Workspace, task_for_model
-    from weights2data.train import evaluate
+    from weights2data.train import evaluate, labelled_split
 
     toml = read_toml(args)
     data, ev, rt = (build_config(c, args, toml) for c in (DataConfig, EvalConfig, RuntimeConfig))
@@ -216,7 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise W2DError(f"dataset '{dataset.name}' has no test split")
     loaded = ws.model(args.model)
     task = task_for_model(loaded, data, dataset)
-    metrics = evaluate(loaded, dataset.test, task, ev, cache_root=ws.cache)
+    metrics = evaluate(loaded, labelled_split(dataset, dataset.test, task), task, ev, cache_root=ws.cache)
     finish(run, rt, {"model": args.model, "dataset": dataset.name, "task": task.kind, **metrics})
     print(format_metrics(f"{args.model} on {dataset.name} test", metrics))
     return 0
@@ -224,7 +231,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train_eval(args: argparse.Namespace) -> int:
     from weights2data.pipeline import Workspace
-    from weights2data.train import check_labels, resolve_task, train_eval
+    from weights2data.train import labelled_split, resolve_task, train_eval
 
     toml = read_toml(args)
     data, ft, ev, rt = (
@@ -249,8 +256,8 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
         raise W2DError(f"dataset '{target.name}' has no test split")
     loaded = ws.model(args.model)
     task = resolve_task(data, target, loaded, ft.lm_loss)
-    check_labels(train, train.train, task)
-    result = train_eval(loaded, train.train, target.test, task, ft, ev, cache_root=ws.cache)
+    fit = labelled_split(train, train.train, task)
+    result = train_eval(loaded, fit, target.test, task, ft, ev, cache_root=ws.cache)
     finish(run, rt, result)
     print(
         f"{args.model} trained on {args.train}, tested on {target.name}: {result['metric']}\n"
@@ -263,6 +270,7 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from weights2data.adapters import select_for_adapter
     from weights2data.generate import mark_sources, with_generated
     from weights2data.pipeline import Workspace
     from weights2data.recover import (
@@ -271,9 +279,9 @@ def cmd_select(args: argparse.Namespace) -> int:
         corpus_gradients,
         lm_corpus_gradients,
         recover,
-        resolve_label_set,
         write_recovery,
     )
+    from weights2data.templates import resolve_template
 
     toml = read_toml(args)
     data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
@@ -293,25 +301,28 @@ def cmd_select(args: argparse.Namespace) -> int:
     )
     ws = Workspace.from_config(rt, data)
     corpus = ws.corpus(args.corpus, data, sel.k, sel.seed)
-    base, finetuned = ws.model(args.base), ws.model(args.finetuned)
+    base = ws.model(args.base)
+    finetuned = ws.finetuned(args.finetuned, base)
     check_pair(base, finetuned)
+    sel = select_for_adapter(sel, base, finetuned)
     saved_task = finetuned.meta.get("task") or {}
+    template = resolve_template(data.template, data.chat_template, finetuned.meta)
     if data.task == "lm" or (data.task == "auto" and saved_task.get("kind") == "lm"):
         check_lm_selection(sel, [sel.strategy])
         label_set = None
     else:
-        label_data = ws.dataset(sel.label_set, data) if sel.label_set and "," not in sel.label_set else None
-        label_set = resolve_label_set(sel, data, finetuned, label_data)
+        label_set = select_label_set(ws, sel, data, base, finetuned, corpus.texts, template)
     corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache)
     if label_set is None:
+        lm_loss = lm_loss_of(args, finetuned)
         grads = lm_corpus_gradients(
-            base, finetuned, corpus.texts, data.seq_len, lm_loss_of(args, finetuned), sel, ws.cache
+            base, finetuned, corpus.texts, data.seq_len, lm_loss, sel, ws.cache, template
         )
     else:
         grads = corpus_gradients(base, finetuned, corpus.texts, label_set, data, sel, ws.cache)
     if sel.rounds > 1:
         from weights2data.rounds import recover_in_rounds
-        from weights2data.train import Task
+        from weights2data.train import Task, label_loss_of
         from weights2data.trajectory import expert_settings
 
         task = Task(
@@ -319,6 +330,8 @@ def cmd_select(args: argparse.Namespace) -> int:
             data.seq_len,
             label_set,
             lm_loss_of(args, finetuned),
+            template,
+            data.label_loss or label_loss_of(saved_task),
         )
         recovery = recover_in_rounds(
             base,
@@ -335,6 +348,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     else:
         recovery = recover(grads, corpus.texts, label_set, sel)
     recovery = mark_sources(recovery, sources)
+    if label_set is not None:
+        recovery.summary["label_set"] = label_set.to_dict()
     parquet, _ = write_recovery(recovery, run)
     finish(run, rt, recovery.summary)
     print(
@@ -343,6 +358,56 @@ def cmd_select(args: argparse.Namespace) -> int:
         f"  labels: {recovery.summary.get('label_distribution')}"
         + (f"\n  generated: {recovery.summary['generated_picks']} of the picks" if gen.docs else "")
     )
+    return 0
+
+
+def select_label_set(
+    ws: Workspace,
+    sel: SelectConfig,
+    data: DataConfig,
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    texts: list[str],
+    template: Template,
+) -> LabelSet:
+    """--label-set: a dataset, a word list, `discover` (inspect's suggestion over the first
+    DISCOVER_DOCS corpus texts), else the finetuned model's metadata."""
+    from weights2data.recover import resolve_label_set
+
+    if sel.label_set == "discover":
+        from weights2data.inspect_model import discover_label_set
+
+        label_set = discover_label_set(
+            base, finetuned, texts[:DISCOVER_DOCS], template, data.seq_len, ws.cache
+        )
+        log.info("--label-set discover: %s", ", ".join(repr(t) for t in label_set.tokens))
+        return label_set
+    label_data = ws.dataset(sel.label_set, data) if sel.label_set and "," not in sel.label_set else None
+    return resolve_label_set(sel, data, finetuned, label_data, template)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from weights2data.inspect_model import inspect_finetune, markdown
+    from weights2data.pipeline import Workspace
+    from weights2data.recover import check_pair
+    from weights2data.store import write_json
+    from weights2data.templates import resolve_template
+
+    toml = read_toml(args)
+    data, rt = build_config(DataConfig, args, toml), build_config(RuntimeConfig, args, toml)
+    config = {"base": args.base, "finetuned": args.finetuned, "corpus": args.corpus, "docs": args.docs}
+    run = open_run(args, rt, "inspect", {**config, "data": to_dict(data)})
+    ws = Workspace.from_config(rt, data)
+    texts = ws.corpus(args.corpus, data, 1).texts[: args.docs]
+    base = ws.model(args.base)
+    finetuned = ws.finetuned(args.finetuned, base)
+    check_pair(base, finetuned)
+    template = resolve_template(data.template, data.chat_template, finetuned.meta)
+    report = inspect_finetune(base, finetuned, texts, template, data.seq_len, ws.cache)
+    write_json(run / "inspect.json", report)
+    (run / "inspect.md").write_text(markdown(report))
+    finish(run, rt, {key: report[key] for key in ("scope", "task", "label_set", "label_count")})
+    print(markdown(report) + f"\nreport: {run / 'inspect.json'} (and inspect.md)")
     return 0
 
 
@@ -359,7 +424,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = {"base": args.base, "finetuned": args.finetuned, "generate": to_dict(gen)}
     run = open_run(args, rt, "generate", config)
     ws = Workspace.from_config(rt)
-    base, finetuned = ws.model(args.base), ws.model(args.finetuned)
+    base = ws.model(args.base)
+    finetuned = ws.finetuned(args.finetuned, base)
     check_pair(base, finetuned)
     # the length the finetune was trained at, when it recorded one
     seq_len = gen.seq_len or (finetuned.meta.get("task") or {}).get("seq_len") or DataConfig().seq_len
@@ -648,7 +714,12 @@ def make_parser() -> argparse.ArgumentParser:
         "(writes selection.parquet + summary.json)",
     )
     p.add_argument("--base", required=True, help="base model (before finetuning)")
-    p.add_argument("--finetuned", required=True, help="finetuned model (any directory transformers can load)")
+    p.add_argument(
+        "--finetuned",
+        required=True,
+        help="finetuned model: any directory transformers can load, or a LoRA adapter directory "
+        "(adapter_config.json) applied to --base",
+    )
     p.add_argument("--corpus", required=True, help="candidate corpus (a dataset argument)")
     add_config_args(p, SelectConfig, {"k": ["-k"]})
     add_config_args(p, DataConfig, skip=("dataset",))
@@ -661,6 +732,28 @@ def make_parser() -> argparse.ArgumentParser:
         "4096-dimensional Kronecker sketch for LM",
     )
     add_config_args(p, GenerateConfig, GENERATE_ALIASES, skip=("seed", "seq_len"), prefix="generate-")
+    add_config_args(p, RuntimeConfig)
+
+    p = command(
+        "inspect",
+        cmd_inspect,
+        "what a finetune changed and how much: relative weight change per layer group, the train "
+        "scope (head, top:N, full, LoRA), whether it looks like a classifier, and candidate label "
+        "tokens with a suggested --label-set (writes inspect.json + inspect.md)",
+    )
+    p.add_argument("--base", required=True, help="base model (before finetuning)")
+    p.add_argument(
+        "--finetuned",
+        required=True,
+        help="finetuned model: a directory, a merged checkpoint or a LoRA adapter",
+    )
+    p.add_argument(
+        "--corpus",
+        default="wiki_passages_1000",
+        help="texts read at the label position for the next-token shift (default: %(default)s)",
+    )
+    p.add_argument("--docs", type=int, default=DISCOVER_DOCS, help="corpus texts read (default: %(default)s)")
+    add_config_args(p, DataConfig, skip=("dataset", "verbalizer", "task", "label_column", "label_loss"))
     add_config_args(p, RuntimeConfig)
 
     p = command(
@@ -744,7 +837,8 @@ def make_parser() -> argparse.ArgumentParser:
         "default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of that subsample (default: %(default)s)")
-    add_config_args(p, DataConfig, skip=("dataset", "verbalizer", "seq_len", "task"))
+    skip = ("dataset", "verbalizer", "seq_len", "task", "template", "chat_template", "label_loss")
+    add_config_args(p, DataConfig, skip=skip)
     add_config_args(p, RuntimeConfig, skip=("cache_dir", "allow_pickle"))
     add_cache_commands(sub, command)
     return parser

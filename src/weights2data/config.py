@@ -18,6 +18,7 @@ from weights2data.errors import W2DError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 TASKS = ("auto", "classification", "lm")
 LM_LOSSES = ("full", "last")
+LABEL_LOSSES = ("restricted", "full")
 GRAD_AT = ("finetuned", "base", "both")  # where a path segment's gradients are taken
 PATHS = ("linear", "distill")  # pseudo-expert paths from the base to the finetuned weights
 DEFAULT_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-3}  # measured on smollm2-135m / AG News
@@ -53,10 +54,35 @@ class DataConfig:
     )
     seq_len: int = opt(32, "tokens per example, the label token included; longer texts lose their start")
     task: str = opt("auto", "classification, lm, or auto (classification when the dataset has labels)")
+    template: str | None = opt(
+        None,
+        "prompt template with one {text} slot (\\n: a newline), or a file holding it, e.g. "
+        "'Review: {text}\\nSentiment:'; "
+        "the label token follows it (LM: the text is the completion, the only part scored); "
+        "truncation cuts the text, never the template. Default: the finetuned model's recorded "
+        "template, else the original's `text label`",
+    )
+    chat_template: bool = opt(
+        False,
+        "use the tokenizer's chat template: the text is the user turn and the label the assistant turn "
+        "(LM: the text is the assistant turn, the only part scored)",
+    )
+    label_loss: str | None = opt(
+        None,
+        "classification loss: restricted (cross-entropy over the label tokens only, the original's) or "
+        "full (over the whole vocabulary at the label position, as a usual trainer); autolabels and "
+        "gradients follow it. Default: the finetuned model's recorded loss, else restricted",
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
         _choice("task", self.task, TASKS)
+        if self.label_loss is not None:
+            _choice("label_loss", self.label_loss, LABEL_LOSSES)
+        if self.template is not None and self.chat_template:
+            raise W2DError(
+                "--template and --chat-template exclude each other: the chat template is a template"
+            )
         if self.seq_len < 2:
             raise W2DError(f"sequence length must be at least 2 (got {self.seq_len})")
 
@@ -215,8 +241,8 @@ class SelectConfig:
     label_set: str | None = opt(
         None,
         "label names and tokens: a dataset name (its labels.json, with "
-        "--verbalizer), or a comma-separated list of verbalizer tokens; default: "
-        "the finetuned model's saved metadata",
+        "--verbalizer), a comma-separated list of verbalizer tokens, or discover (the tokens "
+        "`w2d inspect` suggests); default: the finetuned model's saved metadata",
     )
     grad_at: str = opt(
         "finetuned",

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from weights2data.errors import W2DError
 from weights2data.store import hash_texts, read_json
+
+if TYPE_CHECKING:
+    from weights2data.templates import Template
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +376,19 @@ class LabelSet:
 
 
 def make_label_set(
-    label_names: list[str], tokenizer: PreTrainedTokenizerBase, verbalizer: str = "letters"
+    label_names: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    verbalizer: str = "letters",
+    template: Template | None = None,
 ) -> LabelSet:
-    """Build the verbalizer: `letters` (A, B, C, ... as the original), `names`, or 'w1,w2,...'."""
+    """Build the verbalizer: `letters` (A, B, C, ... as the original), `names`, or 'w1,w2,...'.
+
+    Each word becomes the token that follows the template's prompt (after a space, unless the
+    prompt ends in whitespace, as a chat template's assistant turn does).
+    """
+    from weights2data.templates import PLAIN, label_token_ids
+
+    template = template or PLAIN
     if verbalizer == "letters":
         if len(label_names) > 26:
             raise W2DError(
@@ -396,17 +410,19 @@ def make_label_set(
             raise W2DError(
                 f"the verbalizer lists {len(words)} tokens but the dataset has {len(label_names)} labels"
             )
-    tokens = [" " + w.lstrip() for w in words]
-    ids = [tokenizer.encode(t, add_special_tokens=False) for t in tokens]
+    tokens = [template.label_lead + w.lstrip() for w in words]
+    ids = label_token_ids(template, tokenizer, tokens)
     bad = [
-        f"{name!r} -> {tok!r} ({len(i)} tokens)"
+        f"{name!r} -> {tok!r} is {len(i)} tokens {tokenizer.convert_ids_to_tokens(i)}"
         for name, tok, i in zip(label_names, tokens, ids, strict=True)
         if len(i) != 1
     ]
     if bad:
         raise W2DError(
-            "every verbalizer must be a single token of the model's tokenizer; these are not: "
-            + "; ".join(bad)
+            "every label word must be a single token of the model's tokenizer, the one token the "
+            "classifier predicts; these are not: " + "; ".join(bad) + ". Pass single-token words with "
+            "--verbalizer w1,w2,... (e.g. the first token of each, if that is what the model was "
+            "trained to predict), or --label-set discover to find the tokens the finetune moved"
         )
     flat = [i[0] for i in ids]
     if len(set(flat)) != len(flat):
@@ -420,6 +436,7 @@ class Encoded:
 
     input_ids: torch.Tensor  # (n, T) long
     attention_mask: torch.Tensor  # (n, T) long, 0 on padding
+    target_mask: torch.Tensor | None = None  # (n, T) bool: LM tokens the loss predicts; None: all
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -430,7 +447,8 @@ class Encoded:
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
     def subset(self, index: torch.Tensor | np.ndarray | slice) -> Encoded:
-        return Encoded(self.input_ids[index], self.attention_mask[index])
+        target = None if self.target_mask is None else self.target_mask[index]
+        return Encoded(self.input_ids[index], self.attention_mask[index], target)
 
 
 def check_seq_len(seq_len: int) -> None:
@@ -469,20 +487,26 @@ def _pad(rows: list[list[int]], width: int, pad_id: int, left: bool) -> Encoded:
     return Encoded(ids, mask)
 
 
-def scored_positions(attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, T) bool: position t is scored when its target token t+1 exists (right-padded rows).
+def scored_positions(
+    attention_mask: torch.Tensor, mode: str, target_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, T) bool: position t is scored when its target token t+1 exists (right-padded rows)
+    and, with a `target_mask` (a template's completion), is one the loss predicts.
 
     `full` scores every such position; `last` only the last one of each row (the original's).
     """
     if mode not in ("full", "last"):
         raise W2DError(f"unknown lm_loss '{mode}': choose from full, last")
     mask = attention_mask.bool()
+    if target_mask is not None:
+        mask = mask & target_mask.to(mask.device)
     scored = torch.zeros_like(mask)
     scored[:, :-1] = mask[:, 1:]
     if mode == "last":
-        lengths = attention_mask.sum(1)
+        # the last scored position of each row: its target is the row's last token
         last = torch.zeros_like(mask)
-        rows = torch.nonzero(lengths >= 2).squeeze(1)
-        last[rows, lengths[rows] - 2] = True
+        rows = torch.nonzero(scored.any(1)).squeeze(1)
+        cols = scored.shape[1] - 1 - scored[rows].flip(1).int().argmax(1)
+        last[rows, cols] = True
         scored = last
     return scored

@@ -129,6 +129,8 @@ def encoded_fingerprint(encoded: Encoded) -> str:
     h = hashlib.blake2b(digest_size=12)
     h.update(encoded.input_ids.numpy().tobytes())
     h.update(encoded.attention_mask.numpy().tobytes())
+    if encoded.target_mask is not None:  # a template's completion: what an LM loss scores
+        h.update(encoded.target_mask.numpy().tobytes())
     return h.hexdigest()
 
 

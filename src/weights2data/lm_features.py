@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from weights2data.adapters import DenseDelta, LowRankDelta, WeightDelta, weight_delta
 from weights2data.config import GRAD_AT
 from weights2data.data import Encoded, scored_positions
 from weights2data.errors import W2DError
 from weights2data.features import ChunkCache, HiddenStates, cache_key, encoded_fingerprint, gather_chunks
-from weights2data.models import LoadedModel
+from weights2data.models import LoadedModel, head_name
 from weights2data.selection import DenseFeatures
 
 log = logging.getLogger(__name__)
@@ -140,10 +141,11 @@ def batch_terms(
     views: list[HeadView],
     input_ids: Tensor,
     attention_mask: Tensor,
-    delta: Tensor,
+    delta: Tensor | WeightDelta,
     sketch: KroneckerSketch,
     mode: str = "full",
     combined: Tensor | None = None,
+    target_mask: Tensor | None = None,
 ) -> BatchTerms:
     """Exact ⟨g, Δ⟩ and ‖g‖², the sketch Φ(g) and the loss, for a batch of documents.
 
@@ -151,15 +153,17 @@ def batch_terms(
     over all views (one view: gradients at one model; two: the `both` option). The loss is the
     first view's. Per scored position: one head matmul for the logits, then one matmul of the
     softmax errors against [Δ | R_e] (V × (d + a); pass it as `combined` to build it once)
-    giving both Δᵀ e_t (so e_tᵀ Δ h_t = (Δᵀ e_t)·h_t) and R_eᵀ e_t.
+    giving both Δᵀ e_t (so e_tᵀ Δ h_t = (Δᵀ e_t)·h_t) and R_eᵀ e_t. A LoRA head's Δ = (scale · B) A
+    enters as [scale · B | R_e] (V × (r + a)), then A: nothing V × d is formed.
     """
     device = sketch.r_e.device
-    scored = scored_positions(attention_mask, mode).to(device)
+    scored = scored_positions(attention_mask, mode, target_mask).to(device)
     doc, pos = torch.nonzero(scored, as_tuple=True)  # row-major: each document's positions contiguous
     targets = input_ids.to(device)[doc, pos + 1]
-    n_docs, d = scored.shape[0], delta.shape[1]
+    left, right = delta_factors(delta)
+    n_docs, q = scored.shape[0], left.shape[1]
     if combined is None:
-        combined = torch.cat([delta, sketch.r_e], dim=1)
+        combined = torch.cat([left, sketch.r_e], dim=1)
     errors, hidden, projected, rows, dots = [], [], [], [], []
     loss_sum = torch.zeros(n_docs, device=device)
     picks = torch.arange(len(targets), device=device)
@@ -171,9 +175,10 @@ def batch_terms(
         if m == 0:  # −log p[y]; clamped where p[y] underflows (a loss above ~87 nats)
             loss_sum.index_add_(0, doc, -e[picks, targets].clamp_min(1e-38).log())
         e[picks, targets] -= 1.0  # e = p − onehot(y)
-        z = e @ combined  # (M, d + a): Δᵀ e_t | R_eᵀ e_t
-        dots.append(torch.linalg.vecdot(z[:, :d], h))  # (M,) e_tᵀ Δ h_t
-        projected.append(z[:, d:])
+        z = e @ combined  # (M, q + a): Δᵀ e_t (or Bᵀ e_t) | R_eᵀ e_t
+        zd = z[:, :q] if right is None else z[:, :q] @ right
+        dots.append(torch.linalg.vecdot(zd, h))  # (M,) e_tᵀ Δ h_t
+        projected.append(z[:, q:])
         errors.append(e)
         hidden.append(h)
         rows.append(doc)
@@ -221,13 +226,18 @@ def head_view(loaded: LoadedModel) -> HeadView:
     return HeadView(head.weight.detach().float(), None if bias is None else bias.detach().float())
 
 
-def head_delta(base: LoadedModel, finetuned: LoadedModel) -> Tensor:
-    """Δ = W_head(base) − W_head(finetuned), (V, d); for tied models the embedding difference."""
-    wb = base.model.get_output_embeddings().weight.detach().float()
-    wf = finetuned.model.get_output_embeddings().weight.detach().float()
-    if wb.shape != wf.shape:
-        raise W2DError(f"the heads differ in shape: base {tuple(wb.shape)} vs finetuned {tuple(wf.shape)}")
-    return wb.to(wf.device) - wf
+def head_delta(base: LoadedModel, finetuned: LoadedModel) -> WeightDelta:
+    """Δ = W_head(base) − W_head(finetuned), (V, d): for tied models the embedding difference, for
+    a LoRA adapter on the head its factors."""
+    device = finetuned.model.get_output_embeddings().weight.device
+    return weight_delta(base, finetuned, head_name(finetuned.model), device)
+
+
+def delta_factors(delta: Tensor | WeightDelta) -> tuple[Tensor, Tensor | None]:
+    """Δ as left @ right: (Δ, None) for a matrix; (scale · B, A) for low-rank factors."""
+    if isinstance(delta, LowRankDelta):
+        return delta.b * delta.scale, delta.a
+    return (delta.weight if isinstance(delta, DenseDelta) else delta), None
 
 
 def lm_features(
@@ -259,7 +269,7 @@ def lm_features(
     scored_positions(encoded.attention_mask[:1], lm_loss)  # validates the mode
     started = time.time()
     device = next(finetuned.model.parameters()).device
-    delta = head_delta(base, finetuned).to(device)
+    delta = head_delta(base, finetuned)
     sketch = KroneckerSketch(*delta.shape, dim, seed, projection, factors).to(device)
     cache = None
     if cache_root is not None:
@@ -279,9 +289,12 @@ def lm_features(
     bar = tqdm(total=n_docs, desc="LM head gradients", unit="doc", disable=not progress or n_docs < 256)
     out = gather_chunks(cache, n_docs, head.chunk, bar)
     features = DenseFeatures(
-        out["grads"], sketch.matrix(delta).cpu(), target_dots=out["target_dots"], sq_norms=out["sq_norms"]
+        out["grads"],
+        delta.kron_sketch(sketch.r_e, sketch.r_h).cpu(),
+        target_dots=out["target_dots"],
+        sq_norms=out["sq_norms"],
     )
-    features.delta_sq_norm = float(delta.double().square().sum())  # exact, not the sketched norm
+    features.delta_sq_norm = delta.sq_norm()  # exact, not the sketched norm
     empty = int((out["tokens"] == 0).sum())
     if empty:
         log.warning(
@@ -322,7 +335,7 @@ class HeadPass:
         self.names = ["finetuned", "base"] if grad_at != "finetuned" else ["finetuned"]
         models = {"finetuned": finetuned, "base": base}
         self.views = [head_view(models[n]) for n in self.names]
-        self.combined = torch.cat([delta, sketch.r_e], dim=1)  # (V, d + a), shared by every view
+        self.combined = torch.cat([delta_factors(delta)[0], sketch.r_e], dim=1)  # (V, q + a), for every view
         self.grad_views = [i for i, n in enumerate(self.names) if grad_at in (n, "both")]
         self.hidden_options = hidden_options  # HiddenStates' keyword options: cache_root, dtype
         self.hidden_s = self.head_s = 0.0
@@ -368,6 +381,7 @@ class HeadPass:
                 self.sketch,
                 self.lm_loss,
                 self.combined,
+                batch.target_mask,
             )
         else:  # loss from the finetuned view; gradient from grad_views
             terms = _terms_with_loss_view(
@@ -394,6 +408,7 @@ def _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch,
         sketch,
         lm_loss,
         combined,
+        batch.target_mask,
     )
     if 0 not in grad_views:
         terms.loss_sum = finetuned_loss_sum(hs[0], views[0], batch, lm_loss)
@@ -403,7 +418,7 @@ def _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch,
 def finetuned_loss_sum(hidden: Tensor, view: HeadView, batch: Encoded, lm_loss: str) -> Tensor:
     """(B,) summed next-token loss of the scored positions."""
     device = view.weight.device
-    scored = scored_positions(batch.attention_mask, lm_loss).to(device)
+    scored = scored_positions(batch.attention_mask, lm_loss, batch.target_mask).to(device)
     doc, pos = torch.nonzero(scored, as_tuple=True)
     logits = F.linear(hidden.to(device)[doc, pos].float(), view.weight, view.bias)
     loss = F.cross_entropy(logits, batch.input_ids.to(device)[doc, pos + 1], reduction="none")

@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
@@ -21,6 +22,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from weights2data.errors import W2DError
 from weights2data.store import atomic_dir, read_json, touch, write_json
+
+if TYPE_CHECKING:
+    from weights2data.adapters import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class LoadedModel:
     spec: str
     path: Path | None = None
     meta: dict = field(default_factory=dict)
+    adapter: Adapter | None = None  # a LoRA adapter merged into the weights (adapters.load_adapter)
     _hashes: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -103,8 +108,12 @@ def load_model(
     cache: Path,
     allow_pickle: bool = False,
     device: str | torch.device = "cpu",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> LoadedModel:
-    """Resolve `spec` (a name, alias, directory or hub id) and load it in float32."""
+    """Resolve `spec` (a name, alias, directory or hub id) and load it in float32.
+
+    `tokenizer`: used for a directory that has none (a trainer's checkpoint saved without one).
+    """
     spec = str(spec)
     if spec == EMBEDDED:
         path = ensure_smollm2(cache)
@@ -121,9 +130,15 @@ def load_model(
         raise W2DError(f"model directory not found: {spec}")
     else:
         path = download_from_hub(ALIASES.get(spec, spec), cache)
-    model, tokenizer = _load_directory(path, allow_pickle)
+    if not has_tokenizer(path) and tokenizer is not None:
+        log.warning("%s has no tokenizer files: using the base model's tokenizer", path)
+    model, tokenizer = _load_directory(path, allow_pickle, tokenizer)
     meta = read_json(path / META_FILE) if (path / META_FILE).exists() else {}
     return LoadedModel(model.to(device), tokenizer, spec, path, meta)
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -131,9 +146,22 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
-def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_directory(
+    path: Path, allow_pickle: bool, fallback: PreTrainedTokenizerBase | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not (path / "config.json").exists():
-        raise W2DError(f"{path} is not a Hugging Face model directory (no config.json)")
+        hint = (
+            " (it holds a LoRA adapter: pass it as --finetuned)"
+            if (path / "adapter_config.json").exists()
+            else ""
+        )
+        raise W2DError(f"{path} is not a Hugging Face model directory (no config.json){hint}")
+    if not has_tokenizer(path) and fallback is None:
+        raise W2DError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): a trainer saved the weights "
+            "without the tokenizer. Copy the base model's tokenizer files into it, or pass it as --finetuned "
+            "beside its --base, which lends its tokenizer"
+        )
     safetensors = list(path.glob("*.safetensors"))
     pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if not safetensors and not pickles:
@@ -144,11 +172,6 @@ def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, Pr
             "arbitrary code when loaded. Convert them to safetensors, or pass --allow-pickle if you "
             "trust their source."
         )
-    if not any((path / name).exists() for name in TOKENIZER_FILES):
-        raise W2DError(
-            f"{path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}): copy the base "
-            "model's tokenizer files into it"
-        )
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
@@ -157,7 +180,8 @@ def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, Pr
             use_safetensors=bool(safetensors),
             output_loading_info=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        own = has_tokenizer(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if own else fallback
     except W2DError:
         raise
     except Exception as exc:  # corrupt or truncated files surface as many exception types
@@ -174,6 +198,12 @@ def _load_directory(path: Path, allow_pickle: bool) -> tuple[PreTrainedModel, Pr
 def _tied(model: PreTrainedModel) -> bool:
     head = model.get_output_embeddings()
     return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def head_name(model: torch.nn.Module) -> str:
+    """The module name of the LM head (e.g. "lm_head")."""
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -6,7 +6,7 @@ The CLI calls these; so can a Python user.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,8 @@ from weights2data.errors import W2DError
 from weights2data.features import cache_key
 from weights2data.models import META_FILE, LoadedModel, load_model, save_model
 from weights2data.store import cache_dir, read_json, stable_hash, touch
-from weights2data.train import Task, check_labels, finetune, resolve_task
+from weights2data.templates import resolve_template
+from weights2data.train import Task, finetune, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,21 @@ class Workspace:
 
     def model(self, spec: str) -> LoadedModel:
         return load_model(spec, cache=self.cache, allow_pickle=self.allow_pickle, device=self.device)
+
+    def finetuned(self, spec: str, base: LoadedModel) -> LoadedModel:
+        """A finetune of `base`: a model (a directory without a tokenizer borrows the base's), or a
+        LoRA adapter directory, merged into a copy of the base."""
+        from weights2data.adapters import is_adapter, load_adapter
+
+        if is_adapter(spec):
+            return load_adapter(base, spec)
+        return load_model(
+            spec,
+            cache=self.cache,
+            allow_pickle=self.allow_pickle,
+            device=self.device,
+            tokenizer=base.tokenizer,
+        )
 
     def corpus(self, spec: str, data: DataConfig, k: int, seed: int = 0) -> Split:
         """The candidate corpus (a dataset's training split), checked to hold at least k documents."""
@@ -125,13 +141,11 @@ def finetune_cached(
 
 
 def task_for_model(loaded: LoadedModel, data: DataConfig, dataset: Dataset) -> Task:
-    """The task a weights2data model was trained for (checked against the dataset's test labels),
-    else the one the dataset implies."""
-    if "task" not in loaded.meta:
-        return resolve_task(data, dataset, loaded)
-    task = Task.from_dict(loaded.meta["task"])
-    if data.seq_len != task.seq_len:
-        task = Task(task.kind, data.seq_len, task.label_set, task.lm_loss)
-    if dataset.test is not None:
-        check_labels(dataset, dataset.test, task)
-    return task
+    """The task a weights2data model was trained for, else the one the dataset implies."""
+    if "task" in loaded.meta:
+        task = Task.from_dict(loaded.meta["task"])
+        template = resolve_template(data.template, data.chat_template, loaded.meta)
+        return replace(
+            task, seq_len=data.seq_len, template=template, label_loss=data.label_loss or task.label_loss
+        )
+    return resolve_task(data, dataset, loaded)

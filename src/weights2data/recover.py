@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,21 +14,25 @@ import torch.nn.functional as F
 
 from weights2data.block_gradients import BatchLoss, block_features
 from weights2data.config import DataConfig, SelectConfig, to_dict
-from weights2data.data import Dataset, Encoded, LabelSet, encode_classification, make_label_set
+from weights2data.data import Dataset, Encoded, LabelSet, make_label_set
 from weights2data.errors import W2DError
 from weights2data.features import final_hidden_from, hidden_states
 from weights2data.gradients import (
     GradientPoint,
     assign_labels,
+    full_vocab_features,
     head_features,
     jl_project,
     label_probs,
     label_rows,
+    vocab_losses,
 )
+from weights2data.lm_features import head_delta, head_view
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.selection import BALANCED, GradientFeatures, SummedFeatures, select
 from weights2data.store import atomic_path, stable_hash, write_json
-from weights2data.train import Task, lm_loss_sum
+from weights2data.templates import PLAIN, Template, encode, resolve_template
+from weights2data.train import Task, label_loss_of, lm_loss_sum
 from weights2data.trajectory import Walk, expert_settings, gradient_points, segments
 
 log = logging.getLogger(__name__)
@@ -63,23 +67,35 @@ def check_pair(base: LoadedModel, finetuned: LoadedModel) -> None:
             problems.append(f"weight {name}: base {shapes_a[name]} vs finetuned {shapes_b[name]}")
     if base.tokenizer.get_vocab() != finetuned.tokenizer.get_vocab():
         problems.append(f"tokenizers differ ({len(base.tokenizer)} vs {len(finetuned.tokenizer)} tokens)")
+    family = [(m.model.config.model_type, m.model.config.vocab_size) for m in (base, finetuned)]
+    if family[0] != family[1]:
+        problems.insert(
+            0,
+            f"they are different model families (base: {family[0][0]}, {family[0][1]} tokens; finetuned: "
+            f"{family[1][0]}, {family[1][1]} tokens), so --finetuned cannot be a finetune of --base",
+        )
     if problems:
         raise W2DError("base and finetuned models do not match: " + "; ".join(problems[:8]))
 
 
 def resolve_label_set(
-    cfg: SelectConfig, data: DataConfig, finetuned: LoadedModel, label_dataset: Dataset | None
+    cfg: SelectConfig,
+    data: DataConfig,
+    finetuned: LoadedModel,
+    label_dataset: Dataset | None,
+    template: Template = PLAIN,
 ) -> LabelSet:
-    """From --label-set (a dataset or a token list), else the finetuned model's metadata; a label
-    set given for a model that saved its own must have the same tokens."""
+    """From --label-set (a dataset or a token list, its words following `template`), else the
+    finetuned model's metadata; a label set given for a model that saved its own must have the
+    same tokens."""
     saved = (finetuned.meta.get("task") or {}).get("label_set")
     if label_dataset is not None:
         if not label_dataset.has_labels:
             raise W2DError(f"--label-set {cfg.label_set}: that dataset has no labels")
-        given = make_label_set(label_dataset.label_names, finetuned.tokenizer, data.verbalizer)
+        given = make_label_set(label_dataset.label_names, finetuned.tokenizer, data.verbalizer, template)
     elif cfg.label_set:
         words = [w.strip() for w in cfg.label_set.split(",")]
-        given = make_label_set(words, finetuned.tokenizer, cfg.label_set)
+        given = make_label_set(words, finetuned.tokenizer, cfg.label_set, template)
     elif saved:
         return LabelSet.from_dict(saved)
     else:
@@ -137,6 +153,7 @@ class CorpusGradients:
     timings: dict
     kind: str = "classification"  # or "lm": no labels, losses are mean next-token losses
     probs: torch.Tensor | None = None  # (N, C) the finetuned model's label distribution
+    adapter: str | None = None  # the LoRA adapter the finetuned model is, described
 
 
 def lm_corpus_gradients(
@@ -147,21 +164,21 @@ def lm_corpus_gradients(
     lm_loss: str,
     cfg: SelectConfig,
     cache_root: Path | None,
+    template: Template = PLAIN,
 ) -> CorpusGradients:
     """Language modelling: sketched head gradients with exact ⟨g, Δ⟩ and ‖g‖² (lm_features).
 
     --projection-dim 0 (the classification default: exact) means the default 4096-dimensional
     Kronecker sketch here; LM gradients are V × d and cannot be held exactly.
     """
-    from weights2data.data import encode_lm
     from weights2data.lm_features import DEFAULT_DIM, lm_features
 
     if cfg.path_combine == "sum" and cfg.pseudo_experts > 1:
         raise W2DError("language-modelling gradients of several pseudo-experts join by --path-combine concat")
-    encoded = encode_lm(finetuned.tokenizer, texts, seq_len)
+    encoded = encode(template, finetuned.tokenizer, texts, seq_len, "lm")
     # `both` summed within a segment is lm_features' own; concatenated, it is one part per end
     views = ["base", "finetuned"] if cfg.grad_at == "both" and cfg.path_combine == "concat" else [cfg.grad_at]
-    parts, losses, timings = [], None, {"lm_loss": lm_loss}
+    heads, blocks, losses, timings = [], [], None, {"lm_loss": lm_loss}
     for start, end in segments(base, finetuned, cfg.pseudo_experts, cfg.path):
         for view in views:
             out = lm_features(
@@ -175,7 +192,7 @@ def lm_corpus_gradients(
                 seed=cfg.seed,
                 cache_root=cache_root,
             )
-            parts.append(out.features)
+            heads.append(out.features)
             timings = merge_timings(timings, out.timings)
             if end is finetuned:
                 losses = out.losses  # under the finetuned model
@@ -189,9 +206,17 @@ def lm_corpus_gradients(
                 block, block_timings = block_part(
                     start, end, at, encoded, batch_loss, f"lm:{lm_loss}", cfg, cache_root
                 )
-                parts += [block] if block is not None else []
+                blocks += [block] if block is not None else []
                 timings = merge_timings(timings, block_timings)
-    return CorpusGradients(joined(parts), None, losses, timings, kind="lm")
+    parts, note = changed_parts(heads, blocks)
+    return CorpusGradients(
+        joined(parts),
+        None,
+        losses,
+        timings | note | task_notes(template),
+        kind="lm",
+        adapter=adapter_of(finetuned),
+    )
 
 
 def corpus_gradients(
@@ -207,47 +232,123 @@ def corpus_gradients(
 
     Labels and losses come from the finetuned model; gradients are taken at the points of each
     path segment that --grad-at names (P = 1, finetuned: the original's), each against its
-    segment's weight change, and joined by --path-combine.
+    segment's weight change, and joined by --path-combine. The template and the label loss are
+    the flags', else the finetuned model's recorded ones (templates.resolve_template).
     """
     started = time.time()
-    encoded = encode_classification(finetuned.tokenizer, texts, data.seq_len)
+    template = resolve_template(data.template, data.chat_template, finetuned.meta)
+    mode = data.label_loss or label_loss_of(finetuned.meta.get("task"))
+    if mode == "full":
+        check_full_loss(cfg)
+    encoded = encode(template, finetuned.tokenizer, texts, data.seq_len, "classification")
     tuned_rows = label_rows(finetuned, label_set)
     memo = {id(finetuned): (finetuned, hidden_at(base, finetuned, finetuned, encoded, cache_root))}
     probs = label_probs(memo[id(finetuned)][1], *tuned_rows)
-    labelled = assign_labels(probs, cfg.labels, cfg.seed)
-    points, blocks, timings = [], [], {}
+    labelled = assign_labels(probs, cfg.labels, cfg.seed)  # the argmax is the same under either loss
+    token_ids = torch.tensor(label_set.token_ids)
+    if mode == "full":
+        head = head_view(finetuned)
+        labelled.losses = vocab_losses(
+            memo[id(finetuned)][1], (head.weight, head.bias), token_ids[labelled.labels]
+        )
+    points, heads, blocks, timings = [], [], [], {}
     walk = None
     if cfg.path == "distill":
-        task = Task("classification", data.seq_len, label_set)
+        task = Task("classification", data.seq_len, label_set, template=template, label_loss=mode)
         walk = Walk(texts, task, probs, expert_settings(base, finetuned), cache_root=cache_root)
     for start, end in segments(base, finetuned, cfg.pseudo_experts, cfg.path, walk):
         delta = label_rows(start, label_set)[0] - label_rows(end, label_set)[0]
         for at in gradient_points(start, end, cfg.grad_at):
             if id(at) not in memo:
                 memo[id(at)] = (at, hidden_at(base, finetuned, at, encoded, cache_root))
-            points.append(GradientPoint(memo[id(at)][1], *label_rows(at, label_set), delta))
+            if mode == "full":
+                delta_head, view = head_delta(start, end), head_view(at)
+                if not (cfg.grad_blocks and delta_head.sq_norm() == 0):  # else only the blocks count
+                    heads.append(
+                        full_vocab_features(
+                            memo[id(at)][1],
+                            (view.weight, view.bias),
+                            delta_head,
+                            token_ids,
+                            labelled.labels,
+                            cfg.seed,
+                        )
+                    )
+            else:
+                points.append(GradientPoint(memo[id(at)][1], *label_rows(at, label_set), delta))
             if cfg.grad_blocks:
-                loss = label_loss(at, label_set, labelled.labels)
-                loss_key = label_loss_key(label_set, labelled.labels)
+                loss = label_loss(at, label_set, labelled.labels, mode)
+                loss_key = label_loss_key(label_set, labelled.labels, mode)
                 block, block_timings = block_part(start, end, at, encoded, loss, loss_key, cfg, cache_root)
                 blocks += [block] if block is not None else []
                 timings = merge_timings(timings, block_timings)
         memo = {key: value for key, value in memo.items() if value[0] in (finetuned, end)}
-    total_delta = label_rows(base, label_set)[0] - tuned_rows[0]
-    head = head_features(points, labelled.labels, cfg.path_combine, total_delta, cfg.precondition)
+    if points:
+        total_delta = label_rows(base, label_set)[0] - tuned_rows[0]
+        heads = as_list(
+            head_features(points, labelled.labels, cfg.path_combine, total_delta, cfg.precondition)
+        )
     if cfg.projection_dim:
-        head = [jl_project(part, cfg.projection_dim, cfg.projection, cfg.seed) for part in as_list(head)]
+        heads = [jl_project(part, cfg.projection_dim, cfg.projection, cfg.seed) for part in heads]
+    parts, note = changed_parts(heads, blocks)
     timings["features_s"] = round(time.time() - started, 2)
+    notes = timings | note | task_notes(template, mode)
     return CorpusGradients(
-        joined([*as_list(head), *blocks]), labelled.labels, labelled.losses, timings, probs=labelled.probs
+        joined(parts),
+        labelled.labels,
+        labelled.losses,
+        notes,
+        probs=labelled.probs,
+        adapter=adapter_of(finetuned),
     )
 
 
-def label_loss(at: LoadedModel, label_set: LabelSet, labels: torch.Tensor) -> BatchLoss:
-    """The summed classification loss of a batch from its final hidden states, under `at`'s head."""
+def check_full_loss(cfg: SelectConfig) -> None:
+    """What full-vocabulary head gradients (gradients.full_vocab_features) do not support."""
+    several = cfg.pseudo_experts > 1 or cfg.grad_at == "both"
+    if cfg.precondition != "none" or cfg.projection_dim:
+        raise W2DError(
+            "--precondition and --projection-dim need --label-loss restricted (the C × d gradients)"
+        )
+    if several and cfg.path_combine == "sum":
+        raise W2DError("full-vocabulary gradients taken at several weights join by --path-combine concat")
+
+
+def changed_parts(heads: list, blocks: list) -> tuple[list, dict]:
+    """The head's feature parts and the blocks', without the head's when it did not change and the
+    blocks did (a LoRA adapter that leaves the head as it is): gradients of weights the finetune
+    did not move only add to every norm."""
+    if not heads and not blocks:
+        raise W2DError("the finetuned weights equal the base weights in the LM head and in every block")
+    if blocks and all(part.delta_sq_norm <= 0 for part in heads):
+        log.info("the LM head is unchanged: selecting on the gradients of the changed blocks alone")
+        return blocks, {"gradients": "changed blocks only (the LM head is unchanged)"}
+    return heads + blocks, {}
+
+
+def task_notes(template: Template, label_loss: str = "restricted") -> dict:
+    """The template and label loss a selection used, for its summary (when not the defaults)."""
+    notes = {} if template.plain else {"template": template.describe()}
+    return notes | ({"label_loss": label_loss} if label_loss != "restricted" else {})
+
+
+def adapter_of(finetuned: LoadedModel) -> str | None:
+    return None if finetuned.adapter is None else finetuned.adapter.describe()
+
+
+def label_loss(
+    at: LoadedModel, label_set: LabelSet, labels: torch.Tensor, mode: str = "restricted"
+) -> BatchLoss:
+    """The summed classification loss of a batch from its final hidden states, under `at`'s head:
+    over the label tokens (`restricted`) or the whole vocabulary (`full`)."""
     device = next(at.model.parameters()).device  # moved there once, not per batch
-    weight, bias = (None if x is None else x.to(device) for x in label_rows(at, label_set))
-    labels = labels.to(device)
+    if mode == "full":
+        view = head_view(at)
+        weight, bias = view.weight.to(device), None if view.bias is None else view.bias.to(device)
+        labels = torch.tensor(label_set.token_ids, device=device)[labels.to(device)]
+    else:
+        weight, bias = (None if x is None else x.to(device) for x in label_rows(at, label_set))
+        labels = labels.to(device)
 
     def batch_loss(final: torch.Tensor, _batch: Encoded, index: slice) -> torch.Tensor:
         return F.cross_entropy(F.linear(final[:, -1], weight, bias), labels[index], reduction="sum")
@@ -255,9 +356,10 @@ def label_loss(at: LoadedModel, label_set: LabelSet, labels: torch.Tensor) -> Ba
     return batch_loss
 
 
-def label_loss_key(label_set: LabelSet, labels: torch.Tensor) -> str:
+def label_loss_key(label_set: LabelSet, labels: torch.Tensor, mode: str = "restricted") -> str:
     """What label_loss computes, beyond the model: its label set and the labels (a cache key part)."""
-    return f"labels:{stable_hash([label_set.to_dict(), labels.tolist()])}"
+    key = f"labels:{stable_hash([label_set.to_dict(), labels.tolist()])}"
+    return key if mode == "restricted" else f"{key}:{mode}"
 
 
 def as_list(features: GradientFeatures | list) -> list:
@@ -286,9 +388,15 @@ def task_gradients(
     cfg: SelectConfig,
     cache_root: Path | None,
 ) -> CorpusGradients:
-    """The corpus gradients of the task the expert was finetuned for: LM or classification."""
+    """The corpus gradients of the task the expert was finetuned for: LM or classification, in its
+    template and with its label loss."""
     if task.kind == "lm":
-        return lm_corpus_gradients(base, finetuned, texts, task.seq_len, task.lm_loss, cfg, cache_root)
+        return lm_corpus_gradients(
+            base, finetuned, texts, task.seq_len, task.lm_loss, cfg, cache_root, task.template
+        )
+    data = replace(
+        data, template=task.template.text, chat_template=task.template.chat, label_loss=task.label_loss
+    )
     return corpus_gradients(base, finetuned, texts, task.label_set, data, cfg, cache_root)
 
 
@@ -356,13 +464,7 @@ def recover(
     if grads.labels is None:
         check_lm_selection(cfg, [strategy])
     if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:
-        where = "the LM head's label rows" if grads.kind == "classification" else "the LM head"
-        blocks = " and the chosen blocks" if cfg.grad_blocks else ""
-        raise W2DError(
-            f"the finetuned weights equal the base weights in {where}{blocks}, the parameters whose "
-            "gradients were taken: the same model twice, or a finetune that left them unchanged (a "
-            "frozen head, LoRA). Pass another --finetuned, or --grad-blocks -1 for every changed block"
-        )
+        raise W2DError(zero_delta_message(grads, cfg))
     started = time.time()
     selection = select(
         strategy,
@@ -395,6 +497,26 @@ def recover(
         summary["label_distribution"] = label_distribution(labels, label_set)
     return Recovery(
         rows, [corpus_texts[i] for i in rows.tolist()], labels, label_set, selection.scores, summary
+    )
+
+
+def zero_delta_message(grads: CorpusGradients, cfg: SelectConfig) -> str:
+    """Why no document can explain the weight change: it is zero where the gradients were taken."""
+    if grads.adapter is not None:
+        return (
+            f"the LoRA adapter ({grads.adapter}) changes no weight: every B factor is zero, as peft "
+            "initialises an adapter before training. Pass the trained adapter (its adapter_model."
+            "safetensors after training), or check that training saved it"
+        )
+    where = "the LM head's label rows" if grads.kind == "classification" else "the LM head"
+    if grads.kind == "classification" and (grads.timings.get("label_loss") == "full"):
+        where = "the LM head"
+    blocks = " and the chosen blocks" if cfg.grad_blocks else ""
+    return (
+        f"the finetuned weights equal the base weights in {where}{blocks}, the parameters whose "
+        "gradients were taken: the same model twice, or a finetune that left them unchanged (a "
+        "frozen head; a LoRA adapter merged into the weights). Pass another --finetuned, or "
+        "--grad-blocks -1 for every changed block (`w2d inspect` shows which layers changed)"
     )
 
 

@@ -20,20 +20,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, parse_scope, to_dict
-from weights2data.data import (
-    Dataset,
-    Encoded,
-    LabelSet,
-    Split,
-    encode_classification,
-    encode_lm,
-    make_label_set,
-    scored_positions,
-)
+from weights2data.data import Dataset, Encoded, LabelSet, Split, make_label_set, scored_positions
 from weights2data.errors import W2DError
 from weights2data.features import cache_key, hidden_states, run_top_layers
 from weights2data.models import LoadedModel, decoder_layers, untie_head
 from weights2data.store import key_matches, read_json, stable_hash, touch, write_json
+from weights2data.templates import PLAIN, Template, encode, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +36,50 @@ TRAIN_EVAL_PROTOCOL = 2
 
 @dataclass(frozen=True)
 class Task:
-    """What the model learns: which tokens are scored and how texts become token ids."""
+    """What the model learns: which tokens are scored and how texts become token ids.
+
+    `label_loss` (classification): `restricted`, cross-entropy over the label tokens' logits only
+    (the original's), or `full`, over the whole vocabulary at the label position.
+    """
 
     kind: str  # classification | lm
     seq_len: int
     label_set: LabelSet | None = None
     lm_loss: str = "full"
+    template: Template = PLAIN
+    label_loss: str = "restricted"
 
     def encode(self, loaded: LoadedModel, texts: list[str]) -> Encoded:
-        if self.kind == "classification":
-            return encode_classification(loaded.tokenizer, texts, self.seq_len)
-        return encode_lm(loaded.tokenizer, texts, self.seq_len)
+        return encode(self.template, loaded.tokenizer, texts, self.seq_len, self.kind)
 
     def to_dict(self) -> dict:
         label_set = self.label_set.to_dict() if self.label_set else None
-        return {"kind": self.kind, "seq_len": self.seq_len, "label_set": label_set, "lm_loss": self.lm_loss}
+        out = {"kind": self.kind, "seq_len": self.seq_len, "label_set": label_set, "lm_loss": self.lm_loss}
+        # written only when not the default, so the cache keys of default tasks stay as they were
+        if not self.template.plain:
+            out["template"] = self.template.to_dict()
+        if self.label_loss != "restricted":
+            out["label_loss"] = self.label_loss
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Task:
         label_set = LabelSet.from_dict(d["label_set"]) if d.get("label_set") else None
-        return cls(d["kind"], int(d["seq_len"]), label_set, d.get("lm_loss", "full"))
+        template = Template.from_dict(d.get("template"))
+        return cls(
+            d["kind"], int(d["seq_len"]), label_set, d.get("lm_loss", "full"), template, label_loss_of(d)
+        )
+
+
+def label_loss_of(task: dict | None) -> str:
+    return (task or {}).get("label_loss") or "restricted"
 
 
 def resolve_task(data: DataConfig, dataset: Dataset, loaded: LoadedModel, lm_loss: str = "full") -> Task:
-    """Classification when asked, or when `auto` and the dataset has labels; else language modelling."""
+    """Classification when asked, or when `auto` and the dataset has labels; else language modelling.
+
+    The template and the label loss: the flags, else what `loaded` recorded, else the defaults.
+    """
     kind = data.task
     if kind == "auto":
         kind = "classification" if dataset.has_labels else "lm"
@@ -75,29 +87,49 @@ def resolve_task(data: DataConfig, dataset: Dataset, loaded: LoadedModel, lm_los
         raise W2DError(
             f"dataset '{dataset.name}' has no labels (column '{data.label_column or 'label'}'); use --task lm"
         )
+    template = resolve_template(data.template, data.chat_template, loaded.meta)
     label_set = (
-        make_label_set(dataset.label_names, loaded.tokenizer, data.verbalizer)
+        make_label_set(dataset.label_names, loaded.tokenizer, data.verbalizer, template)
         if kind == "classification"
         else None
     )
-    return Task(kind, data.seq_len, label_set, lm_loss)
+    label_loss = data.label_loss or label_loss_of(loaded.meta.get("task"))
+    return Task(kind, data.seq_len, label_set, lm_loss, template, label_loss)
 
 
-def check_labels(dataset: Dataset, split: Split, task: Task) -> None:
-    """A split trained or scored for `task` has its labels: the same names, or bare ids (a file
-    without labels.json) within the label set."""
+def labelled_split(dataset: Dataset, split: Split, task: Task) -> Split:
+    """`split` (of `dataset`) with labels in the task's label set, or a clear refusal.
+
+    The same label names, or bare ids (a file without labels.json) within the set, are taken as
+    they are; names listed in another order or given by their label words (a selection whose
+    labels were discovered: `positive,negative` against a dataset's `neg,pos`) are renumbered.
+    """
     if task.kind != "classification":
-        return
+        return split
     names = task.label_set.names
     if split.labels is None:
         raise W2DError(f"dataset '{dataset.name}' has no labels, but the task is classification ({names})")
-    bare_ids = [str(i) for i in range(len(dataset.label_names))]
-    if dataset.label_names not in (names, bare_ids):
-        raise W2DError(
-            f"dataset '{dataset.name}' has the labels {dataset.label_names}, but the task's are {names}"
-        )
+    given = dataset.label_names or []
+    if given not in (names, [str(i) for i in range(len(given))]):
+        split = Split(split.texts, label_mapping(dataset, task)[split.labels])
+        log.info("labels %s of '%s' matched to the task's %s", given, dataset.name, names)
     if len(split) and split.labels.max() >= len(names):
         raise W2DError(f"dataset '{dataset.name}' has label ids beyond the {len(names)} labels {names}")
+    return split
+
+
+def label_mapping(dataset: Dataset, task: Task) -> np.ndarray:
+    """(C,) the task's label id of each of the dataset's labels, matched by name or label word."""
+    words = [token.strip() for token in task.label_set.tokens]
+    known = list(zip(task.label_set.names, words, strict=True))
+    names = dataset.label_names
+    index = {i: j for i, name in enumerate(names) for j, pair in enumerate(known) if name in pair}
+    if sorted(index) != list(range(len(dataset.label_names))):
+        raise W2DError(
+            f"dataset '{dataset.name}' has the labels {dataset.label_names}, but the task's are "
+            f"{task.label_set.names}"
+        )
+    return np.array([index[i] for i in range(len(dataset.label_names))])
 
 
 class ScopedModel:
@@ -112,7 +144,8 @@ class ScopedModel:
         self.head = model.get_output_embeddings()
         self.label_rows: torch.nn.Parameter | None = None
         self.first_trained_layer: int | None = None
-        if self.kind != "full" and task.kind == "classification":
+        restricted = task.kind == "classification" and task.label_loss == "restricted"
+        if self.kind != "full" and restricted:
             # only the label rows of an untied head receive gradient: train them as a (C, d) matrix
             self.label_rows = torch.nn.Parameter(self.head.weight[self._label_ids()].detach().clone())
         elif self.kind != "full":
@@ -166,7 +199,10 @@ class ScopedModel:
         hidden = self.final_hidden(frozen, batch)
         if self.task.kind == "lm":
             return self.head(hidden)
-        last = hidden if hidden.dim() == 2 else hidden[:, -1]
+        return self.label_logits(last_position(hidden))
+
+    def label_logits(self, last: torch.Tensor) -> torch.Tensor:
+        """(B, C) the label tokens' logits from the last position's hidden states (B, d)."""
         rows = self.label_rows if self.label_rows is not None else self.head.weight[self._label_ids()]
         bias = None if getattr(self.head, "bias", None) is None else self.head.bias[self._label_ids()]
         return F.linear(last, rows, bias)
@@ -182,18 +218,30 @@ def batch_loss(
     scoped: ScopedModel, frozen: torch.Tensor | None, batch: Encoded, targets: torch.Tensor | None
 ) -> tuple[torch.Tensor, int, int]:
     """Summed loss over scored tokens, number of scored tokens, and correct predictions."""
-    logits = scoped.logits(frozen, batch)
-    if scoped.task.kind == "classification":
-        targets = targets.to(logits.device)
-        loss = F.cross_entropy(logits, targets, reduction="sum")
-        return loss, len(targets), int((logits.argmax(-1) == targets).sum())
-    return lm_loss_sum(logits, batch, scoped.task.lm_loss)
+    if scoped.task.kind == "lm":
+        return lm_loss_sum(scoped.logits(frozen, batch), batch, scoped.task.lm_loss)
+    last = last_position(scoped.final_hidden(frozen, batch))
+    targets = targets.to(last.device)
+    if scoped.task.label_loss == "full":  # the whole vocabulary; the prediction is still a label's
+        ids = scoped._label_ids()
+        logits = scoped.head(last)
+        loss = F.cross_entropy(logits, ids[targets], reduction="sum")
+        return loss, len(targets), int((logits[:, ids].argmax(-1) == targets).sum())
+    logits = scoped.label_logits(last)
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    return loss, len(targets), int((logits.argmax(-1) == targets).sum())
+
+
+def last_position(hidden: torch.Tensor) -> torch.Tensor:
+    """(B, d): a cached probe's states as they are, else the last position of (B, T, d)."""
+    return hidden if hidden.dim() == 2 else hidden[:, -1]
 
 
 def lm_loss_sum(logits: torch.Tensor, batch: Encoded, mode: str) -> tuple[torch.Tensor, int, int]:
-    """Next-token loss over right-padded rows: every token (`full`) or the last one (`last`)."""
+    """Next-token loss over right-padded rows: every token (`full`) or the last one (`last`), of the
+    completion when a template marks one."""
     ids = batch.input_ids.to(logits.device)
-    scored = scored_positions(batch.attention_mask, mode)[:, :-1].to(logits.device)  # (B, T-1)
+    scored = scored_positions(batch.attention_mask, mode, batch.target_mask)[:, :-1].to(logits.device)
     pred, target = logits[:, :-1][scored], ids[:, 1:][scored]
     loss = F.cross_entropy(pred, target, reduction="sum")
     return loss, int(scored.sum()), int((pred.argmax(-1) == target).sum())

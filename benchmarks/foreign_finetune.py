@@ -1,0 +1,305 @@
+"""Recovery from models weights2data did not train: a Trainer-built classifier and a peft LoRA adapter.
+
+Two experts are finetuned from the base on NAME_<train-rows> with plain `transformers.Trainer`
+(not weights2data's trainer), the usual way: each review in a prompt template, the label as a
+word after it (" negative" / " positive"), right padding, and the model's own cross-entropy over
+the full vocabulary on the label position only (labels -100 elsewhere):
+- `trainer`: the head untied from the embeddings, every block but the top --top-blocks frozen
+  (a top:N-like finetune, sized for a CPU);
+- `lora`: a peft LoRA adapter (r 8, alpha 16, q_proj and v_proj of every block, learning rate 5e-4),
+  the head frozen; the `trainer` expert learns at 1e-4 (AdamW, constant, batch 16).
+Neither directory holds weights2data metadata. Then, through the `w2d` commands a user runs:
+1. `w2d inspect`: does it find the label tokens (and the train scope)?
+2. `w2d select` with the template and without it (the original's plain format), for greedy,
+   topk and random, --label-loss full, on every seed;
+3. `w2d train-eval`: the base trained on each selection (weights2data's trainer, the top
+   --top-blocks blocks and the head, in the template), scored on the test split; next to the base
+   trained the same way on NAME_<train-rows> (true rows, drawn with each seed: the expert row of
+   the closure) and to the Trainer expert itself (`w2d evaluate`). Seeds vary the selection
+   (random picks) and the training; the experts are trained once, with seed 0.
+
+    python benchmarks/foreign_finetune.py --quick   # minutes: tiny-test model, tiny sizes
+    python benchmarks/foreign_finetune.py           # smollm2-135m; hours on a 2-core CPU (see README)
+
+Results: benchmarks/results/foreign_finetune.json (--quick: foreign_finetune_quick.json), strict
+JSON, rewritten after every step with `complete: false` until the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from weights2data.cli import main as w2d
+from weights2data.data import data_dir, load_dataset
+from weights2data.models import decoder_layers, load_model, untie_head
+from weights2data.store import cache_dir, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TEMPLATE = "Review: {text}\nSentiment:"
+WORDS = ("negative", "positive")  # rotten_tomatoes' labels 0 and 1
+STRATEGIES = ("greedy", "topk", "random")
+FULL = dict(
+    model="smollm2-135m",
+    dataset="rotten_tomatoes",
+    train_rows=1000,
+    corpus="wiki_passages_2000",
+    k=100,
+    seq_len=64,
+    top_blocks=4,
+    seeds="0,1,2",
+    expert_epochs=1,
+    eval_epochs=5,
+    max_eval_rows=512,
+)
+QUICK = FULL | dict(
+    model="tiny-test", train_rows=64, corpus="wiki_passages_120", k=16, seq_len=32, top_blocks=1, seeds="0",
+    eval_epochs=2, max_eval_rows=64,
+)  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="minutes on a CPU: " + json.dumps(QUICK))
+    for name, value in FULL.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None, help=f"default {value}")
+    p.add_argument(
+        "--out", default=None, help="results file (default: results/foreign_finetune[_quick].json)"
+    )
+    p.add_argument("--work-dir", default="runs/foreign", help="experts and w2d run directories")
+    args = p.parse_args()
+    defaults = QUICK if args.quick else FULL
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.out = args.out or str(
+        RESULTS / ("foreign_finetune_quick.json" if args.quick else "foreign_finetune.json")
+    )
+    return args
+
+
+# ---------------------------------------------------------------- the experts, trained with Trainer
+
+
+def examples(tokenizer, texts: list[str], labels: list[int], seq_len: int) -> list[dict]:
+    """Prompt + label word per row; the text is cut from its start to fit; loss on the label only."""
+    before, after = TEMPLATE.split("{text}")
+    room = seq_len - 1 - len(tokenizer.encode(before + after, add_special_tokens=False))
+    words = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in WORDS]
+    rows = []
+    for text, label in zip(texts, labels, strict=True):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        prompt = before + (tokenizer.decode(ids[-room:]) if len(ids) > room else text) + after
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        rows.append(
+            {"input_ids": prompt_ids + [words[label]], "labels": [-100] * len(prompt_ids) + [words[label]]}
+        )
+    return rows
+
+
+def collate(pad_id: int):
+    def pad(batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in batch)
+        out = {"input_ids": [], "labels": [], "attention_mask": []}
+        for row in batch:
+            gap = width - len(row["input_ids"])
+            out["input_ids"].append(row["input_ids"] + [pad_id] * gap)
+            out["labels"].append(row["labels"] + [-100] * gap)
+            out["attention_mask"].append([1] * len(row["input_ids"]) + [0] * gap)
+        return {key: torch.tensor(value) for key, value in out.items()}
+
+    return pad
+
+
+def train_expert(args: argparse.Namespace, kind: str, path: Path) -> dict:
+    """Finetune the base with transformers.Trainer and save it (`trainer`: a model directory with its
+    tokenizer; `lora`: an adapter directory alone)."""
+    if (path / ("adapter_config.json" if kind == "lora" else "config.json")).exists():
+        return {"path": str(path), "reused": True}
+    base = load_model(args.model, cache=cache_dir())
+    model, tokenizer = copy.deepcopy(base.model), base.tokenizer
+    train = load_dataset(f"{args.dataset}_{args.train_rows}", data_dir=data_dir()).train
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        lr = 5e-4
+    else:
+        untie_head(model)
+        model.requires_grad_(False)
+        for module in (*decoder_layers(model)[-args.top_blocks :], model.model.norm, model.lm_head):
+            module.requires_grad_(True)
+        lr = 1e-4
+    settings = TrainingArguments(
+        output_dir=str(path.parent / f".{kind}-trainer"), per_device_train_batch_size=16,
+        num_train_epochs=args.expert_epochs, learning_rate=lr, lr_scheduler_type="constant", seed=0,
+        save_strategy="no", report_to=[], logging_steps=10, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )  # fmt: skip
+    rows = examples(tokenizer, train.texts, train.labels.tolist(), args.seq_len)
+    started = time.time()
+    trainer = Trainer(
+        model=model, args=settings, train_dataset=rows, data_collator=collate(tokenizer.pad_token_id)
+    )
+    history = trainer.train()
+    model.save_pretrained(path)
+    if kind != "lora":  # an adapter directory usually holds no tokenizer: weights2data lends the base's
+        tokenizer.save_pretrained(path)
+    return {
+        "path": str(path),
+        "train_s": round(time.time() - started, 1),
+        "train_loss": history.training_loss,
+    }
+
+
+# ---------------------------------------------------------------- the w2d commands
+
+
+def run(argv: list[str]) -> None:
+    print("\n$ w2d " + shlex.join(argv), flush=True)
+    if w2d(argv) != 0:
+        raise SystemExit(f"w2d {argv[0]} failed")
+
+
+def read(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / name).read_text())
+
+
+def task_flags(args: argparse.Namespace) -> list[str]:
+    return ["--seq-len", str(args.seq_len), "--label-loss", "full", "--verbalizer", ",".join(WORDS)]
+
+
+def measure(args: argparse.Namespace, kind: str, expert: dict, out: dict, save) -> None:
+    """inspect, evaluate, then select and train-eval each strategy, template variant and seed."""
+    work = Path(args.work_dir)
+    common = ["--results-dir", str(work), "--seq-len", str(args.seq_len)]
+    template = ["--template", TEMPLATE]
+    pair = ["--base", args.model, "--finetuned", expert["path"]]
+    run(["inspect", *pair, "--corpus", args.corpus, *template, *common, "--exp-name", f"{kind}-inspect"])
+    report = read(work / f"{kind}-inspect", "inspect.json")
+    found = sorted((report["label_set"] or "").split(",")) == sorted(WORDS)
+    expert["inspect"] = {key: report[key] for key in ("scope", "task", "label_set", "label_count")} | {
+        "found_labels": found
+    }
+    if kind == "trainer":
+        evaluate = [
+            "evaluate",
+            "--model",
+            expert["path"],
+            "--dataset",
+            args.dataset,
+            *template,
+            *task_flags(args),
+        ]
+        run(
+            [
+                *evaluate,
+                "--max-eval-rows",
+                str(args.max_eval_rows),
+                "--results-dir",
+                str(work),
+                "--exp-name",
+                "trainer-eval",
+            ]
+        )
+        expert["evaluate"] = read(work / "trainer-eval", "metrics.json")
+    save()
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for templated in (True, False):
+            for strategy in STRATEGIES:
+                name = f"{kind}-{'template' if templated else 'plain'}-{strategy}-{seed}"
+                select = ["select", *pair, "--corpus", args.corpus, "-k", str(args.k), "--strategy", strategy]
+                select += ["--seed", str(seed), "--label-set", ",".join(WORDS), "--label-loss", "full"]
+                run([*select, *(template if templated else []), *common, "--exp-name", name])
+                summary = read(work / name, "summary.json")
+                scores = train_eval(args, work / name / "selection.parquet", seed, f"{name}-te")
+                out["rows"].append(
+                    {"expert": kind, "template": templated, "strategy": strategy, "seed": seed, "k": args.k,
+                     "objective_cos": summary["objective_cos"], "features_s": summary.get("features_s"),
+                     "label_distribution": summary["label_distribution"], **scores}
+                )  # fmt: skip
+                save()
+
+
+def train_eval(args: argparse.Namespace, train: str | Path, seed: int, name: str) -> dict:
+    """The base trained on `train` by w2d train-eval, in the template; both figures."""
+    work = Path(args.work_dir)
+    argv = ["train-eval", "--model", args.model, "--train", str(train), "--dataset", args.dataset]
+    argv += ["--template", TEMPLATE, *task_flags(args), "--train-scope", f"top:{args.top_blocks}"]
+    argv += ["--eval-epochs", str(args.eval_epochs), "--max-eval-rows", str(args.max_eval_rows)]
+    run([*argv, "--seed", str(seed), "--results-dir", str(work), "--exp-name", name])
+    metrics = read(work / name, "metrics.json")
+    return {key: metrics[key] for key in ("best_epoch_test", "val_selected_test")}
+
+
+def summarise(rows: list[dict], truth: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per expert, template and strategy; closure against random and the base
+    trained on the true rows (honest figure; null where that expert row does not beat random)."""
+    expert = statistics.fmean(r["val_selected_test"] for r in truth) if truth else None
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["expert"], row["template"], row["strategy"]), []).append(
+            row["val_selected_test"]
+        )
+    out = []
+    for (kind, templated, strategy), values in groups.items():
+        random = groups.get((kind, templated, "random"))
+        mean, rand = statistics.fmean(values), statistics.fmean(random) if random else None
+        gap = None if expert is None or rand is None else expert - rand
+        out.append(
+            {"expert": kind, "template": templated, "strategy": strategy, "n": len(values), "mean": mean,
+             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+             "closure": (mean - rand) / gap if gap and gap > 1e-12 else None}
+        )  # fmt: skip
+    return out
+
+
+def markdown(out: dict) -> str:
+    lines = [
+        "| expert | format | strategy | honest accuracy | closure |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for row in out["summary"]:
+        closure = "n/a" if row["closure"] is None else f"{row['closure']:.2f}"
+        fmt = "template" if row["template"] else "plain"
+        accuracy = f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
+        lines.append(f"| {row['expert']} | {fmt} | {row['strategy']} | {accuracy} | {closure} |")
+    for kind, expert in out["experts"].items():
+        lines.append(f"\n{kind}: inspect found the labels: {expert.get('inspect', {}).get('found_labels')}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.time()
+    work = Path(args.work_dir)
+    out = {"args": vars(args), "complete": False, "experts": {}, "truth": [], "rows": [], "summary": []}
+
+    def save() -> None:  # strict JSON: a NaN (an empty split's loss, say) is written as null
+        out["seconds"] = round(time.time() - started, 1)
+        out["summary"] = summarise(out["rows"], out["truth"])
+        write_json(Path(args.out), json.loads(json.dumps(out), parse_constant=lambda _: None))
+
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        truth = train_eval(args, f"{args.dataset}_{args.train_rows}", seed, f"truth-{seed}")
+        out["truth"].append({"seed": seed, **truth})
+        save()
+    for kind in ("trainer", "lora"):
+        out["experts"][kind] = train_expert(args, kind, work / f"expert-{kind}")
+        save()
+        measure(args, kind, out["experts"][kind], out, save)
+    out["complete"] = True
+    save()
+    print(markdown(out) + f"\n\nwritten {args.out} ({out['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
