@@ -16,6 +16,7 @@ from pathlib import Path
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig, to_dict
 from weights2data.data import Split
+from weights2data.defend import DefenseConfig, defended_expert
 from weights2data.errors import W2DError
 from weights2data.generate import GenerateConfig, mark_sources, with_generated
 from weights2data.pipeline import Workspace, finetune_cached
@@ -45,11 +46,14 @@ def run_experiment(
     sel: SelectConfig,
     run: RunConfig,
     gen: GenerateConfig | None = None,
+    defense: DefenseConfig | None = None,
 ) -> dict:
     """Expert → selection(s) → expert / recovered / random scores; writes results.json.
 
     `gen`: documents generated from the expert against the base join the corpus as candidates
     (for the random baseline too: every strategy draws from the same pool).
+    `defense`: recovery reads the expert as released behind this defence (its labels too); the
+    defence's record, with the defended model's own test metric, goes into results["defense"].
     """
     started = time.time()
     expert_data = ws.dataset(data.dataset, data, expert_ft.seed)
@@ -60,6 +64,11 @@ def run_experiment(
     task = Task.from_dict(meta["task"])
     base, expert = ws.model(run.base), ws.model(str(expert_path))
     check_pair(base, expert)
+    defense_record = None
+    if defense is not None and defense.method != "none":
+        expert, defense_record = defended_expert(
+            ws, base, expert, corpus, task, defense, expert_data.test, ev
+        )
     corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache)
     if task.kind == "lm" and "topk_balanced" in run.strategy_list:
         raise W2DError(
@@ -111,6 +120,9 @@ def run_experiment(
             "run": to_dict(run),
         },
     }
+    if defense_record is not None:
+        results["defense"] = defense_record
+        results["config"]["defense"] = to_dict(defense)
     if not run.skip_similarity:
         results["similarity"] = similarity_block(recoveries, expert_data.train.texts)
     results["seconds"] = round(time.time() - started, 1)
