@@ -56,6 +56,11 @@ QUICK = dict(
 )
 
 
+# what a row's defense_stats leaves out of the defence's record: settings and models the row or args give
+RECORDED_ELSEWHERE = ("method", "strength", "kl_weight", "seed", "finetuned", "base", "model",
+                      "utility", "undefended")  # fmt: skip
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
@@ -117,7 +122,7 @@ def run_seed(group: Group, args: argparse.Namespace) -> None:
         defended, record = defended_expert(
             group.ws, group.base, group.expert, group.corpus, group.task, cfg, test, group.ev
         )
-        stats = {k: v for k, v in record.items() if k not in ("utility", "undefended", "model")}
+        stats = {k: v for k, v in record.items() if k not in RECORDED_ELSEWHERE}
         extra = {"defense": cfg.method, "strength": cfg.strength, "defense_stats": stats}
         recover_from(group, args, defended, extra, record["utility"], expert_row)
 

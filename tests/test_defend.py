@@ -109,12 +109,12 @@ def test_relative_noise_is_scaled_to_the_update_and_spares_what_it_did_not_chang
 def test_retrain_keeps_the_outputs_while_the_weights_move(classifier, texts) -> None:
     base, finetuned = classifier
     task, public = Task.from_dict(finetuned.meta["task"]), texts["public"]
-    cfg = DefenseConfig(method="retrain", strength=0.3)
+    cfg = DefenseConfig(method="retrain", strength=0.1)
     defended, stats = defend(finetuned, cfg, base, public, task)
     loose, _ = defend(
-        finetuned, DefenseConfig(method="retrain", strength=0.3, kl_weight=0.0), base, public, task
+        finetuned, DefenseConfig(method="retrain", strength=0.1, kl_weight=0.0), base, public, task
     )
-    assert stats["steps"] == 30 and stats["scope"] == "top:1"
+    assert stats["steps"] == 10 and stats["scope"] == "top:1"
     assert stats["lm_loss_last"] < stats["lm_loss_first"]  # it trained on the public text
     assert stats["moved"] > 0.2 * stats["update"]
     kl, kl_free = (label_kl(finetuned, m, public.texts, task) for m in (defended, loose))
@@ -152,7 +152,7 @@ def test_language_model_defences(tiny, texts) -> None:
     _, stats = defend(finetuned, DefenseConfig(method="retrain", steps=5), tiny, texts["public"], task)
     assert stats["steps"] == 5 and stats["kl_last"] >= 0
     _, stats = defend(
-        finetuned, DefenseConfig(method="head-obfuscate", steps=20), None, texts["public"], task
+        finetuned, DefenseConfig(method="head-obfuscate", steps=3), None, texts["public"], task
     )
     assert 0 < stats["kl"] <= 0.1 * stats["head_moved"] + 1e-6
 
