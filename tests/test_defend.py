@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from weights2data.cli import main
-from weights2data.config import DefenseConfig, FinetuneConfig, to_dict
+from weights2data.config import DataConfig, DefenseConfig, FinetuneConfig, to_dict
 from weights2data.data import load_dataset
 from weights2data.defend import (
     as_rows,
@@ -38,10 +38,8 @@ def texts(data_dir) -> dict:
     return {"news": news, "public": load_dataset("wiki_passages_40", data_dir=data_dir).train}
 
 
-def finetuned_pair(tiny: LoadedModel, dataset, kind: str) -> LoadedModel:
+def finetune_tiny(tiny: LoadedModel, dataset, kind: str) -> LoadedModel:
     """A top:1 finetune of the tiny model (a classifier, or language modelling), with its metadata."""
-    from weights2data.config import DataConfig
-
     task = resolve_task(DataConfig(seq_len=16, task=kind), dataset, tiny)
     model = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny-finetuned")
     cfg = FinetuneConfig(train_scope="top:1", lr=1e-2, steps=4, batch_size=8).for_task(task.kind)
@@ -51,9 +49,10 @@ def finetuned_pair(tiny: LoadedModel, dataset, kind: str) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def classifier(_tiny_master, texts) -> tuple[LoadedModel, LoadedModel]:
-    base = LoadedModel(copy.deepcopy(_tiny_master.model), _tiny_master.tokenizer, "tiny-test")
-    return base, finetuned_pair(base, texts["news"], "classification")
+def classifier(cache, texts) -> tuple[LoadedModel, LoadedModel]:
+    """The tiny base and a top:1 classifier finetune of it."""
+    base = load_model("tiny-test", cache=cache)
+    return base, finetune_tiny(base, texts["news"], "classification")
 
 
 def pairs(base: LoadedModel, model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -147,13 +146,11 @@ def test_head_obfuscation_moves_the_head_within_the_penalty(classifier, texts) -
 
 def test_language_model_defences(tiny, texts) -> None:
     """A next-token finetune: retrain's KL is over next tokens, head-obfuscate moves the whole head."""
-    finetuned = finetuned_pair(tiny, texts["news"], "lm")
+    finetuned = finetune_tiny(tiny, texts["news"], "lm")
     task = Task.from_dict(finetuned.meta["task"])
     _, stats = defend(finetuned, DefenseConfig(method="retrain", steps=5), tiny, texts["public"], task)
     assert stats["steps"] == 5 and stats["kl_last"] >= 0
-    _, stats = defend(
-        finetuned, DefenseConfig(method="head-obfuscate", steps=3), None, texts["public"], task
-    )
+    _, stats = defend(finetuned, DefenseConfig(method="head-obfuscate", steps=3), None, texts["public"], task)
     assert 0 < stats["kl"] <= 0.1 * stats["head_moved"] + 1e-6
 
 
@@ -169,6 +166,8 @@ def test_bad_inputs(classifier) -> None:
         DefenseConfig(method="gaussian")
     with pytest.raises(W2DError, match="strength"):
         DefenseConfig(method="noise", strength=0)
+    with pytest.raises(W2DError, match="without a method"):
+        DefenseConfig(strength=0.1)
     assert DefenseConfig(method="retrain", strength=2.5).optimiser_steps == 250
     assert DefenseConfig(method="noise").strength == 0.01
 

@@ -376,8 +376,8 @@ class GenerateConfig:
 
 
 DEFENSES = ("none", "noise", "relative-noise", "retrain", "head-obfuscate")
-# the original's absolute 0.01; the finetune's own update size; 100 steps; a KL of S nats costs as much
-# as moving the head by its own norm
+# noise: the original's 0.01; relative-noise: the update's own size; retrain: 100 steps; head-obfuscate:
+# moving the head by its own norm is worth 0.1 nats of KL on public text
 DEFAULT_STRENGTH = {"noise": 0.01, "relative-noise": 1.0, "retrain": 1.0, "head-obfuscate": 0.1}
 
 
@@ -410,6 +410,8 @@ class DefenseConfig:
     def __post_init__(self) -> None:
         check_types(self)
         _choice("defense", self.method, DEFENSES)
+        if self.method == "none" and (self.strength is not None or self.steps is not None):
+            raise W2DError("a defence's strength or steps were given without a method (--defense METHOD)")
         if self.strength is None and self.method != "none":
             self.strength = DEFAULT_STRENGTH[self.method]
         if (self.strength is not None and self.strength <= 0) or (self.steps is not None and self.steps < 1):
