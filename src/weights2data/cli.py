@@ -386,8 +386,6 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
     toml = read_toml(args)
     data, cfg, rt = (build_config(c, args, toml) for c in (DataConfig, DefenseConfig, RuntimeConfig))
-    if cfg.method == "none":
-        raise W2DError("w2d defend needs --method: noise, relative-noise, retrain or head-obfuscate")
     config = {"model": args.model, "base": args.base, "corpus": args.corpus, "data": to_dict(data)}
     run = open_run(args, rt, "defend", {**config, "defense": to_dict(cfg)})
     ws = Workspace.from_config(rt, data)
@@ -451,8 +449,7 @@ def run_and_print(
         **({"defense": to_dict(defense)} if defense and defense.method != "none" else {}),
     }
     run = open_run(args, rt, "run", config)
-    ws = Workspace.from_config(rt, data)
-    results = run_experiment(ws, run, data, ft, ev, sel, run_cfg, gen, defense)
+    results = run_experiment(Workspace.from_config(rt, data), run, data, ft, ev, sel, run_cfg, gen, defense)
     finish(run, rt, {"table": results["table"], "seconds": results["seconds"]})
     print(
         f"\n{results['expert_dataset']}: expert vs {sel.k} documents recovered from {run_cfg.corpus} "
@@ -720,7 +717,12 @@ def make_parser() -> argparse.ArgumentParser:
         "(noise, relative-noise, retrain, head-obfuscate); writes a model directory that every command "
         "reads as a finetune, its w2d.json keeping the task and label set and recording the defence",
     )
-    p.add_argument("--model", required=True, help="the finetuned model to defend")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the finetuned model to defend; its task (label set, sequence length) comes from its "
+        "w2d.json, and without one it is taken for language modelling at --seq-len",
+    )
     p.add_argument(
         "--base",
         default=None,
