@@ -7,7 +7,7 @@ from the corpus with greedy from those weights (labels from that model, as an at
 model trained on them and on k random corpus documents labelled by the same model, and the gap
 closure against the expert row (the base trained on the true rows), honest and best over epochs.
 
-    python benchmarks/defences.py --quick --model tiny-test    # a smoke run, a few minutes
+    python benchmarks/defences.py --quick --model tiny-test    # a smoke run, 3 minutes
     python benchmarks/defences.py                              # the measurement: 3 seeds
 
 Results go to benchmarks/results/defences.json (strict JSON, `complete` false until the end,
@@ -63,7 +63,12 @@ RECORDED_ELSEWHERE = ("method", "strength", "kl_weight", "seed", "finetuned", "b
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run (3 minutes with --model tiny-test, about 15 with smollm2-135m on a 2-core CPU): "
+        + json.dumps(QUICK),
+    )
     add_common_args(p, out="benchmarks/results/defences.json")
     p.add_argument("--dataset", default="ag_news", help="the expert's classification dataset")
     p.add_argument("--scope", default="top:4", help="the expert's training regime: head, top:N or full")
