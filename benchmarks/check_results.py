@@ -38,7 +38,7 @@ A figure in prose: <!-- value FILE EXPRESSION [partial|pending] -->199<!-- /valu
     python benchmarks/check_results.py --write  # regenerate the marked text (and stale stored summaries)
 
 Every results file is checked too: strict JSON (NaN or Infinity must be null), and a stored
-`summary` equal to summarise(rows) (quality.py's or leakage.py's).
+`summary` equal to summarise(rows) (quality.py's, leakage.py's or defences.py's).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import defences
 import leakage
 import quality
 from weights2data.store import write_json
@@ -64,7 +65,7 @@ SHOWN_AS = "benchmarks/results/"  # how a source line names the results folder
 MARKER = re.compile(r"<!-- (table|value) (.*?) -->(.*?)<!-- /\1 -->", re.S)
 TERM = re.compile(r"(?P<path>.+?)(?:\*(?P<scale>[\d.]+))?(?::(?P<format>,?(?:\.\d+)?[fd]))?(?P<pm>±)?")
 FIGURES = {"honest": "val_selected_test", "best": "best_epoch_test"}
-SUMMARISERS = {"quality": quality.summarise, "leakage": leakage.summarise}
+SUMMARISERS = {"quality": quality.summarise, "leakage": leakage.summarise, "defences": defences.summarise}
 FLAGS = {"partial", "pending"}
 NAMES = {  # how a value in the JSON reads in the docs
     "ag_news": "AG News",
@@ -123,7 +124,7 @@ def strict_json(path: Path) -> Any:
 
 
 def complete(data: Any) -> bool:
-    """quality.py and leakage.py record `complete`; the other benchmarks write once, at the end."""
+    """quality.py, leakage.py and defences.py record `complete`; the others write once, at the end."""
     return not isinstance(data, dict) or data.get("complete", True) is True
 
 

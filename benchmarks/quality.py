@@ -35,14 +35,15 @@ import math
 import os
 import statistics
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, SelectConfig, parse_scope
-from weights2data.data import data_dir
+from weights2data.data import Dataset, Split, data_dir
 from weights2data.experiment import as_split, closure, selection_training
+from weights2data.models import LoadedModel
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
 from weights2data.recover import check_pair, corpus_gradients, recover
 from weights2data.rounds import recover_in_rounds
@@ -72,21 +73,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
-    p.add_argument("--model", default="smollm2-135m", help="base model (name or local directory)")
+    add_common_args(p, out="benchmarks/results/quality.json")
     p.add_argument(
         "--datasets",
         default="ag_news,newsgroup,imdb,rotten_tomatoes",
         help="comma-separated classification datasets",
-    )
-    p.add_argument("--train-rows", type=int, default=1000, help="the expert trains on NAME_<train-rows>")
-    p.add_argument(
-        "--verbalizer",
-        default="letters",
-        help="label tokens: letters (A, B, ... as the original), names, or a comma-separated word list "
-        "(e.g. 'World,Sports,Business,Science'), as w2d's --verbalizer",
-    )
-    p.add_argument(
-        "--corpus", default="wiki_passages_10000", help="dataset(s) to select from, space-separated"
     )
     p.add_argument(
         "--scopes", default="top:4,head", help="comma-separated training regimes: head, top:N, full"
@@ -117,6 +108,38 @@ def parse_args() -> argparse.Namespace:
         "strategy is selected and trained under each; empty: the defaults",
     )
     p.add_argument(
+        "--no-true-k",
+        action="store_true",
+        help="skip the true_k reference rows (the base trained on k of the expert's own training rows)",
+    )
+    p.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="JSON",
+        help="print the mean ± std table of these results files and exit; nothing is trained",
+    )
+    args = p.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The options every benchmark built on `expert_group` reads: the expert, the corpus, training
+    and scoring, the seeds, the budget and where results go."""
+    p.add_argument("--model", default="smollm2-135m", help="base model (name or local directory)")
+    p.add_argument("--train-rows", type=int, default=1000, help="the expert trains on NAME_<train-rows>")
+    p.add_argument(
+        "--verbalizer",
+        default="letters",
+        help="label tokens: letters (A, B, ... as the original), names, or a comma-separated word list "
+        "(e.g. 'World,Sports,Business,Science'), as w2d's --verbalizer",
+    )
+    p.add_argument(
+        "--corpus", default="wiki_passages_10000", help="dataset(s) to select from, space-separated"
+    )
+    p.add_argument(
         "--seeds",
         default="0",
         help="each seed draws the expert's training rows "
@@ -128,11 +151,6 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="which NAME_N subset of the corpus; "
         "fixed across --seeds, so the corpus's hidden states are computed once",
-    )
-    p.add_argument(
-        "--no-true-k",
-        action="store_true",
-        help="skip the true_k reference rows (the base trained on k of the expert's own training rows)",
     )
     p.add_argument("--expert-epochs", type=int, default=3, help="epochs of the expert's finetune")
     p.add_argument("--eval-epochs", type=int, default=10, help="most epochs of each train-evaluate run")
@@ -147,20 +165,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=3600, help="seconds; stops cleanly after this")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
     p.add_argument("--data-dir", default=None, help="data directory; None: $W2D_DATA_DIR")
-    p.add_argument(
-        "--out", default="benchmarks/results/quality.json", help="results JSON (written atomically)"
-    )
-    p.add_argument(
-        "--summarise",
-        nargs="+",
-        metavar="JSON",
-        help="print the mean ± std table of these results files and exit; nothing is trained",
-    )
-    args = p.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    p.add_argument("--out", default=out, help="results JSON (written atomically)")
 
 
 def csv(text: str, kind: type = str) -> list:
@@ -214,10 +219,31 @@ def main() -> None:
     print(f"\nwritten {args.out}")
 
 
-def run_group(
+@dataclass
+class Group:
+    """One expert and what every training run scored against its test split shares."""
+
+    ws: Workspace
+    args: argparse.Namespace
+    dataset: str
+    scope: str
+    seed: int
+    data: DataConfig
+    expert_data: Dataset
+    corpus: Split
+    task: Task
+    base: LoadedModel
+    expert: LoadedModel
+    test_ft: FinetuneConfig
+    ev: EvalConfig
+    out: dict  # the results file's content: scored rows are appended to out["rows"]
+    started: float
+
+
+def expert_group(
     ws: Workspace, args: argparse.Namespace, dataset: str, scope: str, seed: int, out: dict, started: float
-) -> None:
-    """One expert; every label rule, projection, k and strategy trained against it."""
+) -> Group:
+    """Finetune (or reuse) the expert of one dataset, scope and seed, and load what scoring needs."""
     kind, _ = parse_scope(scope)
     batch = 512 if ws.device.type == "cuda" else 64
     data = DataConfig(dataset=f"{dataset}_{args.train_rows}", verbalizer=args.verbalizer)
@@ -228,7 +254,6 @@ def run_group(
         batch_size=args.batch_size,
         seed=seed,
     )
-    test_ft = selection_training(expert_ft)
     ev = EvalConfig(
         max_eval_rows=args.max_eval_rows,
         eval_epochs=args.eval_epochs,
@@ -238,37 +263,54 @@ def run_group(
     expert_data = ws.dataset(data.dataset, data, seed)
     corpus = ws.dataset(args.corpus, data, args.corpus_seed).train
     path, meta = finetune_cached(ws, args.model, expert_data, data, expert_ft)
-    task = Task.from_dict(meta["task"])
     base, expert = ws.model(args.model), ws.model(str(path))
     check_pair(base, expert)
+    task = Task.from_dict(meta["task"])
+    test_ft = selection_training(expert_ft)
+    return Group(ws, args, dataset, scope, seed, data, expert_data, corpus, task,
+                 base, expert, test_ft, ev, out, started)  # fmt: skip
 
-    def score(name: str, split, extra: dict) -> dict:
-        """Train-evaluate `split`; a training set met before (random across variants) is not trained again."""
-        if time.time() - started > args.time_budget:
-            raise Budget
-        t0 = time.time()
-        result = train_eval(ws.model(args.model), split, expert_data.test, task, test_ft, ev, ws.cache)
-        row = {
-            "dataset": dataset,
-            "scope": scope,
-            "seed": seed,
-            "train": name,
-            **extra,
-            "best_epoch_test": result["best_epoch_test"],
-            "val_selected_test": result["val_selected_test"],
-            "epochs_run": len(result["epochs"]),
-            "seconds": round(time.time() - t0, 1),
-        }
-        out["rows"].append(row)
-        write_json(args.out, out)
-        print(json.dumps(row))
-        return row
 
-    expert_row = score("expert", expert_data.train, {"k": len(expert_data.train)})
+def score(group: Group, name: str, split: Split, extra: dict) -> dict:
+    """Train-evaluate `split` and record its row (rewriting the results file); a training set met
+    before (random across variants) is read from the train_eval cache, not trained again."""
+    args = group.args
+    if time.time() - group.started > args.time_budget:
+        raise Budget
+    t0 = time.time()
+    ws = group.ws
+    result = train_eval(
+        ws.model(args.model), split, group.expert_data.test, group.task, group.test_ft, group.ev, ws.cache
+    )
+    row = {
+        "dataset": group.dataset,
+        "scope": group.scope,
+        "seed": group.seed,
+        "train": name,
+        **extra,
+        "best_epoch_test": result["best_epoch_test"],
+        "val_selected_test": result["val_selected_test"],
+        "epochs_run": len(result["epochs"]),
+        "seconds": round(time.time() - t0, 1),
+    }
+    group.out["rows"].append(row)
+    write_json(args.out, group.out)
+    print(json.dumps(row))
+    return row
+
+
+def run_group(
+    ws: Workspace, args: argparse.Namespace, dataset: str, scope: str, seed: int, out: dict, started: float
+) -> None:
+    """One expert; every label rule, projection, k and strategy trained against it."""
+    group = expert_group(ws, args, dataset, scope, seed, out, started)
+    data, expert_data, corpus, task = group.data, group.expert_data, group.corpus, group.task
+    base, expert = group.base, group.expert
+    expert_row = score(group, "expert", expert_data.train, {"k": len(expert_data.train)})
     if not args.no_true_k:  # what k documents can teach at best: k of the expert's own rows, true labels
         for k in csv(args.ks, int):
             rows = np.random.default_rng(seed).permutation(len(expert_data.train))[:k]
-            score("true_k", expert_data.train.subset(np.sort(rows)), {"k": k})
+            score(group, "true_k", expert_data.train.subset(np.sort(rows)), {"k": k})
     for rule in csv(args.label_rules):
         variants = [
             (d, b, v)
@@ -292,6 +334,7 @@ def run_group(
                 extra = {"k": k, "labels": rule, "projection_dim": dim, "grad_blocks": blocks}
                 extra |= {"select": variant, "features_s": features_s}
                 rand = score(
+                    group,
                     "random",
                     as_split(
                         recover(
@@ -310,6 +353,7 @@ def run_group(
                             ws.cache, grads,
                         )  # fmt: skip
                     row = score(
+                        group,
                         strategy,
                         as_split(recovery),
                         {

@@ -15,8 +15,9 @@ import weights2data.features as features
 from weights2data.block_gradients import block_features
 from weights2data.cache import KINDS, entries, prune
 from weights2data.cli import main
-from weights2data.config import DataConfig, EvalConfig, FinetuneConfig
+from weights2data.config import DataConfig, DefenseConfig, EvalConfig, FinetuneConfig
 from weights2data.data import encode_classification, encode_lm, load_dataset
+from weights2data.defend import defend_cached
 from weights2data.features import cache_key, hidden_states
 from weights2data.lm_features import lm_features
 from weights2data.models import load_model
@@ -68,7 +69,8 @@ def populate(cache: Path, data_dir: Path) -> None:
     ws = Workspace(cache, data_dir, torch.device("cpu"))
     ds = load_dataset("ag_news_16", data_dir=data_dir)
     data, ft = DataConfig(seq_len=8), FinetuneConfig(train_scope="head", lr=1e-2, epochs=1)
-    finetune_cached(ws, "tiny-test", ds, data, ft)
+    path, _ = finetune_cached(ws, "tiny-test", ds, data, ft)
+    defend_cached(cache, ws.model(str(path)), DefenseConfig(method="noise"))
     reuse_scores(cache, data_dir)
     base, other = ws.model("tiny-test"), ws.model("tiny-test:1")
     encoded = encode_lm(base.tokenizer, TEXTS, 12)
@@ -112,6 +114,7 @@ def test_ls_and_prune(cli_env, fresh_cache, data_dir, cache, capsys) -> None:
         assert f"\n{kind} " in out
     assert f"weights2data {weights2data.__version__}, torch {torch.__version__}, cpu" in out
     assert "1/1 chunks" in out and "tiny-test on ag_news_16 (classification, head)" in out
+    assert "noise 0.01 of " in out
     assert "1 temporary files left by killed runs" in out
 
     scores = next(e.path for e in listed if e.kind == "train-eval")

@@ -22,6 +22,7 @@ from weights2data.store import read_json, remove, remove_stale_temps
 KINDS = {  # kind → its folders under the cache root
     "models": ("models", "hub"),
     "finetuned": ("finetuned",),
+    "defended": ("defended",),
     "hidden": ("hidden",),
     "lm-features": ("lm-features",),
     "blocks": ("blocks",),
@@ -103,6 +104,8 @@ def describe(kind: str, path: Path) -> str:
             return describe_model(path)
         if kind == "finetuned":
             return describe_finetuned(read_json(path / "w2d.json"))
+        if kind == "defended":
+            return describe_defended(read_json(path / "w2d.json"))
         if kind == "train-eval":
             return describe_scores(read_json(path))
         return describe_chunks(kind, path, read_json(path / "meta.json"))
@@ -125,6 +128,11 @@ def describe_model(path: Path) -> str:
 def describe_finetuned(meta: dict) -> str:
     task, scope = meta["task"]["kind"], meta["finetune"]["train_scope"]
     return f"{meta['base']} on {meta['dataset']} ({task}, {scope}); {versions(meta.get('key'))}"
+
+
+def describe_defended(meta: dict) -> str:
+    record = meta["defense"]
+    return f"{record['method']} {record['strength']:g} of {record['finetuned']}; {versions(meta.get('key'))}"
 
 
 def describe_scores(saved: dict) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from weights2data import __version__
 from weights2data.config import (
     DataConfig,
+    DefenseConfig,
     EvalConfig,
     FinetuneConfig,
     GenerateConfig,
@@ -44,6 +45,7 @@ SECTIONS = {
     SelectConfig: "select",
     RunConfig: "run",
     GenerateConfig: "generate",
+    DefenseConfig: "defense",
 }
 
 # The original research code's flag names (seed README), accepted by `w2d run`.
@@ -81,6 +83,8 @@ FIXED_SEED_OPTIONS = {
 }
 # `w2d select` / `w2d run`: the generation flags carry a generate- prefix; --generate N asks for N
 GENERATE_ALIASES = {"docs": ["--generate"]}
+# `w2d run`: the defence flags carry a defense- prefix; --defense METHOD picks one
+DEFENSE_ALIASES = {"method": ["--defense"]}
 DEMO_MODEL = "smollm2-135m"
 DISCOVER_DOCS = 128  # corpus texts read by --label-set discover (w2d inspect: --docs)
 DEMO = {  # sized to finish within 10 minutes on a 2-core CPU; see README for the choice of scope
@@ -108,6 +112,8 @@ CACHE_HELP = """\
 the cache (--cache-dir, else $W2D_CACHE_DIR, else ~/.cache/weights2data) holds one folder per kind:
   models       the smollm2-135m converted from its GGUF file, its tokenizer; hub/ downloads
   finetuned    finetuned models (w2d finetune / run), keyed by base weights, data, task, settings
+  defended     defended models (w2d defend, run --defense), keyed by the finetuned weights, the defence
+               and what it reads (base weights, public text)
   hidden       hidden states in chunks, keyed by the weights below the layer, the token ids, layer, dtype
   lm-features  LM head-gradient sketches in chunks, keyed by both models' weights, inputs, sketch
   blocks       block gradient sketches (--grad-blocks) in chunks, keyed like lm-features plus the loss
@@ -449,6 +455,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defend(args: argparse.Namespace) -> int:
+    from weights2data.defend import defend_cached, saved_task
+    from weights2data.pipeline import Workspace
+
+    toml = read_toml(args)
+    data, cfg, rt = (build_config(c, args, toml) for c in (DataConfig, DefenseConfig, RuntimeConfig))
+    config = {"model": args.model, "base": args.base, "corpus": args.corpus, "data": to_dict(data)}
+    run = open_run(args, rt, "defend", {**config, "defense": to_dict(cfg)})
+    ws = Workspace.from_config(rt, data)
+    finetuned = ws.model(args.model)
+    base = ws.model(args.base) if args.base else None
+    corpus = ws.dataset(args.corpus, data).train if args.corpus else None
+    started = time.time()
+    path, meta = defend_cached(ws.cache, finetuned, cfg, base, corpus, saved_task(finetuned, data.seq_len))
+    link(run / "model", path)
+    record = meta["defense"]
+    finish(run, rt, {"model": str(path), "seconds": round(time.time() - started, 1), "defense": record})
+    update = f" (the finetune's own change: {record['update']:.4g})" if "update" in record else ""
+    print(
+        f"defended model ({cfg.method}, strength {cfg.strength:g}): {path}\n  (linked from {run / 'model'}); "
+        f"weights moved by {record['moved']:.4g}{update}"
+    )
+    return 0
+
+
 def lm_loss_of(args: argparse.Namespace, finetuned) -> str:
     """The LM loss a selection scores: the flag, else the one the finetune recorded, else full."""
     return args.lm_loss or (finetuned.meta.get("task") or {}).get("lm_loss") or "full"
@@ -463,7 +494,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     sel = build_config(SelectConfig, args, toml, seed=ft.seed)  # one --seed for the whole experiment
     gen = build_config(GenerateConfig, args, toml, seed=ft.seed)
-    return run_and_print(args, rt, data, ft, ev, sel, run_cfg, gen)
+    defense = build_config(DefenseConfig, args, toml, seed=ft.seed)
+    return run_and_print(args, rt, data, ft, ev, sel, run_cfg, gen, defense=defense)
 
 
 def run_and_print(
@@ -476,9 +508,11 @@ def run_and_print(
     run_cfg: RunConfig,
     gen: GenerateConfig | None = None,
     results_json: str | None = None,
+    defense: DefenseConfig | None = None,
 ) -> int:
     from weights2data.experiment import format_table, run_experiment
     from weights2data.pipeline import Workspace
+    from weights2data.report_defences import format_utility
 
     config = {
         "data": to_dict(data),
@@ -487,15 +521,18 @@ def run_and_print(
         "select": to_dict(sel),
         "run": to_dict(run_cfg),
         **({"generate": to_dict(gen)} if gen and gen.docs else {}),
+        **({"defense": to_dict(defense)} if defense and defense.method != "none" else {}),
     }
     run = open_run(args, rt, "run", config)
-    results = run_experiment(Workspace.from_config(rt, data), run, data, ft, ev, sel, run_cfg, gen)
+    results = run_experiment(Workspace.from_config(rt, data), run, data, ft, ev, sel, run_cfg, gen, defense)
     finish(run, rt, {"table": results["table"], "seconds": results["seconds"]})
     print(
         f"\n{results['expert_dataset']}: expert vs {sel.k} documents recovered from {run_cfg.corpus} "
         f"({ft.train_scope} scope, {results['seconds']:.0f} s)"
     )
     print(format_table(results))
+    if "defense" in results:
+        print(format_utility(results))
     if gen and gen.docs:
         picks = {name: s["generated_picks"] for name, s in results["selections"].items()}
         print(f"generated documents among the {sel.k} picks (of {gen.docs} candidates): {picks}")
@@ -768,6 +805,35 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_args(p, RuntimeConfig)
 
     p = command(
+        "defend",
+        cmd_defend,
+        "change a finetuned model before release so that its weights say less about its training data "
+        "(noise, relative-noise, retrain, head-obfuscate); writes a model directory that every command "
+        "reads as a finetune, its w2d.json keeping the task and label set and recording the defence",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the finetuned model to defend; its task (label set, sequence length) comes from its "
+        "w2d.json, and without one it is taken for language modelling at --seq-len",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="its base model: relative-noise and retrain need it (the update, the scope it changed); "
+        "head-obfuscate reuses its cached lower-block states",
+    )
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="public text (a dataset argument, e.g. wiki_passages_2000): retrain trains on it, "
+        "head-obfuscate keeps the outputs on it",
+    )
+    add_config_args(p, DefenseConfig)
+    add_config_args(p, DataConfig, skip=("dataset", "label_column", "verbalizer", "task"))
+    add_config_args(p, RuntimeConfig)
+
+    p = command(
         "run",
         cmd_run,
         "the whole experiment: finetune the expert, select from the corpus, train on the expert's "
@@ -782,6 +848,7 @@ def make_parser() -> argparse.ArgumentParser:
             skip=("strategy", "seed", "label_set") if cls is SelectConfig else (),
         )
     add_config_args(p, GenerateConfig, GENERATE_ALIASES, skip=("seed", "seq_len"), prefix="generate-")
+    add_config_args(p, DefenseConfig, DEFENSE_ALIASES, skip=("seed",), prefix="defense-")
     seed = p.add_argument_group("original options with one supported value (others are refused)")
     for name, (supported, why) in FIXED_SEED_OPTIONS.items():
         seed.add_argument(f"--{name}", default=None, help=f"only {' or '.join(supported)}: {why}")

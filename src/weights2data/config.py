@@ -415,3 +415,55 @@ class GenerateConfig:
             raise W2DError("temperature must be > 0, top_p in (0, 1], plausibility in [0, 1]")
         if self.seq_len is not None and self.seq_len < 2:
             raise W2DError(f"generated sequence length must be at least 2 (got {self.seq_len})")
+
+
+DEFENSES = ("none", "noise", "relative-noise", "retrain", "head-obfuscate")
+# noise: the original's 0.01; relative-noise: the update's own size; retrain: 100 steps; head-obfuscate:
+# moving the head by its own norm is worth 0.1 nats of KL on public text
+DEFAULT_STRENGTH = {"noise": 0.01, "relative-noise": 1.0, "retrain": 1.0, "head-obfuscate": 0.1}
+
+
+@dataclass
+class DefenseConfig:
+    method: str = opt(
+        "none",
+        "how the finetuned model is changed before release: noise (θ + S·N(0, 1) on every weight, the "
+        "original's), relative-noise (σ = S · rms of the finetune's update, per tensor, on the rows it "
+        "changed), retrain (train the weights the finetune changed on public text, kept close to its "
+        "outputs by a KL term), head-obfuscate (move the head as far as a KL penalty on public text "
+        "allows) or none",
+    )
+    strength: float | None = opt(
+        None,
+        "S: noise: the noise's std (default 0.01); relative-noise: σ in units of the update's rms "
+        "(default 1); retrain: hundreds of steps (default 1: 100); head-obfuscate: how much KL (nats) "
+        "one head norm of movement may cost (default 0.1)",
+    )
+    steps: int | None = opt(
+        None, "optimiser steps: retrain (default: round(S × 100)), head-obfuscate (default 200)"
+    )
+    kl_weight: float = opt(
+        10.0,
+        "retrain: λ of next-token loss + λ · KL(finetuned ‖ defended) on the task's output "
+        "distribution (a classifier: its label tokens at the last position)",
+    )
+    seed: int = opt(0, "seed of the noise, the retrain batches and the obfuscation's start")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _choice("defense", self.method, DEFENSES)
+        if self.method == "none" and (self.strength is not None or self.steps is not None):
+            raise W2DError("a defence's strength or steps were given without a method (--defense METHOD)")
+        if self.strength is None and self.method != "none":
+            self.strength = DEFAULT_STRENGTH[self.method]
+        if (self.strength is not None and self.strength <= 0) or (self.steps is not None and self.steps < 1):
+            raise W2DError("the defence's strength must be > 0 and its steps at least 1")
+        if self.kl_weight < 0:
+            raise W2DError(f"kl_weight must be >= 0 (got {self.kl_weight})")
+
+    @property
+    def optimiser_steps(self) -> int:
+        """Retrain: S × 100 steps unless --steps; head-obfuscate: 200 unless --steps."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, round(self.strength * 100)) if self.method == "retrain" else 200

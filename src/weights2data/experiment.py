@@ -16,6 +16,7 @@ from pathlib import Path
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig, to_dict
 from weights2data.data import Split
+from weights2data.defend import DefenseConfig, defended_expert
 from weights2data.errors import W2DError
 from weights2data.generate import GenerateConfig, mark_sources, with_generated
 from weights2data.pipeline import Workspace, finetune_cached
@@ -46,11 +47,14 @@ def run_experiment(
     sel: SelectConfig,
     run: RunConfig,
     gen: GenerateConfig | None = None,
+    defense: DefenseConfig | None = None,
 ) -> dict:
     """Expert → selection(s) → expert / recovered / random scores; writes results.json.
 
     `gen`: documents generated from the expert against the base join the corpus as candidates
     (for the random baseline too: every strategy draws from the same pool).
+    `defense`: recovery reads the expert as released behind this defence (its labels too); the
+    defence's record, with the defended model's own test metric, goes into results["defense"].
     """
     if sel.label_set:
         raise W2DError(
@@ -67,6 +71,11 @@ def run_experiment(
     check_pair(base, expert)
     if task.kind == "lm":
         check_lm_selection(sel, run.strategy_list)
+    defense_record = None
+    if defense is not None and defense.method != "none":
+        expert, defense_record = defended_expert(
+            ws, base, expert, corpus, task, defense, expert_data.test, ev
+        )
     corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache)
     grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)
     recoveries = {
@@ -114,6 +123,9 @@ def run_experiment(
             "run": to_dict(run),
         },
     }
+    if defense_record is not None:
+        results["defense"] = defense_record
+        results["config"]["defense"] = to_dict(defense)
     if not run.skip_similarity:
         results["similarity"] = similarity_block(recoveries, expert_data.train.texts)
     results["seconds"] = round(time.time() - started, 1)

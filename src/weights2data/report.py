@@ -531,6 +531,7 @@ def build_report(
     with a note.
     """
     from weights2data.data import data_dir as resolve_data_dir
+    from weights2data.report_defences import defence_section
 
     if not run_dirs:
         raise W2DError("no run directory given")
@@ -542,6 +543,7 @@ def build_report(
 
     overview(doc, runs)
     score_section(doc, runs)
+    defence_section(doc, runs)
     k_section(doc, runs)
     epochs_section(doc, runs)
     label_section(doc, runs, root)

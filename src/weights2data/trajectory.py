@@ -67,21 +67,29 @@ def gradient_points(start: LoadedModel, end: LoadedModel, grad_at: str) -> list[
 
 
 def interpolate(base: LoadedModel, finetuned: LoadedModel, t: float) -> LoadedModel:
-    """θ0 + t (θ1 − θ0) for every weight, on a copy of the finetuned model.
+    """θ0 + t (θ1 − θ0) for every weight, on a copy of the finetuned model."""
+    model = copy.deepcopy(finetuned.model)
+    with torch.no_grad():
+        for _, param, start in paired_weights(base, model):
+            param.lerp_(start, 1.0 - t)  # param + (1 − t)(θ0 − param)
+    return LoadedModel(model, finetuned.tokenizer, f"{finetuned.spec}@{t:.3f}", meta=finetuned.meta)
+
+
+def paired_weights(
+    base: LoadedModel, model: torch.nn.Module
+) -> Iterator[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+    """(name, weight, the base model's value of it) for every weight of `model`, a finetune of `base`.
 
     A head the finetune untied from the embeddings is matched with the base model's (tied)
     embedding matrix, which is what that head started from.
     """
-    model = copy.deepcopy(finetuned.model)
     base_params = dict(base.model.named_parameters())
     base_head = base.model.get_output_embeddings().weight
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            start = base_params.get(name, base_head if name.startswith("lm_head") else None)
-            if start is None or start.shape != param.shape:
-                raise W2DError(f"cannot interpolate weight {name}: the base model has no matching weight")
-            param.lerp_(start.to(param.device, param.dtype), 1.0 - t)  # param + (1 − t)(θ0 − param)
-    return LoadedModel(model, finetuned.tokenizer, f"{finetuned.spec}@{t:.3f}", meta=finetuned.meta)
+    for name, param in model.named_parameters():
+        start = base_params.get(name, base_head if name.startswith("lm_head") else None)
+        if start is None or start.shape != param.shape:
+            raise W2DError(f"weight {name}: the base model has no matching weight")
+        yield name, param, start.detach().to(param.device, param.dtype)
 
 
 @dataclass
