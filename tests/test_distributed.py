@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import socket
@@ -28,6 +27,7 @@ from weights2data.selection import (
     cosines,
     select,
 )
+from weights2data.store import read_json
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WAIT_S = 600  # a loaded 2-core machine imports torch and transformers slowly
@@ -115,3 +115,102 @@ def test_sharded_strategies_pick_what_one_process_picks(tmp_path: Path) -> None:
     tied = (cos == cos.max()).nonzero().squeeze(1).tolist()
     assert len(tied) == 2 and tied[0] < 96 <= tied[1]  # one on each rank
     assert ranks[0]["factored", "greedy"][0][0] == tied[0]  # the tie goes to the lower row
+
+
+# ---------------------------------------------------------------- w2d select under torchrun
+
+SELECT = "select --base tiny-test --finetuned tiny-test:1 --label-set A,B,C,D --seq-len 16 --device cpu -k 12"
+CORPUS = "wiki_passages_2500"  # 1248 + 1252 rows: two cache chunks on each rank
+
+# A rank started by hand as torchrun would start it; rank 1 pauses (a marker file tells the test)
+# before writing its second cache chunk, to be killed there.
+RANK_CHILD = """
+import sys, time
+from pathlib import Path
+import weights2data.features as features
+
+saves = []
+
+def save(self, rows, tensors, real=features.ChunkCache.save):
+    if {pause!r} and len(saves) == 1:
+        Path({marker!r}).write_text("")
+        time.sleep(3600)
+    saves.append(rows)
+    real(self, rows, tensors)
+
+features.ChunkCache.save = save
+from weights2data.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def w2d_args(tmp_path: Path, name: str, cache: Path) -> list[str]:
+    dirs = ["--corpus", CORPUS, "--results-dir", str(tmp_path / "runs"), "--exp-name", name]
+    return [*SELECT.split(), *dirs, "--cache-dir", str(cache)]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def picks(tmp_path: Path, name: str) -> list[int]:
+    return pq.read_table(tmp_path / "runs" / name / "selection.parquet")["corpus_row"].to_pylist()
+
+
+def kill_rank_one_mid_featurisation(tmp_path: Path, argv: list[str]) -> None:
+    """Two ranks; rank 1 is killed with SIGKILL with one of its two chunks written, then rank 0."""
+    port, marker = str(free_port()), tmp_path / "paused"
+    ranks = []
+    for rank in range(2):
+        code = RANK_CHILD.format(pause=rank == 1, marker=str(marker), argv=argv)
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        with open(tmp_path / f"rank{rank}.txt", "w") as log:
+            ranks.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=log))
+    deadline = time.time() + WAIT_S
+    while not marker.exists():
+        if any(p.poll() is not None for p in ranks) or time.time() > deadline:
+            for p in ranks:
+                p.kill()
+            pytest.fail("rank 1 never paused:\n" + (tmp_path / "rank1.txt").read_text()[-3000:])
+        time.sleep(0.2)
+    for p in reversed(ranks):  # as torchrun does when one of its workers dies
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+
+
+def test_torchrun_select_picks_as_one_process_and_resumes_a_killed_rank(
+    tmp_path: Path, data_dir: Path, fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("W2D_DATA_DIR", str(data_dir))
+    assert main(w2d_args(tmp_path, "one", fresh_cache)) == 0
+    cache = tmp_path / "cache-two"  # a cache of its own: the ranks compute every row
+    (cache / "models").mkdir(parents=True)
+    for model in (fresh_cache / "models").iterdir():  # the tokenizer
+        (cache / "models" / model.name).symlink_to(model.resolve())
+    argv = w2d_args(tmp_path, "two", cache)
+    kill_rank_one_mid_featurisation(tmp_path, argv)
+    rank_one = [f for f in (cache / "hidden").glob("*/meta.json") if read_json(f)["rows"] == 1252]
+    assert [p.name for p in rank_one[0].parent.glob("chunk_*")] == ["chunk_000000000.safetensors"]
+    first = rank_one[0].parent / "chunk_000000000.safetensors"
+    written = first.stat().st_mtime_ns
+    assert not (tmp_path / "runs" / "two" / "selection.parquet").exists()
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "weights2data"]
+    done = subprocess.run([*torchrun, *argv], env=child_env(), capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert first.stat().st_mtime_ns == written  # rank 1's finished chunk was read back, not redone
+    assert len(list((cache / "hidden").glob("*/chunk_*.safetensors"))) == 4  # two per rank
+    assert len(picks(tmp_path, "two")) == 12 and picks(tmp_path, "two") == picks(tmp_path, "one")
+
+
+def test_only_select_runs_under_torchrun(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["evaluate", "--model", "tiny-test"]) == 2
+    assert "only w2d select shards the corpus" in capsys.readouterr().err
+    argv = [*SELECT.split(), "--corpus", CORPUS, "--labels", "random"]
+    assert main(argv) == 2
+    assert "--labels random is not supported across ranks" in capsys.readouterr().err
