@@ -287,7 +287,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     gen = build_config(GenerateConfig, args, toml, seed=sel.seed)
     layout = Layout.from_env()
     if layout.sharded:
-        check_shardable(sel, gen.docs)
+        check_shardable(sel, gen.docs, rt.device_map)
     config = {
         "base": args.base,
         "finetuned": args.finetuned,
@@ -347,8 +347,12 @@ def select_and_write(
     def gradients(texts: list[str]) -> CorpusGradients:
         if label_set is None:
             lm_loss = lm_loss_of(args, finetuned)
-            return lm_corpus_gradients(base, finetuned, texts, data.seq_len, lm_loss, sel, ws.cache, template)
-        return corpus_gradients(base, finetuned, texts, label_set, data, sel, ws.cache)
+            grads = lm_corpus_gradients(
+                base, finetuned, texts, data.seq_len, lm_loss, sel, ws.cache, template
+            )
+        else:
+            grads = corpus_gradients(base, finetuned, texts, label_set, data, sel, ws.cache)
+        return grads.to(ws.device)  # a GPU selects where its features are
 
     if layout.sharded:
         shard = Shard.of(len(corpus), layout, ws.device)

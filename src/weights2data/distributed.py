@@ -178,7 +178,7 @@ def sharded_greedy(
     chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)  # also: label quota filled
     labels = torch.zeros(len(features), dtype=torch.long, device=t.device)
     if quotas is not None:
-        labels, left = quotas[0][start : shard.rows.stop].to(t.device), quotas[1].clone()
+        labels, left = quotas[0][start : shard.rows.stop].to(t.device), quotas[1].clone().to(t.device)
         chosen |= left[labels] <= 0
     blank = features.row_factors(torch.tensor([0]))  # shapes of one row's factors
     picks, scores = [], []
@@ -256,9 +256,12 @@ def sharded_select(
     return Selection(indices=indices, scores=scores.cpu(), objective=value, engine=engine)
 
 
-def check_shardable(cfg: SelectConfig, generated: int = 0) -> None:
+def check_shardable(cfg: SelectConfig, generated: int = 0, device_map: str | None = None) -> None:
     """Refuse, before any work, the options whose features depend on the whole corpus at once."""
     whole = {
+        "--device-map auto (one process spreads one model over every GPU; a rank uses its own)": bool(
+            device_map
+        ),
         "--labels random": cfg.labels == "random",  # one seeded draw over all N rows
         f"--precondition {cfg.precondition}": cfg.precondition != "none",  # corpus-wide moments
         "--path distill": cfg.path == "distill",  # a walk trained on the whole corpus

@@ -156,6 +156,10 @@ class CorpusGradients:
     probs: torch.Tensor | None = None  # (N, C) the finetuned model's label distribution
     adapter: str | None = None  # the LoRA adapter the finetuned model is, described
 
+    def to(self, device: torch.device) -> CorpusGradients:
+        """The features on `device`, where the greedy engine then runs; labels and losses stay."""
+        return self if device.type == "cpu" else replace(self, features=self.features.to(device))
+
 
 def lm_corpus_gradients(
     base: LoadedModel,

@@ -348,7 +348,7 @@ def greedy(
     t, sq = features.target_dots, features.sq_norms
     chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)  # also: label quota filled
     if quotas is not None:
-        labels, left = quotas[0].to(t.device), quotas[1].clone()
+        labels, left = quotas[0].to(t.device), quotas[1].clone().to(t.device)
         chosen |= left[labels] <= 0
     picks, scores = [], []
     for step in tqdm(range(k), desc="greedy", disable=not progress):
