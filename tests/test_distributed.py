@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import weights2data.features as feature_cache
 from weights2data.cli import main
 from weights2data.distributed import SHARD_ALIGN, Layout, Shard, shard_rows, sharded_select
 from weights2data.errors import W2DError
@@ -127,7 +128,7 @@ CORPUS = "wiki_passages_2500"  # 1248 + 1252 rows: two cache chunks on each rank
 RANK_CHILD = """
 import sys, time
 from pathlib import Path
-import weights2data.features as features
+import weights2data.features as feature_cache
 
 saves = []
 
@@ -139,6 +140,7 @@ def save(self, rows, tensors, real=features.ChunkCache.save):
     real(self, rows, tensors)
 
 features.ChunkCache.save = save
+import weights2data.features as feature_cache
 from weights2data.cli import main
 sys.exit(main({argv!r}))
 """
@@ -204,6 +206,13 @@ def test_torchrun_select_picks_as_one_process_and_resumes_a_killed_rank(
     assert first.stat().st_mtime_ns == written  # rank 1's finished chunk was read back, not redone
     assert len(list((cache / "hidden").glob("*/chunk_*.safetensors"))) == 4  # two per rank
     assert len(picks(tmp_path, "two")) == 12 and picks(tmp_path, "two") == picks(tmp_path, "one")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a row the ranks cached was computed again")
+
+    monkeypatch.setattr(feature_cache, "_compute_chunks", no_forward)  # one process reads the ranks' rows
+    assert main(w2d_args(tmp_path, "three", cache)) == 0
+    assert picks(tmp_path, "three") == picks(tmp_path, "one")
 
 
 def test_only_select_runs_under_torchrun(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
