@@ -148,6 +148,7 @@ class Shard:
         return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]).to(x.device)
 
     def broadcast(self, tensors: list[Tensor], src: int) -> list[Tensor]:
+        """Rank `src`'s tensors on every rank (the others pass buffers of the same shapes)."""
         out = []
         for t in tensors:
             moved = t.to(self.device).contiguous()
@@ -158,8 +159,8 @@ class Shard:
     def best(self, proposal: Tensor) -> Tensor:
         """Of every rank's (score, global row, …) proposal, the highest score; ties to the lowest row."""
         every = self.gather_varying(proposal[None], [1] * self.layout.world_size)  # (W, fields)
-        top = every[:, 0].max()
-        return every[every[:, 0] == top][every[every[:, 0] == top][:, 1].argmin()]
+        tied = every[every[:, 0] == every[:, 0].max()]
+        return tied[tied[:, 1].argmin()]
 
 
 def sharded_greedy(
@@ -180,7 +181,7 @@ def sharded_greedy(
     if quotas is not None:
         labels, left = quotas[0][start : shard.rows.stop].to(t.device), quotas[1].clone().to(t.device)
         chosen |= left[labels] <= 0
-    blank = features.row_factors(torch.tensor([0]))  # shapes of one row's factors
+    like = features.row_factors(torch.tensor([0]))  # one row's factors: what a receiver allocates
     picks, scores = [], []
     bar = progress and shard.layout.rank == 0
     for step in tqdm(range(k), desc=f"greedy over {len(shard.sizes)} ranks", disable=not bar):
@@ -191,8 +192,10 @@ def sharded_greedy(
         mine = [float(rank[j]), start + j, float(t[j]), float(c[j]), float(sq[j]), int(labels[j])]
         value, row, t_j, c_j, sq_j, label = shard.best(torch.tensor(mine, dtype=torch.float64)).tolist()
         row, label, owner = int(row), int(label), shard.owner(int(row))
-        local = features.row_factors(torch.tensor([row - start])) if owner == shard.layout.rank else blank
-        factors = shard.broadcast(local, owner)
+        if owner == shard.layout.rank:
+            factors = shard.broadcast(features.row_factors(torch.tensor([row - start])), owner)
+        else:
+            factors = shard.broadcast([torch.empty_like(f) for f in like], owner)
         picks.append(row)
         scores.append(value / math.sqrt(features.delta_sq_norm))
         if owner == shard.layout.rank:
