@@ -49,6 +49,7 @@ class Sizes:
     select_k: int
     eval_rows: int
     eval_epochs: int
+    epochs: int  # the expert's
 
 
 GPU = Sizes(
@@ -64,8 +65,9 @@ GPU = Sizes(
     select_k=1000,
     eval_rows=2048,
     eval_epochs=3,
+    epochs=2,  # a full finetune on 1,000 rows: DESIGN's full regime
 )
-SMALL = Sizes("tiny-test", 256, 2000, 64, 50, 3000, 5, "ag_news_64", "wiki_passages_256", 16, 64, 1)
+SMALL = Sizes("tiny-test", 256, 2000, 64, 50, 3000, 5, "ag_news_64", "wiki_passages_256", 16, 64, 1, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -167,6 +169,7 @@ def quality(sizes: Sizes, device: torch.device, out: Path) -> dict:
     argv = ["run", "--base", sizes.model, "--dataset", sizes.dataset, "--corpus", sizes.corpus]
     argv += ["-k", str(sizes.select_k), "--strategies", "greedy,random", "--skip-similarity"]
     argv += ["--max-eval-rows", str(sizes.eval_rows), "--eval-epochs", str(sizes.eval_epochs)]
+    argv += ["--epochs", str(sizes.epochs)]
     argv += ["--device", str(device), "--results-dir", str(out), "--exp-name", "quality"]
     if w2d(argv) != 0:
         raise SystemExit("the quality run failed (see above)")
