@@ -92,7 +92,13 @@ def process_group(layout: Layout, device: torch.device) -> Iterator[None]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=layout.rank, world_size=layout.world_size)
+    try:
+        dist.init_process_group(backend, rank=layout.rank, world_size=layout.world_size)
+    except (RuntimeError, ValueError) as exc:  # a taken port, an unreachable master, a timeout
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise W2DError(
+            f"rank {layout.rank} could not join the {backend} process group at {where}: {exc}"
+        ) from exc
     try:
         yield
     finally:
