@@ -226,3 +226,33 @@ def test_only_select_runs_under_torchrun(monkeypatch: pytest.MonkeyPatch, capsys
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     assert main([*SELECT.split(), "--corpus", CORPUS]) == 2
     assert "MASTER_ADDR / MASTER_PORT are unset: launch with torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["classification", "lm", "blocks"])
+def test_aligned_shards_featurise_bit_for_bit_as_the_whole(kind: str, cache: Path, data_dir: Path) -> None:
+    """What makes sharded picks exact: each shard's rows get exactly the whole corpus's features."""
+    from weights2data.config import DataConfig, SelectConfig
+    from weights2data.data import load_dataset, make_label_set
+    from weights2data.models import load_model
+    from weights2data.recover import corpus_gradients, lm_corpus_gradients
+
+    base, tuned = load_model("tiny-test", cache=cache), load_model("tiny-test:1", cache=cache)
+    texts = load_dataset("wiki_passages_64", data_dir=data_dir).train.texts
+    sel = SelectConfig(k=4, grad_blocks=1 if kind == "blocks" else 0)
+    label_set = make_label_set(["A", "B", "C", "D"], base.tokenizer, "A,B,C,D")
+
+    def gradients(part: list[str]):
+        if kind == "lm":
+            return lm_corpus_gradients(base, tuned, part, 16, "full", sel, None)
+        return corpus_gradients(base, tuned, part, label_set, DataConfig(seq_len=16), sel, None)
+
+    whole = gradients(texts).features
+    shards = [
+        gradients(texts[s.start : s.stop]).features for s in (shard_rows(64, Layout(r, 2)) for r in range(2))
+    ]
+    for w, a, b in zip(
+        whole.row_factors(torch.arange(64)),
+        *(s.row_factors(torch.arange(len(s))) for s in shards),
+        strict=True,
+    ):
+        assert torch.equal(w, torch.cat([a, b]))
