@@ -67,7 +67,7 @@ GPU = Sizes(
     eval_epochs=3,
     epochs=2,  # a full finetune on 1,000 rows: DESIGN's full regime
 )
-SMALL = Sizes("tiny-test", 256, 2000, 64, 50, 3000, 5, "ag_news_64", "wiki_passages_256", 16, 64, 1, 1)
+SMALL = Sizes("tiny-test", 64, 2000, 64, 50, 3000, 5, "ag_news_64", "wiki_passages_256", 16, 64, 1, 1)
 
 
 def sync(device: torch.device) -> None:
