@@ -281,6 +281,7 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     """Under torchrun (WORLD_SIZE > 1) every rank runs this on its shard of the corpus; rank 0 writes."""
     from weights2data.distributed import Layout, check_shardable, process_group
+    from weights2data.pipeline import Workspace
 
     toml = read_toml(args)
     data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
@@ -299,8 +300,6 @@ def cmd_select(args: argparse.Namespace) -> int:
     if layout.rank != 0:  # one run directory and one log: rank 0's
         log.setLevel(logging.WARNING)
     run = open_run(args, rt, "select", config) if layout.rank == 0 else None
-    from weights2data.pipeline import Workspace
-
     ws = Workspace.from_config(rt, data)
     ws = replace(ws, device=layout.device(ws.device))
     with process_group(layout, ws.device):
