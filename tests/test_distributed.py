@@ -128,7 +128,7 @@ CORPUS = "wiki_passages_2500"  # 1248 + 1252 rows: two cache chunks on each rank
 RANK_CHILD = """
 import sys, time
 from pathlib import Path
-import weights2data.features as feature_cache
+import weights2data.features as features
 
 saves = []
 
@@ -140,7 +140,6 @@ def save(self, rows, tensors, real=features.ChunkCache.save):
     real(self, rows, tensors)
 
 features.ChunkCache.save = save
-import weights2data.features as feature_cache
 from weights2data.cli import main
 sys.exit(main({argv!r}))
 """
