@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import time
 from dataclasses import replace
 
 import torch
 
-from quality import Budget, Group, HelpFormatter, add_common_args, csv, expert_group, format_figure, score
+from quality import (
+    Budget,
+    Group,
+    HelpFormatter,
+    add_common_args,
+    csv,
+    expert_group,
+    format_figure,
+    score,
+    seed_statistics,
+)
 from weights2data.config import DefenseConfig, SelectConfig
 from weights2data.data import data_dir
 from weights2data.defend import defended_expert
@@ -175,14 +183,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     summary = []
     for (method, strength, train), members in groups.items():
         entry = {"defense": method, "strength": strength, "train": train, "seeds": len(members)}
-        for figure in FIGURES:
-            values = [m[figure] for m in members if m.get(figure) is not None and not math.isnan(m[figure])]
-            if any(figure in m for m in members):
-                entry[figure + "_seeds"] = len(values)
-            if values:
-                entry[figure] = statistics.fmean(values)
-                entry[figure + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary.append(entry)
+        summary.append(entry | seed_statistics(members, FIGURES))
     return summary
 
 

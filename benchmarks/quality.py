@@ -433,21 +433,27 @@ def summarise(rows: list[dict]) -> list[dict]:
         names = ("dataset", "scope", "k", "labels", "projection_dim", "grad_blocks", "select", "train")
         entry = dict(zip(names, key, strict=True))
         entry["seeds"] = len(members)
-        for figure in (
-            "best_epoch_test",
-            "val_selected_test",
-            "closure_best_epoch_test",
-            "closure_val_selected_test",
-        ):
-            # a closure is undefined (NaN, or null once written) where the expert did not beat random
-            values = [m[figure] for m in members if m.get(figure) is not None and not math.isnan(m[figure])]
-            if any(figure in m for m in members):
-                entry[figure + "_seeds"] = len(values)
-            if values:
-                entry[figure] = statistics.fmean(values)
-                entry[figure + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary.append(entry)
+        summary.append(entry | seed_statistics(members, FIGURES))
     return summary
+
+
+FIGURES = ("best_epoch_test", "val_selected_test", "closure_best_epoch_test", "closure_val_selected_test")
+
+
+def seed_statistics(members: list[dict], figures: tuple[str, ...]) -> dict:
+    """Each figure's mean and std over the seeds that define it, and how many do where any row has it.
+
+    A closure is undefined (NaN, or null once written) where the expert did not beat random.
+    """
+    entry: dict = {}
+    for figure in figures:
+        values = [m[figure] for m in members if m.get(figure) is not None and not math.isnan(m[figure])]
+        if any(figure in m for m in members):
+            entry[figure + "_seeds"] = len(values)
+        if values:
+            entry[figure] = statistics.fmean(values)
+            entry[figure + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return entry
 
 
 def markdown(summary: list[dict]) -> str:
