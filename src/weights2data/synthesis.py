@@ -39,9 +39,10 @@ from weights2data.config import SelectConfig, SynthConfig, to_dict
 from weights2data.data import Encoded, encode_classification
 from weights2data.errors import W2DError
 from weights2data.features import cache_key
+from weights2data.generate import mark_sources
 from weights2data.gradients import label_rows
 from weights2data.models import LoadedModel
-from weights2data.recover import Recovery, label_distribution
+from weights2data.recover import CorpusGradients, Recovery, label_distribution, recover
 from weights2data.store import atomic_path, hash_texts, stable_hash
 from weights2data.train import Task
 
@@ -477,6 +478,27 @@ def synthesise(
     return as_recovery(
         problem, docs, init, cfg, {"objective_init": initial, "synth_s": round(time.time() - started, 2)}
     )
+
+
+def refine_selection(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    grads: CorpusGradients,
+    texts: list[str],
+    picks: Recovery,
+    sources: list[str],
+    task: Task,
+    sel: SelectConfig,
+    cfg: SynthConfig,
+    cache_root: Path | None,
+) -> Recovery:
+    """`w2d select --opt`: synthesise from the selection `picks` (--synth-init select) or from k
+    random corpus passages (random), every row's source marked."""
+    check_synthesis(cfg, sel, task)
+    if cfg.init == "random":
+        random_sel = replace(sel, strategy="random")
+        picks = mark_sources(recover(grads, texts, task.label_set, random_sel, progress=False), sources)
+    return synthesise(base, finetuned, picks, task, cfg, cache_root)
 
 
 def as_recovery(problem: Problem, docs: Docs, init: Recovery, cfg: SynthConfig, extra: dict) -> Recovery:
