@@ -23,6 +23,7 @@ from weights2data.synthesis import (
     augmented_lagrangian,
     cosine,
     make_problem,
+    objective_grad,
     project,
     scored,
     synthesise,
@@ -88,6 +89,18 @@ def test_token_gradients_equal_autograd_on_one_hot(pair, task: Task) -> None:
     torch.testing.assert_close(ours, one_hot.grad, atol=1e-7, rtol=1e-4)
     mask = docs.mask[active].bool()
     assert torch.equal(ours.topk(16, -1).indices[mask], one_hot.grad.topk(16, -1).indices[mask])
+
+
+def test_batched_objective_gradient_equals_one_pass(pair, task: Task) -> None:
+    problem = make_problem(*pair, task)
+    docs = scored(problem, TEXTS[:5])
+    embeds, rest = problem.embeddings[docs.ids], torch.zeros_like(problem.delta)
+    value, grad = objective_grad(problem, embeds, docs.mask, rest)  # one pass, all five
+    batched = objective_grad(
+        replace(problem, batch_size=2), embeds, docs.mask, rest
+    )  # ∂cos/∂G, then 3 passes
+    assert batched[0] == pytest.approx(value, abs=1e-6)
+    torch.testing.assert_close(batched[1], grad, atol=1e-8, rtol=1e-4)
 
 
 def test_objective_matches_select(pair, task: Task) -> None:

@@ -134,6 +134,12 @@ def objective_grad(
     at the current G its gradient is that of Σ_i ⟨W, e_i h_iᵀ⟩, one backward pass per batch of
     documents: memory stays that of one batch, however many documents there are.
     """
+    if known is None and len(embeds) <= problem.batch_size:  # one batch: one pass with its graph
+        x = embeds.detach().requires_grad_()
+        errors, hidden, _ = problem.forward(x, mask)
+        value = cosine(rest + errors.T @ hidden, problem.delta)
+        (grad,) = torch.autograd.grad(value, x)
+        return float(value.detach()), grad
     errors, hidden = known if known is not None else problem.factors(embeds, mask)[:2]
     total = (rest + errors.T @ hidden).requires_grad_()
     value = cosine(total, problem.delta)
