@@ -14,7 +14,8 @@ never changed keep their corpus text and source.
   the top-k replacement tokens of every position; B random single-token swaps drawn from them
   are scored exactly (a forward pass each) and the best is kept only if it improves.
 - GCGA: documents grown one at a time against the running sum R of those before, each from its
-  initial passage by a few GCG steps on cos(R + g_j, Δ).
+  initial passage by a few GCG steps on cos(R + g_j, Δ). Growth is greedy and can end below the
+  starting set's objective; the starting set is then returned.
 - ADMM: continuous input embeddings X, their projection Z onto token rows, a dual Λ; the x-step
   is Adam on −cos + (ρ/2)‖X − Z + Λ/ρ‖², the z-step Z = Proj(X + Λ/ρ), the dual step
   Λ += ρ(X − Z). The best projected set seen (the initial one included) is returned.
@@ -300,6 +301,10 @@ def run_gcga(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, 
         running = running + docs.total(torch.tensor([j], device=docs.ids.device))
         bar.set_postfix(objective=f"{value:.4f}")
         state.save_every(j + 1, n, docs)
+    first = state.start_docs
+    if first.objective(problem.delta) > docs.objective(problem.delta):  # growth is greedy: it can end lower
+        log.warning("GCGA ended below its starting set's objective: the starting set is kept")
+        return first
     return docs
 
 
