@@ -226,3 +226,14 @@ def test_select_with_admm_and_bad_opt(cli_env, capsys) -> None:
     assert "objective" in capsys.readouterr().out
     assert main([*RUN, "--opt", "NOPE", "--exp-name", "bad"]) == 2
     assert "unknown opt 'NOPE'" in capsys.readouterr().err
+
+
+def test_synthesis_help(capsys) -> None:
+    for command in ("select", "run"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for flag in ("--opt", "--synth-steps", "--synth-init", "--search_width", "--admm_penalty_term",
+                     "--lr_tokens", "--max_iterations_x", "--gcg_documents_to_swap"):  # fmt: skip
+            assert flag in out, (command, flag)
