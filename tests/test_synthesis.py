@@ -184,6 +184,20 @@ def test_gcg_improves_and_resumes_where_it_stopped(pair, task: Task, tmp_path, m
     assert synthesise(*pair, init, task, cfg, tmp_path, progress=False).texts == whole.texts and not calls
 
 
+def test_gcga_keeps_its_start_when_growth_ends_lower(pair, task: Task, monkeypatch) -> None:
+    init = select_init(pair, task)
+
+    def spoil(problem, docs, active, rest, cfg, generator) -> float:  # every grown gradient reversed
+        docs.errors[active] = -docs.errors[active]
+        docs.changed[active] = True
+        return 0.0
+
+    monkeypatch.setattr(synthesis, "gcg_step", spoil)
+    out = synthesise(*pair, init, task, SynthConfig(method="GCGA", doc_steps=1), None, progress=False)
+    assert out.texts == init.texts and out.summary["synthesised"] == 0
+    assert out.summary["objective_cos"] == pytest.approx(init.summary["objective_cos"], abs=1e-5)
+
+
 def test_random_init_and_bad_input(pair, task: Task) -> None:
     with pytest.raises(W2DError, match="opt"):
         SynthConfig(method="MAGIC")

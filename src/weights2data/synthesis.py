@@ -177,6 +177,12 @@ class Docs:
     def objective(self, delta: Tensor) -> float:
         return float(cosine(self.total(), delta))
 
+    def clone(self) -> Docs:
+        tensors = {
+            name: getattr(self, name).clone() for name in ("ids", "mask", "errors", "hidden", "labels")
+        }
+        return Docs(**tensors, texts=list(self.texts), changed=self.changed.clone())
+
     def put(self, row: int, other: Docs, j: int) -> None:
         """Row `row` becomes `other`'s row j (a changed document)."""
         for name in ("ids", "mask", "errors", "hidden", "labels"):
@@ -206,9 +212,7 @@ def retokenised(problem: Problem, ids: Tensor, mask: Tensor) -> Docs:
 def rebuilt(problem: Problem, start: Docs, ids: Tensor) -> Docs:
     """The set with token ids `ids` (n, T): rows equal to `start`'s stay as they are, the others are
     decoded and tokenised again."""
-    docs = replace(start, texts=list(start.texts), changed=start.changed.clone())
-    docs.ids, docs.mask = start.ids.clone(), start.mask.clone()
-    docs.errors, docs.hidden, docs.labels = start.errors.clone(), start.hidden.clone(), start.labels.clone()
+    docs = start.clone()
     moved = (ids != start.ids).any(1).nonzero().squeeze(1)
     if len(moved):
         new = retokenised(problem, ids[moved], start.mask[moved])
@@ -390,14 +394,14 @@ class SavedState:
         self.start_docs: Docs | None = None
 
     def load(self, problem: Problem, start: Docs) -> tuple[Docs, int]:
-        """The saved set and its step, else `start` and 0."""
+        """The saved set and its step, else a copy of `start` and 0 (`start` is kept as it is)."""
         self.start_docs = start
         if self.path is None or not self.path.exists():
-            return start, 0
+            return start.clone(), 0
         meta = json.loads(load_meta(self.path))
         if meta["key"] != stable_hash(self.key, 32):
             log.info("%s was saved with other settings: starting afresh", self.path)
-            return start, 0
+            return start.clone(), 0
         device = start.ids.device
         self.tensors = {k: v.to(device) for k, v in load_file(str(self.path)).items()}
         ids = self.tensors.pop("ids")
