@@ -264,6 +264,10 @@ def quality_table(settings: dict[str, str], flags: set[str], folder: Path) -> Ta
         summaries = [quality.summarise(quality.merged_rows([str(folder / n) for n in g])) for g in groups]
     except SystemExit as exc:  # merged_rows refuses files measured with different settings
         raise SpecError(str(exc)) from exc
+    for entries in summaries:  # a line measured on fewer seeds than the rest says so
+        most = max(e["seeds"] for e in entries)
+        for entry in entries:
+            entry["of_seeds"] = most
     return Table(pivot(summaries, keys, "train", columns, settings), len(keys), data)
 
 

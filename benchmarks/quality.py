@@ -365,7 +365,7 @@ def run_group(
                     )
                     for figure in ("best_epoch_test", "val_selected_test"):
                         row[f"closure_{figure}"] = closure(row[figure], rand[figure], expert_row[figure])
-    write_json(args.out, out)
+                    write_json(args.out, out)  # a killed run keeps every row whole, closures included
 
 
 # every setting that changes a row's figures besides what the row itself records (and the device)
@@ -471,14 +471,16 @@ def markdown(summary: list[dict]) -> str:
 def format_figure(entry: dict, key: str, scale: float = 1, digits: int = 3) -> str:
     """One figure of a summary entry: the mean, ± the std where there are several seeds; "n/a"
     where no seed defines it (a closure where the expert did not beat random), and how many
-    seeds do where not all."""
+    seeds do where not all (of `of_seeds`, a table's seed count, where given: a line whose run
+    did not reach every seed)."""
     if key not in entry:
         return "n/a" if entry.get(key + "_seeds") == 0 else ""
     text = f"{scale * entry[key]:.{digits}f}"
     if entry["seeds"] > 1:
         text += f" ± {scale * entry[key + '_std']:.{digits}f}"
     defined = entry.get(key + "_seeds", entry["seeds"])
-    return text if defined == entry["seeds"] else f"{text} ({defined} of {entry['seeds']} seeds)"
+    expected = entry.get("of_seeds", entry["seeds"])
+    return text if defined == expected else f"{text} ({defined} of {expected} seeds)"
 
 
 if __name__ == "__main__":

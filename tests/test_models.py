@@ -159,3 +159,22 @@ def test_hub_names_fail_fast_offline(cache: Path, spec: str, repo: str) -> None:
     message = str(err.value)
     assert repo in message
     assert "unreachable" in message and "--model /path/to/model" in message
+
+
+def test_bfloat16_weights_hash_apart_and_features_stay_float32(cache: Path, data_dir: Path) -> None:
+    from weights2data.config import DataConfig, SelectConfig
+    from weights2data.data import load_dataset, make_label_set
+    from weights2data.recover import corpus_gradients
+
+    full = load_model("tiny-test", cache=cache)
+    half = load_model("tiny-test", cache=cache, dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert half.body_fingerprint != full.body_fingerprint  # their cached states never mix
+    texts = load_dataset("wiki_passages_40", data_dir=data_dir).train.texts
+    label_set = make_label_set(["A", "B", "C", "D"], half.tokenizer, "A,B,C,D")
+    grads = corpus_gradients(half, half, texts, label_set, DataConfig(seq_len=16), SelectConfig(k=4), None)
+    reference = corpus_gradients(
+        full, full, texts, label_set, DataConfig(seq_len=16), SelectConfig(k=4), None
+    )
+    assert grads.features.hidden.dtype == grads.features.errors.dtype == torch.float32
+    torch.testing.assert_close(grads.features.hidden, reference.features.hidden, atol=0.1, rtol=0.05)

@@ -9,7 +9,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +33,10 @@ from weights2data.errors import W2DError
 
 if TYPE_CHECKING:  # imported lazily below: `w2d --help` stays fast
     from weights2data.data import LabelSet
+    from weights2data.distributed import Layout
     from weights2data.models import LoadedModel
     from weights2data.pipeline import Workspace
+    from weights2data.recover import CorpusGradients
     from weights2data.templates import Template
 
 log = logging.getLogger("weights2data")
@@ -286,9 +289,51 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from weights2data.adapters import select_for_adapter
-    from weights2data.generate import mark_sources, with_generated
+    """Under torchrun (WORLD_SIZE > 1) every rank runs this on its shard of the corpus; rank 0 writes."""
+    from weights2data.distributed import Layout, check_shardable, process_group
     from weights2data.pipeline import Workspace
+
+    toml = read_toml(args)
+    data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
+    gen = build_config(GenerateConfig, args, toml, seed=sel.seed)
+    synth = build_config(SynthConfig, args, toml, seed=sel.seed)
+    layout = Layout.from_env()
+    if layout.sharded:
+        check_shardable(sel, gen.docs, rt.device_map)
+        if synth.synthesises:
+            raise W2DError(f"--opt {synth.method} runs in one process: run it without torchrun")
+    config = {
+        "base": args.base,
+        "finetuned": args.finetuned,
+        "corpus": args.corpus,
+        "data": to_dict(data),
+        "select": to_dict(sel),
+        **({"generate": to_dict(gen)} if gen.docs else {}),
+        **({"synth": to_dict(synth)} if synth.synthesises else {}),
+    }
+    if layout.rank != 0:  # one run directory and one log: rank 0's
+        log.setLevel(logging.WARNING)
+    run = open_run(args, rt, "select", config) if layout.rank == 0 else None
+    ws = Workspace.from_config(rt, data)
+    ws = replace(ws, device=layout.device(ws.device))
+    with process_group(layout, ws.device):
+        return select_and_write(args, ws, data, sel, gen, synth, rt, run, layout)
+
+
+def select_and_write(
+    args: argparse.Namespace,
+    ws: Workspace,
+    data: DataConfig,
+    sel: SelectConfig,
+    gen: GenerateConfig,
+    synth: SynthConfig,
+    rt: RuntimeConfig,
+    run: Path | None,
+    layout: Layout,
+) -> int:
+    from weights2data.adapters import select_for_adapter
+    from weights2data.distributed import Shard, sharded_gradients, sharded_select
+    from weights2data.generate import mark_sources, with_generated
     from weights2data.recover import (
         check_lm_selection,
         check_pair,
@@ -299,25 +344,6 @@ def cmd_select(args: argparse.Namespace) -> int:
     )
     from weights2data.templates import resolve_template
 
-    toml = read_toml(args)
-    data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
-    gen = build_config(GenerateConfig, args, toml, seed=sel.seed)
-    synth = build_config(SynthConfig, args, toml, seed=sel.seed)
-    run = open_run(
-        args,
-        rt,
-        "select",
-        {
-            "base": args.base,
-            "finetuned": args.finetuned,
-            "corpus": args.corpus,
-            "data": to_dict(data),
-            "select": to_dict(sel),
-            **({"generate": to_dict(gen)} if gen.docs else {}),
-            **({"synth": to_dict(synth)} if synth.synthesises else {}),
-        },
-    )
-    ws = Workspace.from_config(rt, data)
     corpus = ws.corpus(args.corpus, data, sel.k, sel.seed)
     base = ws.model(args.base)
     finetuned = ws.finetuned(args.finetuned, base)
@@ -331,14 +357,23 @@ def cmd_select(args: argparse.Namespace) -> int:
     else:
         label_set = select_label_set(ws, sel, data, base, finetuned, corpus.texts, template)
     corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache)
-    if label_set is None:
-        lm_loss = lm_loss_of(args, finetuned)
-        grads = lm_corpus_gradients(
-            base, finetuned, corpus.texts, data.seq_len, lm_loss, sel, ws.cache, template
-        )
-    else:
-        grads = corpus_gradients(base, finetuned, corpus.texts, label_set, data, sel, ws.cache)
-    if sel.rounds > 1:
+
+    def gradients(texts: list[str]) -> CorpusGradients:
+        if label_set is None:
+            lm_loss = lm_loss_of(args, finetuned)
+            grads = lm_corpus_gradients(
+                base, finetuned, texts, data.seq_len, lm_loss, sel, ws.cache, template
+            )
+        else:
+            grads = corpus_gradients(base, finetuned, texts, label_set, data, sel, ws.cache)
+        return grads.to(ws.device)  # a GPU selects where its features are
+
+    if layout.sharded:
+        shard = Shard.of(len(corpus), layout, ws.device)
+        grads = sharded_gradients(shard, corpus.texts, gradients)
+        selector = partial(sharded_select, shard)
+        recovery = recover(grads, corpus.texts, label_set, sel, progress=layout.rank == 0, selector=selector)
+    elif sel.rounds > 1:
         from weights2data.rounds import recover_in_rounds
         from weights2data.train import Task, label_loss_of
         from weights2data.trajectory import expert_settings
@@ -351,6 +386,7 @@ def cmd_select(args: argparse.Namespace) -> int:
             template,
             data.label_loss or label_loss_of(saved_task),
         )
+        grads = gradients(corpus.texts)
         recovery = recover_in_rounds(
             base,
             finetuned,
@@ -364,7 +400,10 @@ def cmd_select(args: argparse.Namespace) -> int:
             grads,
         )
     else:
+        grads = gradients(corpus.texts)
         recovery = recover(grads, corpus.texts, label_set, sel)
+    if run is None:  # a rank other than 0: rank 0 holds the same selection and writes it
+        return 0
     recovery = mark_sources(recovery, sources)
     if synth.synthesises:
         from weights2data.synthesis import refine_selection
@@ -1028,11 +1067,23 @@ def discard_unfinished_run(args: argparse.Namespace) -> None:
         shutil.rmtree(path)
 
 
+def check_launch(args: argparse.Namespace) -> None:
+    """Under torchrun only `w2d select` splits its work; any other command would run N times over."""
+    from weights2data.distributed import Layout
+
+    if Layout.from_env().sharded and args.func is not cmd_select:
+        raise W2DError(
+            f"w2d {args.command} runs in one process; only w2d select shards the corpus across "
+            "torchrun's ranks (launch this command without torchrun)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     before = list(log.handlers)
     setup_logging()
     try:
+        check_launch(args)
         return args.func(args)
     except W2DError as exc:
         print(f"w2d: error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 TASKS = ("auto", "classification", "lm")
 LM_LOSSES = ("full", "last")
 LABEL_LOSSES = ("restricted", "full")
+DTYPES = ("float32", "bfloat16", "float16")  # model weights (RuntimeConfig.dtype)
 GRAD_AT = ("finetuned", "base", "both")  # where a path segment's gradients are taken
 PATHS = ("linear", "distill")  # pseudo-expert paths from the base to the finetuned weights
 DEFAULT_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-3}  # measured on smollm2-135m / AG News
@@ -215,6 +216,17 @@ class RuntimeConfig:
     results_dir: str = opt("runs", "parent folder of run directories")
     exp_name: str | None = opt(None, "run directory name (default: derived from the command and its inputs)")
     device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (cuda when available)")
+    dtype: str = opt(
+        "float32",
+        "the models' weights and forward passes: float32, or bfloat16 / float16 on GPUs (half the "
+        "memory, faster features; hidden states and gradient factors are still kept in float32). "
+        "Meant for featurising (w2d select, inspect); finetuning is best left in float32",
+    )
+    device_map: str | None = opt(
+        None,
+        "auto: spread a model too large for one GPU over the GPUs (and the CPU) with accelerate, "
+        "instead of --device",
+    )
     allow_pickle: bool = opt(
         False, "allow loading pickle checkpoints (.bin/.pt): they can run arbitrary code"
     )
@@ -222,6 +234,9 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.device_map not in (None, "auto"):
+            raise W2DError(f"device_map must be auto or unset (got {self.device_map!r})")
         if self.exp_name and (Path(self.exp_name).name != self.exp_name or self.exp_name == ".."):
             raise W2DError(
                 f"exp_name must be a folder name, without '/' (got {self.exp_name!r}); "

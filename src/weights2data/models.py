@@ -85,10 +85,17 @@ class LoadedModel:
         return self._hash(f"prefix{layer}", skip)
 
     def _hash(self, kind: str, skip: set[int]) -> str:
-        """Cached until a weight changes: training in place bumps the tensors' version counters."""
+        """Cached until a weight changes: training in place bumps the tensors' version counters.
+
+        Weights held in bfloat16 / float16 hash apart from the same values in float32: their forward
+        passes differ, so their cache entries must not mix."""
         state = tuple((id(p), p._version) for p in self.model.parameters() if id(p) not in skip)
         if kind not in self._hashes or self._hashes[kind][0] != state:
-            self._hashes[kind] = (state, _hash_parameters(self.model, skip))
+            digest = _hash_parameters(self.model, skip)
+            dtype = next(self.model.parameters()).dtype
+            if dtype != torch.float32:
+                digest = hashlib.blake2b(f"{digest}:{dtype}".encode(), digest_size=12).hexdigest()
+            self._hashes[kind] = (state, digest)
         return self._hashes[kind][1]
 
 
@@ -109,12 +116,16 @@ def load_model(
     allow_pickle: bool = False,
     device: str | torch.device = "cpu",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    dtype: str = "float32",
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Resolve `spec` (a name, alias, directory or hub id) and load it in float32.
+    """Resolve `spec` (a name, alias, directory or hub id) and load it in `dtype` on `device`, or
+    spread over the GPUs by accelerate (`device_map="auto"`, for a model too large for one).
 
     `tokenizer`: used for a directory that has none (a trainer's checkpoint saved without one).
     """
     spec = str(spec)
+    placement = {"device_map": device_map} if device_map else {}
     if spec == EMBEDDED:
         path = ensure_smollm2(cache)
     elif spec == TINY or spec.startswith(TINY + ":"):
@@ -122,7 +133,7 @@ def load_model(
         if not seed.isdigit():
             raise W2DError(f"bad model '{spec}': use {TINY} or {TINY}:SEED with an integer seed")
         loaded = tiny_test_model(cache, seed=int(seed))
-        loaded.model.to(device)
+        loaded.model.to(device, getattr(torch, dtype))
         return loaded
     elif Path(spec).expanduser().is_dir():
         path = Path(spec).expanduser()
@@ -132,9 +143,9 @@ def load_model(
         path = download_from_hub(ALIASES.get(spec, spec), cache)
     if not has_tokenizer(path) and tokenizer is not None:
         log.warning("%s has no tokenizer files: using the base model's tokenizer", path)
-    model, tokenizer = _load_directory(path, allow_pickle, tokenizer)
+    model, tokenizer = _load_directory(path, allow_pickle, tokenizer, getattr(torch, dtype), placement)
     meta = read_json(path / META_FILE) if (path / META_FILE).exists() else {}
-    return LoadedModel(model.to(device), tokenizer, spec, path, meta)
+    return LoadedModel(model if device_map else model.to(device), tokenizer, spec, path, meta)
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -147,7 +158,11 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load_directory(
-    path: Path, allow_pickle: bool, fallback: PreTrainedTokenizerBase | None = None
+    path: Path,
+    allow_pickle: bool,
+    fallback: PreTrainedTokenizerBase | None = None,
+    dtype: torch.dtype = torch.float32,
+    placement: dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not (path / "config.json").exists():
         hint = (
@@ -175,8 +190,9 @@ def _load_directory(
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=torch.float32,
+            dtype=dtype,
             trust_remote_code=False,
+            **(placement or {}),
             use_safetensors=bool(safetensors),
             output_loading_info=True,
         )

@@ -31,6 +31,8 @@ class Workspace:
     data_dir: Path | None
     device: torch.device
     allow_pickle: bool = False
+    dtype: str = "float32"  # the models' weights (RuntimeConfig.dtype)
+    device_map: str | None = None  # "auto": spread a large model over the GPUs
 
     @classmethod
     def from_config(cls, runtime: RuntimeConfig, data: DataConfig | None = None) -> Workspace:
@@ -39,10 +41,15 @@ class Workspace:
             data_dir(data.data_dir if data else None),
             pick_device(runtime.device),
             runtime.allow_pickle,
+            runtime.dtype,
+            runtime.device_map,
         )
 
     def model(self, spec: str) -> LoadedModel:
-        return load_model(spec, cache=self.cache, allow_pickle=self.allow_pickle, device=self.device)
+        return load_model(spec, cache=self.cache, device=self.device, **self._loading())
+
+    def _loading(self) -> dict:
+        return {"allow_pickle": self.allow_pickle, "dtype": self.dtype, "device_map": self.device_map}
 
     def finetuned(self, spec: str, base: LoadedModel) -> LoadedModel:
         """A finetune of `base`: a model (a directory without a tokenizer borrows the base's), or a
@@ -52,11 +59,7 @@ class Workspace:
         if is_adapter(spec):
             return load_adapter(base, spec)
         return load_model(
-            spec,
-            cache=self.cache,
-            allow_pickle=self.allow_pickle,
-            device=self.device,
-            tokenizer=base.tokenizer,
+            spec, cache=self.cache, device=self.device, tokenizer=base.tokenizer, **self._loading()
         )
 
     def corpus(self, spec: str, data: DataConfig, k: int, seed: int = 0) -> Split:

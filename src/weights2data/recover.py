@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from weights2data.gradients import (
 )
 from weights2data.lm_features import head_delta, head_view
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
-from weights2data.selection import BALANCED, GradientFeatures, SummedFeatures, select
+from weights2data.selection import BALANCED, GradientFeatures, Selection, SummedFeatures, select
 from weights2data.store import atomic_path, stable_hash, write_json
 from weights2data.templates import PLAIN, Template, encode, resolve_template
 from weights2data.train import Task, label_loss_of, lm_loss_sum
@@ -154,6 +155,10 @@ class CorpusGradients:
     kind: str = "classification"  # or "lm": no labels, losses are mean next-token losses
     probs: torch.Tensor | None = None  # (N, C) the finetuned model's label distribution
     adapter: str | None = None  # the LoRA adapter the finetuned model is, described
+
+    def to(self, device: torch.device) -> CorpusGradients:
+        """The features on `device`, where the greedy engine then runs; labels and losses stay."""
+        return self if device.type == "cpu" else replace(self, features=self.features.to(device))
 
 
 def lm_corpus_gradients(
@@ -458,15 +463,19 @@ def recover(
     strategy: str | None = None,
     progress: bool = True,
     exclude: torch.Tensor | None = None,
+    selector: Callable[..., Selection] = select,
 ) -> Recovery:
-    """Run one strategy over precomputed corpus gradients (never picking the rows in `exclude`)."""
+    """Run one strategy over precomputed corpus gradients (never picking the rows in `exclude`).
+
+    `selector`: selection.select, or a function with its signature (distributed.sharded_select over
+    the ranks' rows)."""
     strategy = strategy or cfg.strategy
     if grads.labels is None:
         check_lm_selection(cfg, [strategy])
     if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:
         raise W2DError(zero_delta_message(grads, cfg))
     started = time.time()
-    selection = select(
+    selection = selector(
         strategy,
         grads.features,
         cfg.k,

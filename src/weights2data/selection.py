@@ -37,6 +37,7 @@ STRATEGIES = (
     "random",
 )
 BALANCED = ("greedy_balanced", "topk_balanced")  # per-label quotas
+GREEDY = ("greedy", "greedy_batched", "greedy_balanced")
 
 _TINY = 1e-30  # floor under squared norms before a square root
 
@@ -52,6 +53,20 @@ class GradientFeatures(Protocol):
 
     def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
         """⟨g_i, Σ_{j ∈ picks} g_j⟩ for i in `rows` (all N when None)."""
+        ...
+
+    def row_factors(self, rows: Tensor) -> list[Tensor]:
+        """What the gradients of `rows` are made of, each tensor (len(rows), ...): what a rank
+        sends so that others can take inner products with gradients they do not hold."""
+        ...
+
+    def dots_with_factors(self, factors: list[Tensor]) -> Tensor:
+        """(N,) ⟨g_i, g⟩ for the one gradient g whose `row_factors` these are; dots_with(j) is
+        exactly this for row j's factors, so a rank that received them gets the same numbers."""
+        ...
+
+    def with_rows(self, factors: list[Tensor]) -> GradientFeatures:
+        """A feature object of the same kind holding the rows these `row_factors` describe."""
         ...
 
     def __len__(self) -> int: ...
@@ -83,12 +98,25 @@ class FactoredFeatures:
         return self.errors.shape[0]
 
     def dots_with(self, j: int) -> Tensor:
-        return (self.errors @ self.errors[j]) * (self.hidden @ self.hidden[j])
+        return self.dots_with_factors(self.row_factors(torch.tensor([j])))
 
     def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
         total = self.errors[picks].T @ self.hidden[picks]  # (C, d) Σ_j e_j h_jᵀ
         e, h = (self.errors, self.hidden) if rows is None else (self.errors[rows], self.hidden[rows])
         return ((h @ total.T) * e).sum(1)
+
+    def row_factors(self, rows: Tensor) -> list[Tensor]:
+        return [self.errors[rows], self.hidden[rows]]
+
+    def dots_with_factors(self, factors: list[Tensor]) -> Tensor:
+        e, h = factors  # (1, C), (1, d)
+        return (self.errors @ e[0]) * (self.hidden @ h[0])
+
+    def with_rows(self, factors: list[Tensor]) -> FactoredFeatures:
+        return FactoredFeatures(*factors, self.delta)
+
+    def to(self, device: torch.device | str) -> FactoredFeatures:
+        return FactoredFeatures(self.errors.to(device), self.hidden.to(device), self.delta.to(device))
 
 
 @dataclass
@@ -124,13 +152,26 @@ class LowRankFeatures:
         return self.errors.shape[0]
 
     def dots_with(self, j: int) -> Tensor:
-        e = torch.einsum("npc,qc->npq", self.errors, self.errors[j])
-        return (e * torch.einsum("npd,qd->npq", self.hidden, self.hidden[j])).sum((1, 2))
+        return self.dots_with_factors(self.row_factors(torch.tensor([j])))
 
     def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
         total = torch.einsum("npc,npd->cd", self.errors[picks], self.hidden[picks])  # (C, d)
         e, h = (self.errors, self.hidden) if rows is None else (self.errors[rows], self.hidden[rows])
         return torch.einsum("npd,cd,npc->n", h, total, e)
+
+    def row_factors(self, rows: Tensor) -> list[Tensor]:
+        return [self.errors[rows], self.hidden[rows]]
+
+    def dots_with_factors(self, factors: list[Tensor]) -> Tensor:
+        e, h = factors  # (1, P, C), (1, P, d)
+        products = torch.einsum("npc,qc->npq", self.errors, e[0])
+        return (products * torch.einsum("npd,qd->npq", self.hidden, h[0])).sum((1, 2))
+
+    def with_rows(self, factors: list[Tensor]) -> LowRankFeatures:
+        return LowRankFeatures(*factors, self.delta)
+
+    def to(self, device: torch.device | str) -> LowRankFeatures:
+        return LowRankFeatures(self.errors.to(device), self.hidden.to(device), self.delta.to(device))
 
 
 @dataclass
@@ -163,11 +204,25 @@ class DenseFeatures:
         return self.grads.shape[0]
 
     def dots_with(self, j: int) -> Tensor:
-        return self.grads @ self.grads[j]
+        return self.dots_with_factors(self.row_factors(torch.tensor([j])))
 
     def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
         total = self.grads[picks].sum(0)  # (D,)
         return (self.grads if rows is None else self.grads[rows]) @ total
+
+    def row_factors(self, rows: Tensor) -> list[Tensor]:
+        # the exact ⟨g, Δ⟩ and ‖g‖² travel with a sketched row: they are not functions of it
+        return [self.grads[rows], self.target_dots[rows], self.sq_norms[rows]]
+
+    def dots_with_factors(self, factors: list[Tensor]) -> Tensor:
+        return self.grads @ factors[0][0]
+
+    def with_rows(self, factors: list[Tensor]) -> DenseFeatures:
+        return DenseFeatures(factors[0], self.delta, factors[1], factors[2])
+
+    def to(self, device: torch.device | str) -> DenseFeatures:
+        move = (self.grads, self.delta, self.target_dots, self.sq_norms)
+        return DenseFeatures(*(x.to(device) for x in move))
 
 
 class SummedFeatures:
@@ -193,6 +248,24 @@ class SummedFeatures:
 
     def dots_with_sum(self, picks: Tensor, rows: Tensor | None = None) -> Tensor:
         return sum(p.dots_with_sum(picks, rows) for p in self.parts)
+
+    def row_factors(self, rows: Tensor) -> list[Tensor]:
+        return [f for p in self.parts for f in p.row_factors(rows)]
+
+    def dots_with_factors(self, factors: list[Tensor]) -> Tensor:
+        return sum(p.dots_with_factors(f) for p, f in zip(self.parts, self._split(factors), strict=True))
+
+    def with_rows(self, factors: list[Tensor]) -> SummedFeatures:
+        return SummedFeatures([p.with_rows(f) for p, f in zip(self.parts, self._split(factors), strict=True)])
+
+    def to(self, device: torch.device | str) -> SummedFeatures:
+        return SummedFeatures([p.to(device) for p in self.parts])
+
+    def _split(self, factors: list[Tensor]) -> list[list[Tensor]]:
+        """`row_factors`' flat list cut back into one list per part."""
+        counts = [len(p.row_factors(torch.tensor([0]))) for p in self.parts]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [factors[s : s + c] for s, c in zip(starts, counts, strict=True)]
 
 
 class RowSubset:
@@ -275,16 +348,14 @@ def greedy(
     t, sq = features.target_dots, features.sq_norms
     chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)  # also: label quota filled
     if quotas is not None:
-        labels, left = quotas[0].to(t.device), quotas[1].clone()
+        labels, left = quotas[0].to(t.device), quotas[1].clone().to(t.device)
         chosen |= left[labels] <= 0
     picks, scores = [], []
     for step in tqdm(range(k), desc="greedy", disable=not progress):
         if step % (batch_size or k) == 0:
             r_dot, r_sq, c = 0.0, 0.0, torch.zeros_like(t)
-        num = t + r_dot  # (N,) ⟨R + g_i, Δ⟩
-        den = torch.add(sq, c, alpha=2).add_(r_sq).clamp_min_(_TINY)  # (N,) ‖R + g_i‖²
-        rank = den.sqrt_().reciprocal_().mul_(num).masked_fill_(chosen, -math.inf)  # (N,) cos · ‖Δ‖
-        j = int(rank.argmax())
+        rank = greedy_scores(t, sq, c, r_dot, r_sq, chosen)
+        j = int(rank.argmax())  # the first of equal maxima: ties go to the lowest row
         picks.append(j)
         scores.append(float(rank[j]) / math.sqrt(features.delta_sq_norm))
         chosen[j] = True
@@ -297,6 +368,16 @@ def greedy(
         c += features.dots_with(j)
     stats = {"engine": "float32 step"}
     return torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float32), stats
+
+
+def greedy_scores(t: Tensor, sq: Tensor, c: Tensor, r_dot: float, r_sq: float, chosen: Tensor) -> Tensor:
+    """(N,) cos(R + g_i, Δ) · ‖Δ‖, −inf where chosen: one greedy step's ranking.
+
+    Elementwise, so a rank holding some of the rows gets exactly their single-process values.
+    """
+    num = t + r_dot  # (N,) ⟨R + g_i, Δ⟩
+    den = torch.add(sq, c, alpha=2).add_(r_sq).clamp_min_(_TINY)  # (N,) ‖R + g_i‖²
+    return den.sqrt_().reciprocal_().mul_(num).masked_fill_(chosen, -math.inf)
 
 
 # --- strategies ---------------------------------------------------------------------------
@@ -344,6 +425,29 @@ def select(
             progress=progress,
         )
         return replace(sub, indices=rows[sub.indices])
+    quotas = check_selection(strategy, features, k, n, labels, batch_size, num_labels, label_prior)
+    if strategy in GREEDY:
+        size = batch_size if strategy == "greedy_batched" else None
+        indices, scores, engine = greedy(features, k, batch_size=size, quotas=quotas, progress=progress)
+    else:
+        cos = cosines(features) if strategy in ("topk", "bottomk", "topk_balanced") else None
+        indices, scores = ranked(strategy, k, n, cos=cos, losses=losses, quotas=quotas, seed=seed)
+    indices = indices.cpu()
+    value = math.nan if features is None else objective(features, indices)
+    return Selection(indices=indices, scores=scores.cpu(), objective=value, engine=engine)
+
+
+def check_selection(
+    strategy: str,
+    features: GradientFeatures | None,
+    k: int,
+    n: int,
+    labels: Tensor | None,
+    batch_size: int,
+    num_labels: int | None,
+    label_prior: Tensor | None,
+) -> tuple[Tensor, Tensor] | None:
+    """Refuse a selection that cannot run; the balanced strategies' (labels, quota per label)."""
     if not 1 <= k <= n:
         raise W2DError(f"k must be between 1 and the number of candidates ({n}), got {k}")
     if features is not None and strategy not in ("p_min", "p_max", "random") and features.delta_sq_norm <= 0:
@@ -351,30 +455,11 @@ def select(
             "the weight change is zero in every parameter whose gradients were taken, so no document "
             "can explain it"
         )
-    quotas = None
-    if strategy in BALANCED:
-        quotas = labels.long(), label_quotas(labels, k, num_labels, label_prior)
-    if strategy in ("greedy", "greedy_batched", "greedy_balanced"):
-        if batch_size < 1:
-            raise W2DError(f"batch_size must be at least 1, got {batch_size}")
-        size = batch_size if strategy == "greedy_batched" else None
-        indices, scores, engine = greedy(features, k, batch_size=size, quotas=quotas, progress=progress)
-    elif strategy == "topk":
-        indices, scores = _ranked(cosines(features), k, descending=True)
-    elif strategy == "bottomk":
-        indices, scores = _ranked(cosines(features), k, descending=False)
-    elif strategy == "topk_balanced":
-        indices, scores = topk_balanced(cosines(features), quotas, k)
-    elif strategy in ("p_min", "p_max"):
-        # a document without a scored token has a NaN loss: it ranks last either way
-        worst = -math.inf if strategy == "p_max" else math.inf
-        indices, scores = _ranked(losses.float().nan_to_num(worst), k, descending=strategy == "p_max")
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        indices, scores = torch.randperm(n, generator=generator)[:k], torch.full((k,), math.nan)
-    indices = indices.cpu()
-    value = math.nan if features is None else objective(features, indices)
-    return Selection(indices=indices, scores=scores.cpu(), objective=value, engine=engine)
+    if strategy in GREEDY and batch_size < 1:
+        raise W2DError(f"batch_size must be at least 1, got {batch_size}")
+    if strategy not in BALANCED:
+        return None
+    return labels.long(), label_quotas(labels, k, num_labels, label_prior)
 
 
 def _count(
@@ -393,6 +478,32 @@ def _count(
     if len(set(given)) > 1:
         raise W2DError(f"features, labels and losses disagree on the number of candidates: {given}")
     return given[0]
+
+
+def ranked(
+    strategy: str,
+    k: int,
+    n: int,
+    *,
+    cos: Tensor | None = None,
+    losses: Tensor | None = None,
+    quotas: tuple[Tensor, Tensor] | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """(indices, scores) of the strategies that rank one number per document (all but greedy):
+    cosines `cos` (N,) for the top-k family, `losses` (N,) for p_min / p_max, `seed` for random."""
+    if strategy == "topk":
+        return _ranked(cos, k, descending=True)
+    if strategy == "bottomk":
+        return _ranked(cos, k, descending=False)
+    if strategy == "topk_balanced":
+        return topk_balanced(cos, quotas, k)
+    if strategy in ("p_min", "p_max"):
+        # a document without a scored token has a NaN loss: it ranks last either way
+        worst = -math.inf if strategy == "p_max" else math.inf
+        return _ranked(losses.float().nan_to_num(worst), k, descending=strategy == "p_max")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:k], torch.full((k,), math.nan)
 
 
 def _ranked(values: Tensor, k: int, descending: bool) -> tuple[Tensor, Tensor]:
