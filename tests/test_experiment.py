@@ -72,7 +72,7 @@ def test_select_command(cli_env) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--opt", "GCG"], "only the SELECT optimiser"),
+        (["--opt", "MAGIC"], "unknown opt 'MAGIC'"),
         (["--num_experts", "3"], "only one expert"),
         (["-k", "500"], "larger than the corpus"),
         (["--strategies", "magic"], "unknown strategy"),

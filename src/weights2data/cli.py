@@ -24,6 +24,7 @@ from weights2data.config import (
     RunConfig,
     RuntimeConfig,
     SelectConfig,
+    SynthConfig,
     check_keys,
     load_toml,
     to_dict,
@@ -49,6 +50,7 @@ SECTIONS = {
     RunConfig: "run",
     GenerateConfig: "generate",
     DefenseConfig: "defense",
+    SynthConfig: "synth",
 }
 
 # The original research code's flag names (seed README), accepted by `w2d run`.
@@ -79,13 +81,21 @@ SEED_ALIASES = {
 }
 # Original options whose other values select machinery we do not implement: refused by name.
 FIXED_SEED_OPTIONS = {
-    "opt": (("SELECT",), "only the SELECT optimiser is implemented"),
     # a no-op in the original: both values take the gradients at the finetuned weights (--grad-at)
     "select_use_expert_grads": (("0", "1"), "where gradients are taken is set by --grad-at"),
     "num_experts": (("1",), "only one expert is trained"),
 }
 # `w2d select` / `w2d run`: the generation flags carry a generate- prefix; --generate N asks for N
 GENERATE_ALIASES = {"docs": ["--generate"]}
+# `w2d select` / `w2d run`: the synthesis flags carry a synth- prefix; the original's names also work
+SYNTH_ALIASES = {
+    "method": ["--opt"],
+    "rho": ["--admm_penalty_term"],
+    "lr_tokens": ["--lr_tokens"],
+    "inner_steps": ["--max_iterations_x"],
+    "search_width": ["--search_width"],
+    "swap_docs": ["--gcg_documents_to_swap"],
+}
 # `w2d run`: the defence flags carry a defense- prefix; --defense METHOD picks one
 DEFENSE_ALIASES = {"method": ["--defense"]}
 DEMO_MODEL = "smollm2-135m"
@@ -286,9 +296,12 @@ def cmd_select(args: argparse.Namespace) -> int:
     toml = read_toml(args)
     data, sel, rt = (build_config(c, args, toml) for c in (DataConfig, SelectConfig, RuntimeConfig))
     gen = build_config(GenerateConfig, args, toml, seed=sel.seed)
+    synth = build_config(SynthConfig, args, toml, seed=sel.seed)
     layout = Layout.from_env()
     if layout.sharded:
         check_shardable(sel, gen.docs, rt.device_map)
+        if synth.synthesises:
+            raise W2DError(f"--opt {synth.method} runs in one process: run it without torchrun")
     config = {
         "base": args.base,
         "finetuned": args.finetuned,
@@ -296,6 +309,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         "data": to_dict(data),
         "select": to_dict(sel),
         **({"generate": to_dict(gen)} if gen.docs else {}),
+        **({"synth": to_dict(synth)} if synth.synthesises else {}),
     }
     if layout.rank != 0:  # one run directory and one log: rank 0's
         log.setLevel(logging.WARNING)
@@ -303,7 +317,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     ws = Workspace.from_config(rt, data)
     ws = replace(ws, device=layout.device(ws.device))
     with process_group(layout, ws.device):
-        return select_and_write(args, ws, data, sel, gen, rt, run, layout)
+        return select_and_write(args, ws, data, sel, gen, synth, rt, run, layout)
 
 
 def select_and_write(
@@ -312,6 +326,7 @@ def select_and_write(
     data: DataConfig,
     sel: SelectConfig,
     gen: GenerateConfig,
+    synth: SynthConfig,
     rt: RuntimeConfig,
     run: Path | None,
     layout: Layout,
@@ -371,6 +386,7 @@ def select_and_write(
             template,
             data.label_loss or label_loss_of(saved_task),
         )
+        grads = gradients(corpus.texts)
         recovery = recover_in_rounds(
             base,
             finetuned,
@@ -381,22 +397,40 @@ def select_and_write(
             expert_settings(base, finetuned, sel.student_steps),
             sel.strategy,
             ws.cache,
-            gradients(corpus.texts),
+            grads,
         )
     else:
-        recovery = recover(gradients(corpus.texts), corpus.texts, label_set, sel)
+        grads = gradients(corpus.texts)
+        recovery = recover(grads, corpus.texts, label_set, sel)
     if run is None:  # a rank other than 0: rank 0 holds the same selection and writes it
         return 0
     recovery = mark_sources(recovery, sources)
+    if synth.synthesises:
+        from weights2data.synthesis import refine_selection
+        from weights2data.train import Task, label_loss_of
+
+        if label_set is None:
+            raise W2DError(f"--opt {synth.method} synthesises classification documents: use --opt SELECT")
+        label_loss = data.label_loss or label_loss_of(saved_task)
+        task = Task("classification", data.seq_len, label_set, template=template, label_loss=label_loss)
+        recovery = refine_selection(
+            base, finetuned, grads, corpus.texts, recovery, sources, task, sel, synth, ws.cache
+        )
     if label_set is not None:
         recovery.summary["label_set"] = label_set.to_dict()
     parquet, _ = write_recovery(recovery, run)
     finish(run, rt, recovery.summary)
     print(
-        f"selected {sel.k} of {len(corpus)} documents with {sel.strategy}: {parquet}\n"
+        f"selected {sel.k} of {len(corpus)} documents with {recovery.summary['strategy']}: {parquet}\n"
         f"  objective cos(sum of selected gradients, delta) = {recovery.summary['objective_cos']:.4f}\n"
         f"  labels: {recovery.summary.get('label_distribution')}"
         + (f"\n  generated: {recovery.summary['generated_picks']} of the picks" if gen.docs else "")
+        + (
+            f"\n  synthesised: {recovery.summary['synthesised']} of the documents (objective at the start "
+            f"{recovery.summary['objective_init']:.4f})"
+            if synth.synthesises
+            else ""
+        )
     )
     return 0
 
@@ -529,7 +563,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     sel = build_config(SelectConfig, args, toml, seed=ft.seed)  # one --seed for the whole experiment
     gen = build_config(GenerateConfig, args, toml, seed=ft.seed)
     defense = build_config(DefenseConfig, args, toml, seed=ft.seed)
-    return run_and_print(args, rt, data, ft, ev, sel, run_cfg, gen, defense=defense)
+    synth = build_config(SynthConfig, args, toml, seed=ft.seed)
+    return run_and_print(args, rt, data, ft, ev, sel, run_cfg, gen, defense=defense, synth=synth)
 
 
 def run_and_print(
@@ -543,6 +578,7 @@ def run_and_print(
     gen: GenerateConfig | None = None,
     results_json: str | None = None,
     defense: DefenseConfig | None = None,
+    synth: SynthConfig | None = None,
 ) -> int:
     from weights2data.experiment import format_table, run_experiment
     from weights2data.pipeline import Workspace
@@ -556,9 +592,11 @@ def run_and_print(
         "run": to_dict(run_cfg),
         **({"generate": to_dict(gen)} if gen and gen.docs else {}),
         **({"defense": to_dict(defense)} if defense and defense.method != "none" else {}),
+        **({"synth": to_dict(synth)} if synth and synth.synthesises else {}),
     }
     run = open_run(args, rt, "run", config)
-    results = run_experiment(Workspace.from_config(rt, data), run, data, ft, ev, sel, run_cfg, gen, defense)
+    ws = Workspace.from_config(rt, data)
+    results = run_experiment(ws, run, data, ft, ev, sel, run_cfg, gen, defense, synth)
     finish(run, rt, {"table": results["table"], "seconds": results["seconds"]})
     print(
         f"\n{results['expert_dataset']}: expert vs {sel.k} documents recovered from {run_cfg.corpus} "
@@ -567,6 +605,12 @@ def run_and_print(
     print(format_table(results))
     if "defense" in results:
         print(format_utility(results))
+    if synth and synth.synthesises:
+        made = results["selections"][synth.method.lower()]
+        print(
+            f"{synth.method}: objective {made['objective_cos']:.4f} (start {made['objective_init']:.4f}), "
+            f"{made['synthesised']} of {sel.k} documents synthesised"
+        )
     if gen and gen.docs:
         picks = {name: s["generated_picks"] for name, s in results["selections"].items()}
         print(f"generated documents among the {sel.k} picks (of {gen.docs} candidates): {picks}")
@@ -803,6 +847,7 @@ def make_parser() -> argparse.ArgumentParser:
         "4096-dimensional Kronecker sketch for LM",
     )
     add_config_args(p, GenerateConfig, GENERATE_ALIASES, skip=("seed", "seq_len"), prefix="generate-")
+    add_config_args(p, SynthConfig, SYNTH_ALIASES, skip=("seed",), prefix="synth-")
     add_config_args(p, RuntimeConfig)
 
     p = command(
@@ -882,6 +927,7 @@ def make_parser() -> argparse.ArgumentParser:
             skip=("strategy", "seed", "label_set") if cls is SelectConfig else (),
         )
     add_config_args(p, GenerateConfig, GENERATE_ALIASES, skip=("seed", "seq_len"), prefix="generate-")
+    add_config_args(p, SynthConfig, SYNTH_ALIASES, skip=("seed",), prefix="synth-")
     add_config_args(p, DefenseConfig, DEFENSE_ALIASES, skip=("seed",), prefix="defense-")
     seed = p.add_argument_group("original options with one supported value (others are refused)")
     for name, (supported, why) in FIXED_SEED_OPTIONS.items():

@@ -482,3 +482,61 @@ class DefenseConfig:
         if self.steps is not None:
             return self.steps
         return max(1, round(self.strength * 100)) if self.method == "retrain" else 200
+
+
+SYNTH_METHODS = ("SELECT", "GCG", "GCGA", "ADMM")  # the original's --opt values
+
+
+@dataclass
+class SynthConfig:
+    method: str = opt(
+        "SELECT",
+        "SELECT (pick corpus documents only) or a synthesiser that writes documents maximising the same "
+        "cos(sum of head gradients, delta): GCG (greedy coordinate gradient token swaps), GCGA (documents "
+        "grown one at a time against the running sum, each by a few GCG steps) or ADMM (continuous input "
+        "embeddings projected onto tokens)",
+    )
+    init: str = opt(
+        "select",
+        "where the synthetic documents start: select (the picks of the first --strategies entry: a "
+        "refinement) or random (k random corpus passages)",
+    )
+    steps: int = opt(20, "GCG: token-swap steps; ADMM: outer iterations (z- and dual steps)")
+    doc_steps: int = opt(3, "GCGA: GCG steps for each grown document")
+    topk: int = opt(256, "GCG/GCGA: candidate tokens per position, by one-hot gradient (Zou et al.'s 256)")
+    search_width: int = opt(
+        128, "GCG/GCGA: B, random single-token swaps evaluated exactly per step (Zou et al.: 512)"
+    )
+    swap_docs: int = opt(
+        16, "GCG: documents whose token gradients are taken in a step (0: all); the swaps fall among them"
+    )
+    rho: float = opt(
+        0.001,
+        "ADMM: penalty ρ on ‖X − Z + Λ/ρ‖² (the original's --admm_penalty_term, 0.1). The objective's "
+        "gradient per embedding entry is ~3e-4 for k = 20 on smollm2-135m and shrinks as 1/k; X strays "
+        "from its tokens by about that over ρ",
+    )
+    lr_tokens: float = opt(
+        0.05, "ADMM: Adam learning rate of the input embeddings (entries of smollm2's are about 0.1)"
+    )
+    inner_steps: int = opt(10, "ADMM: Adam steps per x-step (the original's --max_iterations_x, 40)")
+    save_every: int = opt(5, "steps (GCGA: documents) between saved states; a killed run resumes there")
+    batch_size: int = opt(32, "documents per forward pass")
+    seed: int = opt(0, "seed of the swaps and of the random initial passages")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _choice("opt", self.method, SYNTH_METHODS)
+        _choice("synth_init", self.init, ("select", "random"))
+        counts = (self.steps, self.doc_steps, self.topk, self.search_width, self.inner_steps)
+        if min(counts) < 1 or self.save_every < 1 or self.batch_size < 1 or self.swap_docs < 0:
+            raise W2DError(
+                "synthesis steps, doc steps, top-k, search width, inner steps, save interval and batch size "
+                "must be at least 1, swap docs at least 0"
+            )
+        if self.rho <= 0 or self.lr_tokens <= 0:
+            raise W2DError(f"rho and lr_tokens must be > 0 (got {self.rho}, {self.lr_tokens})")
+
+    @property
+    def synthesises(self) -> bool:
+        return self.method != "SELECT"

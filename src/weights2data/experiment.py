@@ -14,7 +14,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig, to_dict
+from weights2data.config import (
+    DataConfig,
+    EvalConfig,
+    FinetuneConfig,
+    RunConfig,
+    SelectConfig,
+    SynthConfig,
+    to_dict,
+)
 from weights2data.data import Split
 from weights2data.defend import DefenseConfig, defended_expert
 from weights2data.errors import W2DError
@@ -30,6 +38,7 @@ from weights2data.recover import (
 )
 from weights2data.rounds import recover_in_rounds
 from weights2data.store import write_json
+from weights2data.synthesis import check_synthesis, synthesise
 from weights2data.train import Task, train_eval
 from weights2data.trajectory import expert_settings
 
@@ -48,6 +57,7 @@ def run_experiment(
     run: RunConfig,
     gen: GenerateConfig | None = None,
     defense: DefenseConfig | None = None,
+    synth: SynthConfig | None = None,
 ) -> dict:
     """Expert → selection(s) → expert / recovered / random scores; writes results.json.
 
@@ -55,6 +65,8 @@ def run_experiment(
     (for the random baseline too: every strategy draws from the same pool).
     `defense`: recovery reads the expert as released behind this defence (its labels too); the
     defence's record, with the defended model's own test metric, goes into results["defense"].
+    `synth`: --opt GCG | GCGA | ADMM writes documents from the first strategy's picks (or the random
+    ones), trained and scored as one more row, named after the method.
     """
     if sel.label_set:
         raise W2DError(
@@ -71,6 +83,8 @@ def run_experiment(
     check_pair(base, expert)
     if task.kind == "lm":
         check_lm_selection(sel, run.strategy_list)
+    if synth is not None and synth.synthesises:
+        check_synthesis(synth, sel, task)
     defense_record = None
     if defense is not None and defense.method != "none":
         expert, defense_record = defended_expert(
@@ -96,6 +110,11 @@ def run_experiment(
         for name in dict.fromkeys([*run.strategy_list, RANDOM])
     }
     recoveries = {name: mark_sources(recovery, sources) for name, recovery in recoveries.items()}
+    if synth is not None and synth.synthesises:
+        init = recoveries[run.strategy_list[0] if synth.init == "select" else RANDOM]
+        made = synthesise(base, expert, init, task, synth, ws.cache)
+        random_picks = recoveries.pop(RANDOM)  # the baseline stays the table's last row
+        recoveries |= {synth.method.lower(): made, RANDOM: random_picks}
     del base, expert
     for name, recovery in recoveries.items():
         write_recovery(recovery, run_dir / f"selection-{name}")

@@ -1,0 +1,227 @@
+"""Synthesis: SELECT against SELECT + GCG, GCGA, ADMM, and SELECT over the corpus plus generated documents.
+
+For each seed, the AG News expert of quality.py (NAME_<train-rows>, --scope, lr by scope,
+--expert-epochs). From its weights: SELECT (greedy) picks k corpus documents; GCG and ADMM refine
+those picks, GCGA grows k documents from them one at a time (`w2d run --opt`); SELECT also picks
+from the corpus with --generate contrastive documents appended (`w2d run --generate`). Every set is
+trained and scored as quality.py's rows are (best-epoch and honest accuracy, closure against k random
+corpus documents), beside what it reached on the proxy, cos(ΣG, Δ) after re-tokenisation, the
+perplexity of its text under the base model (the tokens the classifier reads), and the seconds it
+took (features, selection, synthesis or generation).
+
+    python benchmarks/synthesis.py --quick --model tiny-test    # a smoke run, 2 minutes
+    python benchmarks/synthesis.py --k 100 --seeds 0,1,2        # the measurement
+
+Results go to benchmarks/results/synthesis.json (strict JSON, `complete` false until the end,
+rewritten after every trained model) and a markdown table on stdout. Experts, scores and finished
+syntheses are cached: the same command run again trains and synthesises only what it has not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import fields, replace
+
+import torch
+
+from quality import Budget, Group, HelpFormatter, add_common_args, csv, expert_group, format_figure, score
+from weights2data.config import EvalConfig, GenerateConfig, SelectConfig, SynthConfig
+from weights2data.data import Split, data_dir, encode_classification
+from weights2data.experiment import as_split, closure
+from weights2data.generate import mark_sources, with_generated
+from weights2data.pipeline import Workspace, pick_device
+from weights2data.recover import Recovery, corpus_gradients, recover
+from weights2data.store import cache_dir, write_json
+from weights2data.synthesis import synthesise
+from weights2data.train import Task, evaluate
+
+QUICK = dict(
+    train_rows=200,
+    corpus="wiki_passages_1000",
+    scope="top:1",
+    k=20,
+    seeds="0",
+    eval_epochs=3,
+    max_eval_rows=300,
+    expert_epochs=2,
+    steps=3,
+    doc_steps=1,
+    inner_steps=3,
+    search_width=32,
+    generate=64,
+)
+SYNTH_FLAGS = [f for f in fields(SynthConfig) if f.name not in ("method", "seed", "save_every", "batch_size")]
+FIGURES = ("objective_cos", "perplexity_base", "compute_s", "best_epoch_test", "val_selected_test",
+           "closure_best_epoch_test", "closure_val_selected_test")  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run: " + json.dumps(QUICK))
+    add_common_args(p, out="benchmarks/results/synthesis.json")
+    p.add_argument("--dataset", default="ag_news", help="the expert's classification dataset")
+    p.add_argument("--scope", default="top:4", help="the expert's training regime: head, top:N or full")
+    p.add_argument("--k", type=int, default=100, help="documents recovered or synthesised")
+    p.add_argument("--methods", default="GCG,GCGA,ADMM", help="comma-separated synthesisers")
+    p.add_argument(
+        "--expert-row",
+        choices=("trained", "model"),
+        default="trained",
+        help="the closure's expert reference: the base trained on the true rows (quality.py's), or the "
+        "expert's own test accuracy as both figures (no training: for small CPU runs)",
+    )
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=1000,
+        help="contrastive documents appended to the corpus for the SELECT+generated row (0: no such row)",
+    )
+    for f in SYNTH_FLAGS:
+        kind = {"int": int, "float": float}.get(f.type, str)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"])
+    p.set_defaults(time_budget=100_000)
+    args = p.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    ws = Workspace(cache_dir(), data_dir(args.data_dir), device)
+    started = time.time()
+    out = {"args": vars(args), "device": str(device), "rows": [], "complete": False}
+    try:
+        for seed in csv(args.seeds, int):
+            run_seed(expert_group(ws, args, args.dataset, args.scope, seed, out, started), args)
+        out["complete"] = True
+    except Budget:
+        print(f"time budget of {args.time_budget:.0f} s reached; writing partial results")
+    out["seconds"] = round(time.time() - started, 1)
+    out["summary"] = summarise(out["rows"])
+    write_json(args.out, out)
+    print(markdown(out["summary"]))
+    print(f"\nwritten {args.out}")
+
+
+def run_seed(group: Group, args: argparse.Namespace) -> None:
+    """The expert and random rows, SELECT, each synthesiser from SELECT's picks, SELECT over corpus +
+    generated; every row with its closure against this seed's random and expert rows."""
+    expert_row = expert_reference(group, args.expert_row)
+    sel = SelectConfig(k=args.k, seed=group.seed)
+    texts, labels, cache = group.corpus.texts, group.task.label_set, group.ws.cache
+    t0 = time.time()
+    grads = corpus_gradients(group.base, group.expert, texts, labels, group.data, sel, cache)
+    features_s = time.time() - t0
+    random = recover(grads, texts, labels, replace(sel, strategy="random"), progress=False)
+    rand = score(group, "random", as_split(random), arm(group, random, 0.0))
+    picks = recover(grads, texts, labels, sel, progress=False)
+    rows = [
+        score(group, "SELECT", as_split(picks), arm(group, picks, features_s + picks.summary["select_s"]))
+    ]
+    for method in csv(args.methods):
+        cfg = SynthConfig(
+            method=method, seed=group.seed, **{f.name: getattr(args, f.name) for f in SYNTH_FLAGS}
+        )
+        made = synthesise(group.base, group.expert, picks, group.task, cfg, cache)
+        spent = features_s + picks.summary["select_s"] + made.summary["synth_s"]
+        extra = {**arm(group, made, spent), "synthesised": made.summary["synthesised"]}
+        rows.append(score(group, f"SELECT+{method}", as_split(made), extra))
+    if args.generate:
+        t0 = time.time()
+        gen = GenerateConfig(docs=args.generate, seed=group.seed)
+        pool, sources = with_generated(group.corpus, group.base, group.expert, gen, group.task.seq_len, cache)
+        pool_grads = corpus_gradients(group.base, group.expert, pool.texts, labels, group.data, sel, cache)
+        mixed = mark_sources(recover(pool_grads, pool.texts, labels, sel, progress=False), sources)
+        extra = {
+            **arm(group, mixed, features_s + time.time() - t0),
+            "generated_picks": mixed.summary["generated_picks"],
+        }
+        rows.append(score(group, "SELECT+generated", as_split(mixed), extra))
+    for row in rows:
+        for figure in ("best_epoch_test", "val_selected_test"):
+            row[f"closure_{figure}"] = closure(row[figure], rand[figure], expert_row[figure])
+    write_json(args.out, group.out)
+
+
+def expert_reference(group: Group, kind: str) -> dict:
+    """The expert row: trained as quality.py trains it, or the expert model's own test accuracy."""
+    if kind == "trained":
+        return score(group, "expert", group.expert_data.train, {"k": len(group.expert_data.train)})
+    accuracy = evaluate(group.expert, group.expert_data.test, group.task, group.ev, group.ws.cache)[
+        "accuracy"
+    ]
+    row = {"dataset": group.dataset, "scope": group.scope, "seed": group.seed, "train": "expert (model)"}
+    row |= {"k": len(group.expert_data.train), "best_epoch_test": accuracy, "val_selected_test": accuracy}
+    group.out["rows"].append(row)
+    return row
+
+
+def arm(group: Group, recovery: Recovery, compute_s: float) -> dict:
+    """What a training set's row records besides its scores."""
+    return {
+        "k": len(recovery.texts),
+        "objective_cos": recovery.summary["objective_cos"],
+        "perplexity_base": base_perplexity(group, recovery.texts),
+        "compute_s": round(compute_s, 1),
+        "label_distribution": recovery.summary.get("label_distribution"),
+    }
+
+
+def base_perplexity(group: Group, texts: list[str]) -> float:
+    """The base model's perplexity on the tokens the classifier reads of each text (its last seq_len − 1)."""
+    tokenizer = group.base.tokenizer
+    encoded = encode_classification(tokenizer, texts, group.task.seq_len)
+    read = [
+        tokenizer.decode(ids[mask.bool()].tolist())
+        for ids, mask in zip(encoded.input_ids, encoded.attention_mask, strict=True)
+    ]
+    ev = EvalConfig(max_eval_rows=len(texts), eval_batch_size=group.ev.eval_batch_size)
+    lm = Task("lm", group.task.seq_len)
+    return evaluate(group.base, Split(read, None), lm, ev, group.ws.cache)["perplexity"]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds for each training set."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["train"], []).append(row)
+    summary = []
+    for train, members in groups.items():
+        entry = {"train": train, "seeds": len(members)}
+        for figure in FIGURES:
+            values = [m[figure] for m in members if isinstance(m.get(figure), float | int)]
+            values = [v for v in values if v == v]  # NaN: an undefined closure
+            if any(figure in m for m in members):
+                entry[figure + "_seeds"] = len(values)
+            if values:
+                entry[figure] = statistics.fmean(values)
+                entry[figure + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = [
+        "| train | cos(ΣG, Δ) | base ppl | compute s | best-epoch acc | honest acc | closure best | "
+        "closure honest | seeds |",
+        "|" + "---|" * 9,
+    ]
+    for e in summary:
+        cells = [
+            format_figure(e, f, digits=1 if f in ("perplexity_base", "compute_s") else 3) for f in FIGURES
+        ]
+        lines.append(f"| {e['train']} | " + " | ".join(cells) + f" | {e['seeds']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    main()

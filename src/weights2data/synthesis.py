@@ -1,0 +1,545 @@
+"""Beyond the corpus: write documents whose head gradients explain the weight change (GCG, GCGA, ADMM).
+
+Every synthesiser maximises what SELECT maximises, cos(G, Δ) with G = Σ_j e_j h_jᵀ over the
+synthetic set: h_j is document j's last hidden state under the finetuned model θ1, e_j = p_j −
+onehot(y_j) its softmax error over the label tokens at θ1's own label y_j = argmax p_j (the
+autolabel), and Δ = W_C(θ0) − W_C(θ1) the change of the head's label rows (DESIGN §3).
+
+A document is a row of seq_len − 1 token ids, left-padded, as a classifier reads it before its
+label token. Whatever a synthesiser writes is decoded to text and tokenised again before it is
+scored, so every objective reported is that of text a user can train on. Rows a synthesiser
+never changed keep their corpus text and source.
+
+- GCG (Zou et al. 2023): the gradient of the objective w.r.t. one-hot token indicators ranks
+  the top-k replacement tokens of every position; B random single-token swaps drawn from them
+  are scored exactly (a forward pass each) and the best is kept only if it improves.
+- GCGA: documents grown one at a time against the running sum R of those before, each from its
+  initial passage by a few GCG steps on cos(R + g_j, Δ). Growth is greedy and can end below the
+  starting set's objective; the starting set is then returned.
+- ADMM: continuous input embeddings X, their projection Z onto token rows, a dual Λ; the x-step
+  is Adam on −cos + (ρ/2)‖X − Z + Λ/ρ‖², the z-step Z = Proj(X + Λ/ρ), the dual step
+  Λ += ρ(X − Z). The best projected set seen (the initial one included) is returned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from weights2data.config import SelectConfig, SynthConfig, to_dict
+from weights2data.data import Encoded, encode_classification
+from weights2data.errors import W2DError
+from weights2data.features import cache_key
+from weights2data.generate import mark_sources
+from weights2data.gradients import label_rows
+from weights2data.models import LoadedModel
+from weights2data.recover import CorpusGradients, Recovery, label_distribution, recover
+from weights2data.store import atomic_path, hash_texts, stable_hash
+from weights2data.train import Task
+
+log = logging.getLogger(__name__)
+
+SYNTHESISED = "synthesised"
+_TINY = 1e-30
+
+
+# --- the objective -------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """The finetuned model and what the objective needs of it, on the model's device."""
+
+    model: torch.nn.Module  # θ1: hidden states and autolabel errors
+    tokenizer: object
+    rows: Tensor  # (C, d) head label rows at θ1
+    bias: Tensor | None  # (C,)
+    delta: Tensor  # (C, d) Δ = W_C(θ0) − W_C(θ1)
+    allowed: Tensor  # (V,) bool: tokens a synthesiser may write (no special tokens)
+    seq_len: int
+    batch_size: int = 32
+
+    @property
+    def embeddings(self) -> Tensor:
+        return self.model.get_input_embeddings().weight.detach()  # (V, d)
+
+    def encode(self, texts: list[str]) -> Encoded:
+        return encode_classification(self.tokenizer, texts, self.seq_len)
+
+    def forward(self, embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Errors (n, C), last hidden states (n, d) and autolabels (n,) of documents given as input
+        embeddings (n, T, d); differentiable. The autolabel is an argmax: constant under
+        differentiation, as in SELECT's gradients."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding skipped, as features.py does
+        out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        hidden = out.last_hidden_state[:, -1].float()
+        probs = F.softmax(F.linear(hidden, self.rows, self.bias), dim=-1)
+        labels = probs.argmax(-1)
+        return probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype), hidden, labels
+
+    @torch.no_grad()
+    def factors(self, embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """forward() in batches, without gradients."""
+        parts = [self.forward(embeds[s], mask[s]) for s in self.batches(len(embeds))]
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def batches(self, n: int) -> Iterator[slice]:
+        return (slice(s, s + self.batch_size) for s in range(0, n, self.batch_size))
+
+
+def make_problem(base: LoadedModel, finetuned: LoadedModel, task: Task, batch_size: int = 32) -> Problem:
+    device = next(finetuned.model.parameters()).device
+    rows, bias = label_rows(finetuned, task.label_set)
+    delta = label_rows(base, task.label_set)[0] - rows
+    vocab = finetuned.model.get_input_embeddings().weight.shape[0]
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[: len(finetuned.tokenizer)] = True
+    allowed[[i for i in finetuned.tokenizer.all_special_ids if i < vocab]] = False
+    if float(delta.square().sum()) <= 0:
+        raise W2DError("the finetuned head's label rows equal the base's: there is no weight change to match")
+    return Problem(
+        finetuned.model,
+        finetuned.tokenizer,
+        rows.to(device),
+        None if bias is None else bias.to(device),
+        delta.to(device),
+        allowed.to(device),
+        task.seq_len,
+        batch_size,
+    )
+
+
+def cosine(total: Tensor, delta: Tensor) -> Tensor:
+    """cos(G, Δ) for G (..., C, d)."""
+    dots = (total * delta).sum((-2, -1))
+    return dots / (total.square().sum((-2, -1)) * delta.square().sum()).clamp_min(_TINY).sqrt()
+
+
+def objective_grad(
+    problem: Problem, embeds: Tensor, mask: Tensor, rest: Tensor, known: tuple[Tensor, Tensor] | None = None
+) -> tuple[float, Tensor]:
+    """cos(rest + Σ_i e_i h_iᵀ, Δ) over documents given as input embeddings (n, T, d), and its
+    gradient w.r.t. them (n, T, d). `known`: the documents' (errors, hidden), when already computed.
+
+    The cosine depends on the documents only through G = Σ_i e_i h_iᵀ, so with W = ∂cos/∂G taken
+    at the current G its gradient is that of Σ_i ⟨W, e_i h_iᵀ⟩, one backward pass per batch of
+    documents: memory stays that of one batch, however many documents there are.
+    """
+    if known is None and len(embeds) <= problem.batch_size:  # one batch: one pass with its graph
+        x = embeds.detach().requires_grad_()
+        errors, hidden, _ = problem.forward(x, mask)
+        value = cosine(rest + errors.T @ hidden, problem.delta)
+        (grad,) = torch.autograd.grad(value, x)
+        return float(value.detach()), grad
+    errors, hidden = known if known is not None else problem.factors(embeds, mask)[:2]
+    total = (rest + errors.T @ hidden).requires_grad_()
+    value = cosine(total, problem.delta)
+    (weight,) = torch.autograd.grad(value, total)  # (C, d)
+    grad = torch.zeros_like(embeds)
+    for s in problem.batches(len(embeds)):
+        x = embeds[s].detach().requires_grad_()
+        e, h, _ = problem.forward(x, mask[s])
+        (grad[s],) = torch.autograd.grad((weight * (e.T @ h)).sum(), x)
+    return float(value.detach()), grad
+
+
+# --- the synthetic set ---------------------------------------------------------------------
+
+
+@dataclass
+class Docs:
+    """The synthetic set: token ids as the model reads them, texts, and gradient factors."""
+
+    ids: Tensor  # (n, T) long, left-padded
+    mask: Tensor  # (n, T) long
+    errors: Tensor  # (n, C)
+    hidden: Tensor  # (n, d)
+    labels: Tensor  # (n,) θ1's autolabels
+    texts: list[str]
+    changed: Tensor  # (n,) bool: no longer the initial text
+
+    def total(self, rows: Tensor | None = None) -> Tensor:
+        """(C, d) Σ e_i hᵢᵀ over `rows` (all when None)."""
+        if rows is None:
+            return self.errors.T @ self.hidden
+        return self.errors[rows].T @ self.hidden[rows]
+
+    def objective(self, delta: Tensor) -> float:
+        return float(cosine(self.total(), delta))
+
+    def clone(self) -> Docs:
+        tensors = {
+            name: getattr(self, name).clone() for name in ("ids", "mask", "errors", "hidden", "labels")
+        }
+        return Docs(**tensors, texts=list(self.texts), changed=self.changed.clone())
+
+    def put(self, row: int, other: Docs, j: int) -> None:
+        """Row `row` becomes `other`'s row j (a changed document)."""
+        for name in ("ids", "mask", "errors", "hidden", "labels"):
+            getattr(self, name)[row] = getattr(other, name)[j]
+        self.texts[row], self.changed[row] = other.texts[j], True
+
+
+def scored(problem: Problem, texts: list[str], changed: Tensor | None = None) -> Docs:
+    """Documents from texts: tokenised as a classifier reads them, with their gradient factors."""
+    device = problem.delta.device
+    encoded = problem.encode(texts)
+    ids, mask = encoded.input_ids.to(device), encoded.attention_mask.to(device)
+    errors, hidden, labels = problem.factors(problem.embeddings[ids], mask)
+    changed = torch.zeros(len(texts), dtype=torch.bool, device=device) if changed is None else changed
+    return Docs(ids, mask, errors, hidden, labels, list(texts), changed)
+
+
+def retokenised(problem: Problem, ids: Tensor, mask: Tensor) -> Docs:
+    """Rows of token ids decoded to text and scored as that text tokenises again."""
+    texts = [
+        problem.tokenizer.decode(row[m.bool()].tolist(), clean_up_tokenization_spaces=False)
+        for row, m in zip(ids.cpu(), mask.cpu(), strict=True)
+    ]
+    return scored(problem, texts, torch.ones(len(texts), dtype=torch.bool, device=ids.device))
+
+
+def rebuilt(problem: Problem, start: Docs, ids: Tensor) -> Docs:
+    """The set with token ids `ids` (n, T): rows equal to `start`'s stay as they are, the others are
+    decoded and tokenised again."""
+    docs = start.clone()
+    moved = (ids != start.ids).any(1).nonzero().squeeze(1)
+    if len(moved):
+        new = retokenised(problem, ids[moved], start.mask[moved])
+        for j, row in enumerate(moved.tolist()):
+            docs.put(row, new, j)
+    return docs
+
+
+# --- GCG -----------------------------------------------------------------------------------
+
+
+def token_gradients(problem: Problem, docs: Docs, active: Tensor, rest: Tensor) -> Tensor:
+    """(m, T, V) ∂ cos(rest + Σ_{i ∈ active} e_i h_iᵀ, Δ) / ∂ onehot(ids_i): through the embedding
+    matrix, embeds = onehot · E, so the one-hot gradient is (∂cos/∂embeds) · Eᵀ."""
+    embeddings = problem.embeddings
+    known = (docs.errors[active], docs.hidden[active])
+    _, grad = objective_grad(problem, embeddings[docs.ids[active]], docs.mask[active], rest, known)
+    return grad @ embeddings.T
+
+
+def sample_swaps(
+    grads: Tensor, mask: Tensor, allowed: Tensor, topk: int, width: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """B single-token swaps (document, position, token), each at a uniformly random non-pad position
+    with one of that position's top-k tokens by gradient (the objective is maximised)."""
+    top = grads.masked_fill(~allowed, -torch.inf).topk(min(topk, int(allowed.sum())), dim=-1).indices
+    places = mask.nonzero()  # (P, 2)
+    pick = torch.randint(len(places), (width,), generator=generator).to(places.device)
+    which = torch.randint(top.shape[-1], (width,), generator=generator).to(places.device)
+    doc, pos = places[pick].unbind(1)
+    return doc, pos, top[doc, pos, which]
+
+
+def gcg_step(
+    problem: Problem, docs: Docs, active: Tensor, rest: Tensor, cfg: SynthConfig, generator: torch.Generator
+) -> float:
+    """One GCG step on the documents `active` against cos(rest + Σ_active g, Δ); `docs` takes the best
+    swap when it improves. Returns the objective after the step."""
+    current = rest + docs.total(active)
+    value = float(cosine(current, problem.delta))
+    grads = token_gradients(problem, docs, active, rest)
+    doc, pos, token = sample_swaps(
+        grads, docs.mask[active], problem.allowed, cfg.topk, cfg.search_width, generator
+    )
+    rows = active[doc]
+    swapped = docs.ids[rows].clone()
+    swapped[torch.arange(len(rows), device=rows.device), pos] = token
+    new = retokenised(problem, swapped, docs.mask[rows])
+    moved = (new.ids != docs.ids[rows]).any(1)  # a swap that tokenising again undid changes nothing
+    old = torch.einsum("bc,bd->bcd", docs.errors[rows], docs.hidden[rows])
+    totals = current - old + torch.einsum("bc,bd->bcd", new.errors, new.hidden)  # (B, C, d)
+    values = cosine(totals, problem.delta).masked_fill(~moved, -torch.inf)
+    best = int(values.argmax())
+    if float(values[best]) <= value:
+        return value
+    docs.put(int(rows[best]), new, best)
+    return float(values[best])
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator per step: a resumed run draws what an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def run_gcg(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, start: int) -> Docs:
+    n = len(docs.texts)
+    bar = tqdm(
+        range(start, cfg.steps), desc="GCG", initial=start, total=cfg.steps, disable=not state.progress
+    )
+    for step in bar:
+        generator = step_generator(cfg.seed, step)
+        active = torch.randperm(n, generator=generator)[: cfg.swap_docs or n].to(docs.ids.device)
+        value = gcg_step(problem, docs, active, docs.total() - docs.total(active), cfg, generator)
+        bar.set_postfix(objective=f"{value:.4f}")
+        state.save_every(step + 1, cfg.steps, docs)
+    return docs
+
+
+def run_gcga(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, start: int) -> Docs:
+    """Document j from its initial text by cfg.doc_steps GCG steps on cos(R + g_j, Δ), R = Σ_{i<j} g_i."""
+    n = len(docs.texts)
+    running = docs.total(torch.arange(start, device=docs.ids.device))
+    bar = tqdm(range(start, n), desc="GCGA", initial=start, total=n, disable=not state.progress)
+    for j in bar:
+        for s in range(cfg.doc_steps):
+            generator = step_generator(cfg.seed, j * cfg.doc_steps + s)
+            value = gcg_step(
+                problem, docs, torch.tensor([j], device=docs.ids.device), running, cfg, generator
+            )
+        running = running + docs.total(torch.tensor([j], device=docs.ids.device))
+        bar.set_postfix(objective=f"{value:.4f}")
+        state.save_every(j + 1, n, docs)
+    first = state.start_docs
+    if first.objective(problem.delta) > docs.objective(problem.delta):  # growth is greedy: it can end lower
+        log.warning("GCGA ended below its starting set's objective: the starting set is kept")
+        return first
+    return docs
+
+
+# --- ADMM ----------------------------------------------------------------------------------
+
+
+def augmented_lagrangian(
+    problem: Problem, x: Tensor, z: Tensor, dual: Tensor, mask: Tensor, rho: float
+) -> float:
+    """−cos(G(X), Δ) + ⟨Λ, X − E[Z]⟩ + (ρ/2)‖X − E[Z]‖², padding excluded."""
+    errors, hidden, _ = problem.factors(x, mask)
+    gap = (x - problem.embeddings[z]) * mask[..., None]
+    value = -cosine(errors.T @ hidden, problem.delta)
+    return float(value + (dual * gap).sum() + rho / 2 * gap.square().sum())
+
+
+def x_step(problem: Problem, x: Tensor, z: Tensor, dual: Tensor, mask: Tensor, cfg: SynthConfig) -> Tensor:
+    """cfg.inner_steps of Adam on −cos(G(X), Δ) + (ρ/2)‖X − E[Z] + Λ/ρ‖²; padding stays put.
+
+    Adam starts afresh each x-step: the z- and dual steps moved the problem it was solving.
+    """
+    keep = mask[..., None].to(x.dtype)
+    anchor = problem.embeddings[z] - dual / cfg.rho  # the penalty pulls X towards E[Z] − Λ/ρ
+    x = x.clone().requires_grad_()
+    optimiser = torch.optim.Adam([x], lr=cfg.lr_tokens)
+    zero = torch.zeros_like(problem.delta)
+    for _ in range(cfg.inner_steps):
+        _, grad = objective_grad(problem, x.detach(), mask, zero)
+        x.grad = (-grad + cfg.rho * (x.detach() - anchor)) * keep
+        optimiser.step()
+    return x.detach()
+
+
+@torch.no_grad()
+def project(problem: Problem, x: Tensor, mask: Tensor, pads: Tensor, chunk: int = 1024) -> Tensor:
+    """(n, T) the allowed token whose embedding is nearest each row of x (Euclidean:
+    argmax_v 2 x·E_v − ‖E_v‖²); padding keeps its ids `pads`."""
+    embeddings = problem.embeddings
+    offset = embeddings.square().sum(1).masked_fill(~problem.allowed, torch.inf)  # (V,)
+    flat = x.reshape(-1, x.shape[-1])
+    nearest = torch.cat(
+        [(2 * flat[s : s + chunk] @ embeddings.T - offset).argmax(1) for s in range(0, len(flat), chunk)]
+    )
+    return torch.where(mask.bool(), nearest.view(mask.shape), pads)
+
+
+def run_admm(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, start: int) -> Docs:
+    """ADMM from the initial tokens; returns the best projected set seen, the initial one included
+    (`docs`: the best so far, the initial set unless resumed)."""
+    first = state.start_docs
+    mask, best = first.mask, docs
+    x = state.tensors.get("x", problem.embeddings[first.ids])
+    dual = state.tensors.get("dual", torch.zeros_like(x))
+    z = state.tensors.get("z", first.ids)
+    bar = tqdm(
+        range(start, cfg.steps), desc="ADMM", initial=start, total=cfg.steps, disable=not state.progress
+    )
+    for step in bar:
+        x = x_step(problem, x, z, dual, mask, cfg)
+        z = project(problem, x + dual / cfg.rho, mask, first.ids)
+        dual = dual + cfg.rho * (x - problem.embeddings[z]) * mask[..., None]
+        candidate = rebuilt(problem, first, z)
+        if candidate.objective(problem.delta) > best.objective(problem.delta):
+            best = candidate
+        bar.set_postfix(objective=f"{best.objective(problem.delta):.4f}", moved=int(candidate.changed.sum()))
+        state.save_every(step + 1, cfg.steps, best, {"x": x, "dual": dual, "z": z})
+    return best
+
+
+# --- resumable state -----------------------------------------------------------------------
+
+
+class SavedState:
+    """A synthesiser's progress in one safetensors file, keyed by everything it was computed from.
+
+    Written atomically every cfg.save_every steps and at the end; a run with the same key resumes
+    from it (a finished one is read back whole).
+    """
+
+    def __init__(self, path: Path | None, key: dict, every: int, progress: bool = True) -> None:
+        self.path, self.key, self.every, self.progress = path, key, every, progress
+        self.tensors: dict[str, Tensor] = {}
+        self.start_docs: Docs | None = None
+
+    def load(self, problem: Problem, start: Docs) -> tuple[Docs, int]:
+        """The saved set and its step, else a copy of `start` and 0 (`start` is kept as it is)."""
+        self.start_docs = start
+        if self.path is None or not self.path.exists():
+            return start.clone(), 0
+        meta = json.loads(load_meta(self.path))
+        if meta["key"] != stable_hash(self.key, 32):
+            log.info("%s was saved with other settings: starting afresh", self.path)
+            return start.clone(), 0
+        device = start.ids.device
+        self.tensors = {k: v.to(device) for k, v in load_file(str(self.path)).items()}
+        ids = self.tensors.pop("ids")
+        changed = self.tensors.pop("changed").bool()
+        docs = scored(problem, meta["texts"], changed)
+        if not torch.equal(docs.ids, ids):
+            raise W2DError(f"{self.path}: its texts no longer tokenise as saved; delete it to start afresh")
+        log.info("resuming synthesis from step %d (%s)", meta["step"], self.path)
+        return docs, int(meta["step"])
+
+    def save_every(self, step: int, last: int, docs: Docs, extra: dict[str, Tensor] | None = None) -> None:
+        if self.path is None or (step % self.every and step != last):
+            return
+        tensors = {"ids": docs.ids, "changed": docs.changed.to(torch.uint8), **(extra or {})}
+        meta = {"key": stable_hash(self.key, 32), "step": step, "texts": docs.texts}
+        blob = save(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"meta": json.dumps(meta)}
+        )
+        with atomic_path(self.path) as tmp:
+            tmp.write_bytes(blob)
+
+
+def load_meta(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["meta"]
+
+
+# --- the synthesiser end to end ------------------------------------------------------------
+
+RUNNERS = {"GCG": run_gcg, "GCGA": run_gcga, "ADMM": run_admm}
+
+
+def check_synthesis(cfg: SynthConfig, sel: SelectConfig, task: Task) -> None:
+    """What the synthesisers do not cover: refused before any work, with the way out."""
+    if task.kind != "classification" or task.label_loss != "restricted" or not task.template.plain:
+        raise W2DError(
+            f"--opt {cfg.method} synthesises classification documents in the original's format (no "
+            "template, the loss over the label tokens); this finetune is "
+            f"{task.kind}{'' if task.template.plain else ' with a template'}"
+            f"{', full-vocabulary loss' if task.label_loss == 'full' else ''}: use --opt SELECT"
+        )
+    changed = {
+        "--grad-blocks": sel.grad_blocks != 0,
+        "--pseudo-experts": sel.pseudo_experts != 1,
+        "--grad-at": sel.grad_at != "finetuned",
+        "--precondition": sel.precondition != "none",
+        "--projection-dim": sel.projection_dim != 0,
+        "--rounds": sel.rounds != 1,
+    }
+    if any(changed.values()):
+        flags = ", ".join(name for name, on in changed.items() if on)
+        raise W2DError(
+            f"--opt {cfg.method} maximises SELECT's head objective at the finetuned weights, exactly; "
+            f"{flags} change what SELECT matches: leave them at their defaults"
+        )
+
+
+def synthesise(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    init: Recovery,
+    task: Task,
+    cfg: SynthConfig,
+    cache_root: Path | None,
+    progress: bool = True,
+) -> Recovery:
+    """Documents written by cfg.method from `init`'s texts, as a Recovery (source: synthesised for
+    changed rows, the initial source for the others)."""
+    started = time.time()
+    problem = make_problem(base, finetuned, task, cfg.batch_size)
+    start = scored(problem, init.texts)
+    initial = start.objective(problem.delta)
+    key = cache_key(
+        problem.delta.device,
+        base=base.fingerprint,
+        finetuned=finetuned.fingerprint,
+        task=task.to_dict(),
+        init=hash_texts(init.texts),
+        synth={k: v for k, v in to_dict(cfg).items() if k not in ("save_every", "batch_size")},
+    )
+    path = None if cache_root is None else Path(cache_root) / "synthesis" / f"{stable_hash(key)}.safetensors"
+    state = SavedState(path, key, cfg.save_every, progress)
+    docs, step = state.load(problem, start)
+    docs = RUNNERS[cfg.method](problem, docs, cfg, state, step)
+    final = docs.objective(problem.delta)
+    log.info("%s: objective %.4f from %.4f at the start", cfg.method, final, initial)
+    return as_recovery(
+        problem, docs, init, cfg, {"objective_init": initial, "synth_s": round(time.time() - started, 2)}
+    )
+
+
+def refine_selection(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    grads: CorpusGradients,
+    texts: list[str],
+    picks: Recovery,
+    sources: list[str],
+    task: Task,
+    sel: SelectConfig,
+    cfg: SynthConfig,
+    cache_root: Path | None,
+) -> Recovery:
+    """`w2d select --opt`: synthesise from the selection `picks` (--synth-init select) or from k
+    random corpus passages (random), every row's source marked."""
+    check_synthesis(cfg, sel, task)
+    if cfg.init == "random":
+        random_sel = replace(sel, strategy="random")
+        picks = mark_sources(recover(grads, texts, task.label_set, random_sel, progress=False), sources)
+    return synthesise(base, finetuned, picks, task, cfg, cache_root)
+
+
+def as_recovery(problem: Problem, docs: Docs, init: Recovery, cfg: SynthConfig, extra: dict) -> Recovery:
+    changed = docs.changed.cpu()
+    labels = docs.labels.cpu()
+    sources = init.sources or ["corpus"] * len(docs.texts)
+    norms = (docs.errors.square().sum(1) * docs.hidden.square().sum(1) * problem.delta.square().sum()).sqrt()
+    scores = ((docs.hidden @ problem.delta.T) * docs.errors).sum(1) / norms.clamp_min(_TINY)  # cos(g_i, Δ)
+    summary = {
+        **init.summary,
+        "strategy": cfg.method,
+        "init": cfg.init,
+        "init_strategy": init.summary.get("strategy"),
+        "objective_cos": docs.objective(problem.delta),
+        **extra,
+        "synthesised": int(changed.sum()),
+        "score": "cos(g_i, delta) of each document",
+        "synth_config": to_dict(cfg),
+        "label_distribution": label_distribution(labels, init.label_set),
+    }
+    return Recovery(
+        init.rows,
+        list(docs.texts),
+        labels,
+        init.label_set,
+        scores.cpu(),
+        summary,
+        [SYNTHESISED if c else s for c, s in zip(changed.tolist(), sources, strict=True)],
+    )

@@ -1,0 +1,253 @@
+"""Synthesis (GCG, GCGA, ADMM): token gradients against autograd, ADMM's descent, never worse than SELECT."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+import weights2data.synthesis as synthesis
+from weights2data.cli import main
+from weights2data.config import DataConfig, SelectConfig, SynthConfig
+from weights2data.data import make_label_set
+from weights2data.errors import W2DError
+from weights2data.models import LoadedModel
+from weights2data.recover import corpus_gradients, recover
+from weights2data.synthesis import (
+    SYNTHESISED,
+    augmented_lagrangian,
+    cosine,
+    make_problem,
+    objective_grad,
+    project,
+    scored,
+    synthesise,
+    token_gradients,
+    x_step,
+)
+from weights2data.train import Task
+
+TEXTS = [
+    "The market rallied after the central bank held rates steady on Tuesday.",
+    "The striker scored twice as the home side won the cup final.",
+    "A new chip promises faster phones and longer battery life.",
+    "Rebels and the army agreed to a ceasefire in the northern province.",
+    "Shares of the carmaker fell after it cut its profit forecast.",
+    "The coach praised his young team after a narrow win in overtime.",
+    "Scientists found water ice near the moon's south pole.",
+    "Talks on the trade deal stalled over farm subsidies.",
+    "The river flooded the old town for the second time this year.",
+    "Astronomers measured the mass of a distant galaxy cluster.",
+    "Voters in the city chose a new mayor on Sunday.",
+    "The company opened a factory that will employ two thousand people.",
+]
+SEQ_LEN = 12
+
+
+@pytest.fixture
+def pair(tiny: LoadedModel) -> tuple[LoadedModel, LoadedModel]:
+    """The tiny model and a 'finetune' of it: every weight nudged, the head untied and moved more."""
+    tuned = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny-test+nudged")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    return tiny, tuned
+
+
+@pytest.fixture
+def task(tiny: LoadedModel) -> Task:
+    labels = make_label_set(["World", "Sports", "Business", "Sci/Tech"], tiny.tokenizer)
+    return Task("classification", SEQ_LEN, labels)
+
+
+def select_init(pair, task: Task, k: int = 4):
+    """SELECT's picks from TEXTS, with their objective as SELECT reports it."""
+    base, tuned = pair
+    data = DataConfig(seq_len=SEQ_LEN)
+    grads = corpus_gradients(base, tuned, TEXTS, task.label_set, data, SelectConfig(k=k), None)
+    return recover(grads, TEXTS, task.label_set, SelectConfig(k=k), progress=False)
+
+
+def test_token_gradients_equal_autograd_on_one_hot(pair, task: Task) -> None:
+    base, tuned = pair
+    problem = make_problem(base, tuned, task)
+    docs = scored(problem, TEXTS[:3])
+    active = torch.tensor([0, 2])
+    rest = docs.total(torch.tensor([1]))
+    ours = token_gradients(problem, docs, active, rest)  # (2, T, V)
+
+    embeddings = problem.embeddings
+    one_hot = F.one_hot(docs.ids[active], embeddings.shape[0]).float().requires_grad_()
+    errors, hidden, _ = problem.forward(one_hot @ embeddings, docs.mask[active])
+    cosine(rest + errors.T @ hidden, problem.delta).backward()
+    torch.testing.assert_close(ours, one_hot.grad, atol=1e-7, rtol=1e-4)
+    mask = docs.mask[active].bool()
+    assert torch.equal(ours.topk(16, -1).indices[mask], one_hot.grad.topk(16, -1).indices[mask])
+
+
+def test_batched_objective_gradient_equals_one_pass(pair, task: Task) -> None:
+    problem = make_problem(*pair, task)
+    docs = scored(problem, TEXTS[:5])
+    embeds, rest = problem.embeddings[docs.ids], torch.zeros_like(problem.delta)
+    value, grad = objective_grad(problem, embeds, docs.mask, rest)  # one pass, all five
+    batched = objective_grad(
+        replace(problem, batch_size=2), embeds, docs.mask, rest
+    )  # ∂cos/∂G, then 3 passes
+    assert batched[0] == pytest.approx(value, abs=1e-6)
+    torch.testing.assert_close(batched[1], grad, atol=1e-8, rtol=1e-4)
+
+
+def test_objective_matches_select(pair, task: Task) -> None:
+    init = select_init(pair, task)
+    problem = make_problem(*pair, task)
+    start = scored(problem, init.texts)
+    assert start.objective(problem.delta) == pytest.approx(init.summary["objective_cos"], abs=1e-5)
+    assert torch.equal(start.labels, init.labels)
+
+
+def test_admm_steps_decrease_the_augmented_lagrangian(pair, task: Task) -> None:
+    problem = make_problem(*pair, task)
+    docs = scored(problem, TEXTS[:4])
+    cfg = SynthConfig(method="ADMM", rho=0.5, lr_tokens=1e-3, inner_steps=3)
+    x = problem.embeddings[docs.ids] + 0.01 * torch.randn(docs.ids.shape + (problem.embeddings.shape[1],))
+    dual = 0.01 * torch.randn_like(x) * docs.mask[..., None]
+    z = docs.ids
+
+    def lagrangian(x, z):
+        return augmented_lagrangian(problem, x, z, dual, docs.mask, cfg.rho)
+
+    before = lagrangian(x, z)
+    x = x_step(problem, x, z, dual, docs.mask, cfg)
+    after_x = lagrangian(x, z)
+    z = project(problem, x + dual / cfg.rho, docs.mask, docs.ids)
+    after_z = lagrangian(x, z)
+    assert after_x < before and after_z <= after_x + 1e-6
+
+
+def test_projection_is_the_nearest_allowed_token(pair, task: Task) -> None:
+    problem = make_problem(*pair, task)
+    docs = scored(problem, TEXTS[:2])
+    x = problem.embeddings[docs.ids] + 0.05 * torch.randn(docs.ids.shape + (problem.embeddings.shape[1],))
+    z = project(problem, x, docs.mask, docs.ids)
+    distances = torch.cdist(x.reshape(-1, x.shape[-1]), problem.embeddings).masked_fill(
+        ~problem.allowed, torch.inf
+    )
+    expected = torch.where(docs.mask.bool(), distances.argmin(1).view(docs.mask.shape), docs.ids)
+    assert torch.equal(z, expected)
+
+
+@pytest.mark.parametrize("method", ["GCG", "GCGA", "ADMM"])
+def test_never_worse_than_select(pair, task: Task, method: str, tmp_path) -> None:
+    init = select_init(pair, task)
+    cfg = SynthConfig(
+        method=method, steps=3, doc_steps=2, topk=8, search_width=16, inner_steps=2, swap_docs=2
+    )
+    out = synthesise(*pair, init, task, cfg, tmp_path, progress=False)
+    assert out.summary["objective_cos"] >= init.summary["objective_cos"] - 1e-5
+    assert out.summary["objective_init"] == pytest.approx(init.summary["objective_cos"], abs=1e-5)
+    assert len(out.texts) == 4 and out.labels.shape == (4,)
+    # the reported objective is that of the texts, tokenised again
+    problem = make_problem(*pair, task)
+    assert scored(problem, out.texts).objective(problem.delta) == pytest.approx(
+        out.summary["objective_cos"], abs=1e-5
+    )
+    for text, source, original in zip(out.texts, out.sources, init.texts, strict=True):
+        assert (source == SYNTHESISED) == (text != original)
+
+
+def test_gcg_improves_and_resumes_where_it_stopped(pair, task: Task, tmp_path, monkeypatch) -> None:
+    init = select_init(pair, task)
+    cfg = SynthConfig(method="GCG", steps=4, topk=64, search_width=64, swap_docs=0, save_every=2)
+    whole = synthesise(*pair, init, task, cfg, None, progress=False)
+    assert whole.summary["objective_cos"] > init.summary["objective_cos"] and SYNTHESISED in whole.sources
+    real_step, calls = synthesis.gcg_step, []
+
+    def step(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during step 3, after the state of step 2 was saved
+        calls.append(1)
+        return real_step(*args)
+
+    monkeypatch.setattr(synthesis, "gcg_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        synthesise(*pair, init, task, cfg, tmp_path, progress=False)
+    calls.clear()
+    resumed = synthesise(*pair, init, task, cfg, tmp_path, progress=False)
+    assert len(calls) == 2 and resumed.texts == whole.texts  # steps 2 and 3, the same swaps
+    calls.clear()
+    assert synthesise(*pair, init, task, cfg, tmp_path, progress=False).texts == whole.texts and not calls
+
+
+def test_gcga_keeps_its_start_when_growth_ends_lower(pair, task: Task, monkeypatch) -> None:
+    init = select_init(pair, task)
+
+    def spoil(problem, docs, active, rest, cfg, generator) -> float:  # every grown gradient reversed
+        docs.errors[active] = -docs.errors[active]
+        docs.changed[active] = True
+        return 0.0
+
+    monkeypatch.setattr(synthesis, "gcg_step", spoil)
+    out = synthesise(*pair, init, task, SynthConfig(method="GCGA", doc_steps=1), None, progress=False)
+    assert out.texts == init.texts and out.summary["synthesised"] == 0
+    assert out.summary["objective_cos"] == pytest.approx(init.summary["objective_cos"], abs=1e-5)
+
+
+def test_random_init_and_bad_input(pair, task: Task) -> None:
+    with pytest.raises(W2DError, match="opt"):
+        SynthConfig(method="MAGIC")
+    with pytest.raises(W2DError, match="rho"):
+        SynthConfig(rho=0.0)
+    from weights2data.synthesis import check_synthesis
+
+    with pytest.raises(W2DError, match="--grad-blocks"):
+        check_synthesis(SynthConfig(method="GCG"), SelectConfig(grad_blocks=2), task)
+    with pytest.raises(W2DError, match="classification"):
+        check_synthesis(SynthConfig(method="GCG"), SelectConfig(), replace(task, kind="lm", label_set=None))
+
+
+RUN = [
+    "run", "--model", "tiny-test", "--dataset", "ag_news_32", "--corpus", "wiki_passages_24", "-k", "6",
+    "--eval-epochs", "1", "--max-eval-rows", "16", "--skip-similarity", "--train-scope", "head",
+    "--lr", "1e-2", "--seq-len", "10", "--steps", "1", "--synth-steps", "2", "--synth-topk", "8",
+    "--search_width", "8", "--results-dir", "runs",
+]  # fmt: skip
+
+
+def test_run_with_gcg_end_to_end(cli_env) -> None:
+    assert main([*RUN, "--opt", "GCG", "--exp-name", "gcg"]) == 0
+    results = json.loads((cli_env / "runs" / "gcg" / "results.json").read_text())
+    assert [row["model"] for row in results["table"]] == ["expert", "greedy", "gcg", "random"]
+    summary = results["selections"]["gcg"]
+    assert summary["objective_cos"] >= results["selections"]["greedy"]["objective_cos"] - 1e-5
+    table = pq.read_table(cli_env / "runs" / "gcg" / "selection-gcg" / "selection.parquet").to_pydict()
+    assert len(table["text"]) == 6 and set(table["source"]) <= {"corpus", SYNTHESISED}
+    assert table["source"].count(SYNTHESISED) == summary["synthesised"]
+
+
+def test_select_with_admm_and_bad_opt(cli_env, capsys) -> None:
+    args = ["select", "--base", "tiny-test", "--finetuned", "tiny-test:1", "--label-set", "A,B",
+            "--corpus", "wiki_passages_12", "-k", "4", "--seq-len", "8", "--opt", "ADMM",
+            "--synth-steps", "2", "--max_iterations_x", "2", "--exp-name", "admm"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((cli_env / "runs" / "admm" / "summary.json").read_text())
+    assert summary["strategy"] == "ADMM" and summary["objective_cos"] >= summary["objective_init"] - 1e-6
+    assert "objective" in capsys.readouterr().out
+    assert main([*RUN, "--opt", "NOPE", "--exp-name", "bad"]) == 2
+    assert "unknown opt 'NOPE'" in capsys.readouterr().err
+
+
+def test_synthesis_help(capsys) -> None:
+    for command in ("select", "run"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for flag in ("--opt", "--synth-steps", "--synth-init", "--search_width", "--admm_penalty_term",
+                     "--lr_tokens", "--max_iterations_x", "--gcg_documents_to_swap"):  # fmt: skip
+            assert flag in out, (command, flag)
