@@ -82,6 +82,13 @@ def populate(cache: Path, data_dir: Path) -> None:
 
     options = {"blocks": 1, "dim": 4, "cache_root": cache, "loss_key": "lm", "progress": False}
     block_features(base, other, encoded, loss, **options)
+    # laid out as generate.py, rounds.py and synthesis.py write them (their own tests make real ones)
+    (cache / "generated").mkdir()
+    (cache / "generated" / "0123abcd.json").write_text("{}")
+    (cache / "rounds" / "0123abcd").mkdir(parents=True)
+    (cache / "rounds" / "0123abcd" / "round_000.json").write_text("{}")
+    (cache / "synthesis").mkdir()
+    (cache / "synthesis" / "0123abcd.safetensors").write_bytes(b"")
 
 
 def reuse_scores(cache: Path, data_dir: Path) -> dict:
@@ -114,7 +121,7 @@ def test_ls_and_prune(cli_env, fresh_cache, data_dir, cache, capsys) -> None:
         assert f"\n{kind} " in out
     assert f"weights2data {weights2data.__version__}, torch {torch.__version__}, cpu" in out
     assert "1/1 chunks" in out and "tiny-test on ag_news_16 (classification, head)" in out
-    assert "noise 0.01 of " in out
+    assert "noise 0.01 of " in out and "1 finished rounds" in out and "a synthesiser's saved state" in out
     assert "1 temporary files left by killed runs" in out
 
     scores = next(e.path for e in listed if e.kind == "train-eval")

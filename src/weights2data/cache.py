@@ -27,6 +27,9 @@ KINDS = {  # kind → its folders under the cache root
     "lm-features": ("lm-features",),
     "blocks": ("blocks",),
     "train-eval": ("train-eval",),
+    "generated": ("generated",),
+    "rounds": ("rounds",),
+    "synthesis": ("synthesis",),
 }
 # pruned only when named: the converted smollm2-135m and hub downloads cannot be rebuilt offline
 PROTECTED = ("models",)
@@ -108,6 +111,8 @@ def describe(kind: str, path: Path) -> str:
             return describe_defended(read_json(path / "w2d.json"))
         if kind == "train-eval":
             return describe_scores(read_json(path))
+        if kind in ("generated", "rounds", "synthesis"):
+            return describe_progress(kind, path)
         return describe_chunks(kind, path, read_json(path / "meta.json"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "unreadable, or from an older weights2data: never reused"
@@ -141,6 +146,13 @@ def describe_scores(saved: dict) -> str:
     scores = saved["scores"]
     honest = f"{scores['metric']} {scores['val_selected_test']:.4f} (honest)"
     return f"{honest}, {scores['train_rows']} training rows; {versions(saved['key'])}"
+
+
+def describe_progress(kind: str, path: Path) -> str:
+    """Generated documents, a selection's finished rounds or a synthesiser's saved state."""
+    if kind == "rounds":
+        return f"{len(list(path.glob('round_*.json')))} finished rounds"
+    return "generated documents" if kind == "generated" else "a synthesiser's saved state"
 
 
 def describe_chunks(kind: str, path: Path, key: dict) -> str:
