@@ -35,6 +35,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -202,13 +203,29 @@ def main() -> None:
     device = pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     ws = Workspace(cache_dir(), data_dir(args.data_dir), device)
-    started = time.time()
-    out = {"args": vars(args), "device": str(device), "rows": [], "complete": False}
-    try:
+
+    def measure(out: dict, started: float) -> None:
         for dataset in csv(args.datasets):
             for scope in csv(args.scopes):
                 for seed in csv(args.seeds, int):
                     run_group(ws, args, dataset, scope, seed, out, started)
+
+    run_measurement(args, device, measure, summarise, markdown)
+
+
+def run_measurement(
+    args: argparse.Namespace,
+    device: torch.device,
+    measure: Callable[[dict, float], None],
+    summarise: Callable[[list[dict]], list[dict]],
+    markdown: Callable[[list[dict]], str],
+) -> None:
+    """measure(out, started) fills out["rows"]; at the time budget the rows so far are kept, with
+    `complete: false`. Then the summary, the results file and the table."""
+    started = time.time()
+    out = {"args": vars(args), "device": str(device), "rows": [], "complete": False}
+    try:
+        measure(out, started)
         out["complete"] = True
     except Budget:
         print(f"time budget of {args.time_budget:.0f} s reached; writing partial results")

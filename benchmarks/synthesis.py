@@ -28,7 +28,16 @@ from dataclasses import fields, replace
 
 import torch
 
-from quality import Budget, Group, HelpFormatter, add_common_args, csv, expert_group, format_figure, score
+from quality import (
+    Group,
+    HelpFormatter,
+    add_common_args,
+    csv,
+    expert_group,
+    format_figure,
+    run_measurement,
+    score,
+)
 from weights2data.config import EvalConfig, GenerateConfig, SelectConfig, SynthConfig
 from weights2data.data import Split, data_dir, encode_classification
 from weights2data.experiment import as_split, closure
@@ -95,19 +104,12 @@ def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
     ws = Workspace(cache_dir(), data_dir(args.data_dir), device)
-    started = time.time()
-    out = {"args": vars(args), "device": str(device), "rows": [], "complete": False}
-    try:
+
+    def measure(out: dict, started: float) -> None:
         for seed in csv(args.seeds, int):
             run_seed(expert_group(ws, args, args.dataset, args.scope, seed, out, started), args)
-        out["complete"] = True
-    except Budget:
-        print(f"time budget of {args.time_budget:.0f} s reached; writing partial results")
-    out["seconds"] = round(time.time() - started, 1)
-    out["summary"] = summarise(out["rows"])
-    write_json(args.out, out)
-    print(markdown(out["summary"]))
-    print(f"\nwritten {args.out}")
+
+    run_measurement(args, device, measure, summarise, markdown)
 
 
 def run_seed(group: Group, args: argparse.Namespace) -> None:
