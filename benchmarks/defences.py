@@ -30,20 +30,17 @@ from quality import (
     HelpFormatter,
     add_common_args,
     csv,
-    expert_group,
     format_figure,
-    run_measurement,
+    run_seeds,
     score,
     seed_statistics,
 )
 from weights2data.config import DefenseConfig, SelectConfig
-from weights2data.data import data_dir
 from weights2data.defend import defended_expert
 from weights2data.experiment import as_split, closure
 from weights2data.models import LoadedModel
-from weights2data.pipeline import Workspace, pick_device
 from weights2data.recover import corpus_gradients, recover
-from weights2data.store import cache_dir, write_json
+from weights2data.store import write_json
 from weights2data.train import evaluate
 
 # per method, the strengths measured: around the original's absolute 0.01; up to ten times the update's
@@ -105,15 +102,7 @@ def defences(text: str) -> list[DefenseConfig]:
 
 
 def main() -> None:
-    args = parse_args()
-    device = pick_device(args.device)
-    ws = Workspace(cache_dir(), data_dir(args.data_dir), device)
-
-    def measure(out: dict, started: float) -> None:
-        for seed in csv(args.seeds, int):
-            run_seed(expert_group(ws, args, args.dataset, args.scope, seed, out, started), args)
-
-    run_measurement(args, device, measure, summarise, markdown)
+    run_seeds(parse_args(), run_seed, summarise, markdown)
 
 
 def run_seed(group: Group, args: argparse.Namespace) -> None:

@@ -213,6 +213,23 @@ def main() -> None:
     run_measurement(args, device, measure, summarise, markdown)
 
 
+def run_seeds(
+    args: argparse.Namespace,
+    run_seed: Callable[[Group, argparse.Namespace], None],
+    summarise: Callable[[list[dict]], list[dict]],
+    markdown: Callable[[list[dict]], str],
+) -> None:
+    """run_seed on the expert of --dataset and --scope for every seed (defences.py, synthesis.py)."""
+    device = pick_device(args.device)
+    ws = Workspace(cache_dir(), data_dir(args.data_dir), device)
+
+    def measure(out: dict, started: float) -> None:
+        for seed in csv(args.seeds, int):
+            run_seed(expert_group(ws, args, args.dataset, args.scope, seed, out, started), args)
+
+    run_measurement(args, device, measure, summarise, markdown)
+
+
 def run_measurement(
     args: argparse.Namespace,
     device: torch.device,

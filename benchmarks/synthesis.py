@@ -33,18 +33,16 @@ from quality import (
     HelpFormatter,
     add_common_args,
     csv,
-    expert_group,
     format_figure,
-    run_measurement,
+    run_seeds,
     score,
 )
 from weights2data.config import EvalConfig, GenerateConfig, SelectConfig, SynthConfig
-from weights2data.data import Split, data_dir, encode_classification
+from weights2data.data import Split, encode_classification
 from weights2data.experiment import as_split, closure
 from weights2data.generate import mark_sources, with_generated
-from weights2data.pipeline import Workspace, pick_device
 from weights2data.recover import Recovery, corpus_gradients, recover
-from weights2data.store import cache_dir, write_json
+from weights2data.store import write_json
 from weights2data.synthesis import synthesise
 from weights2data.train import Task, evaluate
 
@@ -101,15 +99,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    device = pick_device(args.device)
-    ws = Workspace(cache_dir(), data_dir(args.data_dir), device)
-
-    def measure(out: dict, started: float) -> None:
-        for seed in csv(args.seeds, int):
-            run_seed(expert_group(ws, args, args.dataset, args.scope, seed, out, started), args)
-
-    run_measurement(args, device, measure, summarise, markdown)
+    run_seeds(parse_args(), run_seed, summarise, markdown)
 
 
 def run_seed(group: Group, args: argparse.Namespace) -> None:

@@ -101,7 +101,7 @@ def engine_worker(rank: int, port: int, out: str) -> None:
 
 def test_sharded_strategies_pick_what_one_process_picks(tmp_path: Path) -> None:
     mp.spawn(engine_worker, args=(free_port(), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     labels, losses = torch.arange(200) % 3, torch.rand(200, generator=torch.Generator().manual_seed(1))
     for name, features in problems().items():
         for strategy in STRATEGIES:
