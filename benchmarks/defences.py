@@ -37,6 +37,7 @@ from quality import (
 )
 from weights2data.config import DefenseConfig, SelectConfig
 from weights2data.defend import defended_expert
+from weights2data.errors import exit_on_error
 from weights2data.experiment import as_split, closure
 from weights2data.models import LoadedModel
 from weights2data.recover import corpus_gradients, recover
@@ -187,4 +188,4 @@ def markdown(summary: list[dict]) -> str:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.backends.cuda.matmul.allow_tf32 = True
-    main()
+    exit_on_error(main)

@@ -40,6 +40,7 @@ from transformers import Trainer, TrainingArguments
 
 from weights2data.cli import main as w2d
 from weights2data.data import data_dir, load_dataset
+from weights2data.errors import exit_on_error
 from weights2data.models import decoder_layers, load_model, untie_head
 from weights2data.store import cache_dir, write_json
 
@@ -302,4 +303,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from weights2data.errors import exit_on_error
 from weights2data.store import read_json, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -225,4 +226,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_error(main)

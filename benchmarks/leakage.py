@@ -37,6 +37,7 @@ from weights2data.config import (
     parse_scope,
 )
 from weights2data.data import data_dir
+from weights2data.errors import exit_on_error
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
 from weights2data.recover import check_pair, recover, task_gradients
 from weights2data.store import cache_dir, write_json
@@ -172,4 +173,4 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.backends.cuda.matmul.allow_tf32 = True
-    main()
+    exit_on_error(main)

@@ -40,6 +40,7 @@ import torch
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig
 from weights2data.data import Split, encode_lm
+from weights2data.errors import exit_on_error
 from weights2data.experiment import (
     closure_table,
     format_closure,
@@ -317,4 +318,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_error(main)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from weights2data.cli import main as w2d
+from weights2data.errors import exit_on_error
 from weights2data.store import cache_dir, read_json, write_json
 
 FINETUNE = "finetune --model smollm2-135m --dataset ag_news_1000 --train-scope head --exp-name probe"
@@ -67,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -43,6 +43,7 @@ import torch
 
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, SelectConfig, parse_scope
 from weights2data.data import Dataset, Split, data_dir
+from weights2data.errors import exit_on_error
 from weights2data.experiment import as_split, closure, selection_training
 from weights2data.models import LoadedModel
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
@@ -525,4 +526,4 @@ def format_figure(entry: dict, key: str, scale: float = 1, digits: int = 3) -> s
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    exit_on_error(main)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from weights2data.errors import exit_on_error
 from weights2data.store import read_json, write_json
 from weights2data.streaming import CHUNK_ROWS
 
@@ -203,4 +204,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_error(main)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from weights2data import screening
+from weights2data.errors import exit_on_error
 from weights2data.reference import original_greedy
 from weights2data.selection import DenseFeatures, FactoredFeatures, GradientFeatures, objective, select
 from weights2data.store import write_json
@@ -273,4 +274,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -39,6 +39,7 @@ from quality import (
 )
 from weights2data.config import EvalConfig, GenerateConfig, SelectConfig, SynthConfig
 from weights2data.data import Split, encode_classification
+from weights2data.errors import exit_on_error
 from weights2data.experiment import as_split, closure
 from weights2data.generate import mark_sources, with_generated
 from weights2data.recover import Recovery, corpus_gradients, recover
@@ -216,4 +217,4 @@ def markdown(summary: list[dict]) -> str:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.backends.cuda.matmul.allow_tf32 = True
-    main()
+    exit_on_error(main)

@@ -32,7 +32,7 @@ import torch
 
 from weights2data.config import DataConfig, SelectConfig
 from weights2data.data import Encoded, encode_classification, encode_lm, load_dataset, make_label_set
-from weights2data.errors import W2DError
+from weights2data.errors import W2DError, exit_on_error
 from weights2data.models import load_model
 from weights2data.recover import corpus_gradients
 from weights2data.store import cache_dir, write_json
@@ -263,4 +263,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_error(main)
