@@ -27,8 +27,8 @@ def test_exit_on_error_passes_the_status_through():
 
 def test_a_benchmark_without_its_data_says_so_without_a_traceback(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "W2D_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "benchmarks/quality.py", "--model", "tiny-test", "--datasets", "ag_news",
-               "--scopes", "head", "--ks", "10", "--seeds", "0", "--out", str(tmp_path / "q.json")]  # fmt: skip
+    args = "--model tiny-test --datasets ag_news --scopes head --ks 10 --seeds 0".split()
+    command = [sys.executable, "benchmarks/quality.py", *args, "--out", str(tmp_path / "q.json")]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "quality.py: error: dataset 'ag_news' is not in the data directory" in result.stderr
