@@ -18,7 +18,6 @@ scores are cached: the same command run again trains only what it has not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import replace
@@ -26,11 +25,13 @@ from dataclasses import replace
 import torch
 
 from quality import (
+    SMOKE,
     Group,
     HelpFormatter,
     add_common_args,
     csv,
     format_figure,
+    parse_quick,
     run_seeds,
     score,
     seed_statistics,
@@ -49,15 +50,9 @@ from weights2data.train import evaluate
 # On smollm2-135m's AG News top:4 expert (200 test rows, accuracy 0.855): noise 0.003 costs 1.5 points
 # and 0.01 five; relative noise 1 nothing and 3 1.5; head-obfuscate 0.1 half a point and 1 about ten.
 DEFENCES = "noise:0.003,0.01,0.03; relative-noise:0.3,1,3,10; retrain:0.5,1,2; head-obfuscate:0.01,0.1,1"
-QUICK = dict(
-    train_rows=200,
-    corpus="wiki_passages_1000",
+QUICK = SMOKE | dict(
     scope="top:1",
     k=20,
-    seeds="0",
-    eval_epochs=3,
-    max_eval_rows=300,
-    expert_epochs=2,
     defences="noise:0.01; relative-noise:1; retrain:0.2; head-obfuscate:0.1",
 )
 
@@ -69,13 +64,7 @@ RECORDED_ELSEWHERE = ("method", "strength", "kl_weight", "seed", "finetuned", "b
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="a smoke run (3 minutes with --model tiny-test, about 15 with smollm2-135m on a 2-core CPU): "
-        + json.dumps(QUICK),
-    )
-    add_common_args(p, out="benchmarks/results/defences.json")
+    add_common_args(p, out="benchmarks/results/defences.json", quick=QUICK)
     p.add_argument("--dataset", default="ag_news", help="the expert's classification dataset")
     p.add_argument("--scope", default="top:4", help="the expert's training regime: head, top:N or full")
     p.add_argument("--k", type=int, default=100, help="documents recovered")
@@ -86,11 +75,7 @@ def parse_args() -> argparse.Namespace:
         help="';'-separated METHOD:S1,S2,... (methods: noise, relative-noise, retrain, head-obfuscate)",
     )
     p.set_defaults(seeds="0,1,2", time_budget=100_000)
-    args = p.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return parse_quick(p, QUICK)
 
 
 def defences(text: str) -> list[DefenseConfig]:

@@ -54,18 +54,11 @@ from weights2data.train import Task, train_eval
 from weights2data.trajectory import expert_settings
 
 LEARNING_RATES = {"head": 1e-3, "top": 1e-4, "full": 2e-5}  # per regime; full is the original's 2e-5
-QUICK = dict(
-    datasets="ag_news",
-    train_rows=200,
-    corpus="wiki_passages_1000",
-    scopes="head",
-    ks="100",
-    strategies="greedy,topk",
-    seeds="0",
-    eval_epochs=3,
-    max_eval_rows=300,
-    expert_epochs=2,
+# every benchmark's --quick: a small expert, corpus and evaluation (minutes on a CPU)
+SMOKE = dict(
+    train_rows=200, corpus="wiki_passages_1000", seeds="0", eval_epochs=3, max_eval_rows=300, expert_epochs=2
 )
+QUICK = SMOKE | dict(datasets="ag_news", scopes="head", ks="100", strategies="greedy,topk")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -74,8 +67,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a few minutes on a CPU: " + json.dumps(QUICK))
-    add_common_args(p, out="benchmarks/results/quality.json")
+    add_common_args(p, out="benchmarks/results/quality.json", quick=QUICK)
     p.add_argument(
         "--datasets",
         default="ag_news,newsgroup,imdb,rotten_tomatoes",
@@ -120,16 +112,13 @@ def parse_args() -> argparse.Namespace:
         metavar="JSON",
         help="print the mean ± std table of these results files and exit; nothing is trained",
     )
-    args = p.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return parse_quick(p, QUICK)
 
 
-def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
+def add_common_args(p: argparse.ArgumentParser, out: str, quick: dict) -> None:
     """The options every benchmark built on `expert_group` reads: the expert, the corpus, training
-    and scoring, the seeds, the budget and where results go."""
+    and scoring, the seeds, the budget and where results go; --quick sets `quick`."""
+    p.add_argument("--quick", action="store_true", help="a smoke run, minutes on a CPU: " + json.dumps(quick))
     p.add_argument("--model", default="smollm2-135m", help="base model (name or local directory)")
     p.add_argument("--train-rows", type=int, default=1000, help="the expert trains on NAME_<train-rows>")
     p.add_argument(
@@ -168,6 +157,14 @@ def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
     p.add_argument("--data-dir", default=None, help="data directory; None: $W2D_DATA_DIR")
     p.add_argument("--out", default=out, help="results JSON (written atomically)")
+
+
+def parse_quick(p: argparse.ArgumentParser, quick: dict) -> argparse.Namespace:
+    """The parsed flags; with --quick, `quick`'s settings replace theirs."""
+    args = p.parse_args()
+    if args.quick:
+        vars(args).update(quick)
+    return args
 
 
 def csv(text: str, kind: type = str) -> list:

@@ -20,7 +20,6 @@ syntheses are cached: the same command run again trains and synthesises only wha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -29,11 +28,13 @@ from dataclasses import fields, replace
 import torch
 
 from quality import (
+    SMOKE,
     Group,
     HelpFormatter,
     add_common_args,
     csv,
     format_figure,
+    parse_quick,
     run_seeds,
     score,
 )
@@ -47,15 +48,9 @@ from weights2data.store import write_json
 from weights2data.synthesis import synthesise
 from weights2data.train import Task, evaluate
 
-QUICK = dict(
-    train_rows=200,
-    corpus="wiki_passages_1000",
+QUICK = SMOKE | dict(
     scope="top:1",
     k=20,
-    seeds="0",
-    eval_epochs=3,
-    max_eval_rows=300,
-    expert_epochs=2,
     steps=3,
     doc_steps=1,
     inner_steps=3,
@@ -69,8 +64,7 @@ FIGURES = ("objective_cos", "perplexity_base", "compute_s", "best_epoch_test", "
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smoke run: " + json.dumps(QUICK))
-    add_common_args(p, out="benchmarks/results/synthesis.json")
+    add_common_args(p, out="benchmarks/results/synthesis.json", quick=QUICK)
     p.add_argument("--dataset", default="ag_news", help="the expert's classification dataset")
     p.add_argument("--scope", default="top:4", help="the expert's training regime: head, top:N or full")
     p.add_argument("--k", type=int, default=100, help="documents recovered or synthesised")
@@ -92,11 +86,7 @@ def parse_args() -> argparse.Namespace:
         kind = {"int": int, "float": float}.get(f.type, str)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"])
     p.set_defaults(time_budget=100_000)
-    args = p.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    return args
+    return parse_quick(p, QUICK)
 
 
 def main() -> None:
