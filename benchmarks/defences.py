@@ -29,6 +29,7 @@ from quality import (
     Group,
     HelpFormatter,
     add_common_args,
+    add_one_expert_args,
     csv,
     format_figure,
     parse_quick,
@@ -65,9 +66,7 @@ RECORDED_ELSEWHERE = ("method", "strength", "kl_weight", "seed", "finetuned", "b
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p, out="benchmarks/results/defences.json", quick=QUICK)
-    p.add_argument("--dataset", default="ag_news", help="the expert's classification dataset")
-    p.add_argument("--scope", default="top:4", help="the expert's training regime: head, top:N or full")
-    p.add_argument("--k", type=int, default=100, help="documents recovered")
+    add_one_expert_args(p, k_help="documents recovered")
     p.add_argument("--strategy", default="greedy", help="the recovery's selection strategy")
     p.add_argument(
         "--defences",

@@ -159,6 +159,13 @@ def add_common_args(p: argparse.ArgumentParser, out: str, quick: dict) -> None:
     p.add_argument("--out", default=out, help="results JSON (written atomically)")
 
 
+def add_one_expert_args(p: argparse.ArgumentParser, k_help: str) -> None:
+    """--dataset, --scope and --k: one expert and one selection size, for defences and synthesis."""
+    p.add_argument("--dataset", default="ag_news", help="the expert's classification dataset")
+    p.add_argument("--scope", default="top:4", help="the expert's training regime: head, top:N or full")
+    p.add_argument("--k", type=int, default=100, help=k_help)
+
+
 def parse_quick(p: argparse.ArgumentParser, quick: dict) -> argparse.Namespace:
     """The parsed flags; with --quick, `quick`'s settings replace theirs."""
     args = p.parse_args()

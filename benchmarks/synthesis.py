@@ -32,6 +32,7 @@ from quality import (
     Group,
     HelpFormatter,
     add_common_args,
+    add_one_expert_args,
     csv,
     format_figure,
     parse_quick,
@@ -65,9 +66,7 @@ FIGURES = ("objective_cos", "perplexity_base", "compute_s", "best_epoch_test", "
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p, out="benchmarks/results/synthesis.json", quick=QUICK)
-    p.add_argument("--dataset", default="ag_news", help="the expert's classification dataset")
-    p.add_argument("--scope", default="top:4", help="the expert's training regime: head, top:N or full")
-    p.add_argument("--k", type=int, default=100, help="documents recovered or synthesised")
+    add_one_expert_args(p, k_help="documents recovered or synthesised")
     p.add_argument("--methods", default="GCG,GCGA,ADMM", help="comma-separated synthesisers")
     p.add_argument(
         "--expert-row",
