@@ -248,7 +248,9 @@ class RuntimeConfig:
 class SelectConfig:
     k: int = opt(1000, "number of corpus documents to select (the original's --select_full_dataset_size)")
     strategy: str = opt(
-        "greedy", "greedy (SELECT), greedy_batched, topk, topk_balanced, bottomk, p_min, p_max or random"
+        "greedy",
+        "greedy (SELECT), greedy_balanced (greedy with a quota per label), greedy_batched, topk, "
+        "topk_balanced, bottomk, p_min, p_max or random",
     )
     labels: str = opt(
         "auto", "labels for selected documents: auto (the finetuned model's prediction) or random"
