@@ -221,4 +221,5 @@ def test_demo_copies_its_results(
     assert code == 0 and "copied to out/demo.json" in out
     copied = (cli_env / "out" / "demo.json").read_text()
     assert copied == (cli_env / "runs" / "demo" / "results.json").read_text()
-    assert [row["model"] for row in json.loads(copied)["table"]] == ["expert", "greedy", "topk", "random"]
+    table = json.loads(copied)["table"]
+    assert [row["model"] for row in table] == ["expert", "greedy", "greedy_balanced", "topk", "random"]

@@ -120,7 +120,11 @@ def test_sharded_strategies_pick_what_one_process_picks(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- w2d select under torchrun
 
-SELECT = "select --base tiny-test --finetuned tiny-test:1 --label-set A,B,C,D --seq-len 16 --device cpu -k 12"
+# --precondition none in both: a sharded selection resolves the default (auto) to none, one process to adam
+SELECT = (
+    "select --base tiny-test --finetuned tiny-test:1 --label-set A,B,C,D --seq-len 16 --device cpu -k 12 "
+    "--precondition none"
+)
 CORPUS = "wiki_passages_2500"  # 1248 + 1252 rows: two cache chunks on each rank
 
 # A rank started by hand as torchrun would start it; rank 1 pauses (a marker file tells the test)
@@ -237,7 +241,7 @@ def test_aligned_shards_featurise_bit_for_bit_as_the_whole(kind: str, cache: Pat
 
     base, tuned = load_model("tiny-test", cache=cache), load_model("tiny-test:1", cache=cache)
     texts = load_dataset("wiki_passages_64", data_dir=data_dir).train.texts
-    sel = SelectConfig(k=4, grad_blocks=1 if kind == "blocks" else 0)
+    sel = SelectConfig(k=4, grad_blocks=1 if kind == "blocks" else 0, precondition="none")  # moments: whole
     label_set = make_label_set(["A", "B", "C", "D"], base.tokenizer, "A,B,C,D")
 
     def gradients(part: list[str]):

@@ -69,7 +69,7 @@ def autograd_head_gradients(
 def test_factored_gradients_match_autograd(pair, tmp_path) -> None:
     base, finetuned = pair
     label_set = make_label_set(["a", "b", "c", "d"], finetuned.tokenizer, "letters")
-    data, cfg = DataConfig(seq_len=16), SelectConfig(k=5, projection_dim=0)
+    data, cfg = DataConfig(seq_len=16), SelectConfig(k=5, projection_dim=0, precondition="none")
     grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, cfg, cache_root=tmp_path)
     dense = autograd_head_gradients(
         finetuned.model, TEXTS, finetuned.tokenizer, label_set.token_ids, grads.labels, data.seq_len

@@ -70,8 +70,9 @@ def select_init(pair, task: Task, k: int = 4):
     """SELECT's picks from TEXTS, with their objective as SELECT reports it."""
     base, tuned = pair
     data = DataConfig(seq_len=SEQ_LEN)
-    grads = corpus_gradients(base, tuned, TEXTS, task.label_set, data, SelectConfig(k=k), None)
-    return recover(grads, TEXTS, task.label_set, SelectConfig(k=k), progress=False)
+    sel = SelectConfig(k=k, precondition="none")  # the synthesisers' objective: raw gradients
+    grads = corpus_gradients(base, tuned, TEXTS, task.label_set, data, sel, None)
+    return recover(grads, TEXTS, task.label_set, sel, progress=False)
 
 
 def test_token_gradients_equal_autograd_on_one_hot(pair, task: Task) -> None:

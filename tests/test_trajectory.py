@@ -15,7 +15,7 @@ from weights2data.errors import W2DError
 from weights2data.gradients import materialise
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
 from weights2data.precondition import adam_scales, precondition
-from weights2data.recover import corpus_gradients, recover
+from weights2data.recover import check_lm_selection, corpus_gradients, recover
 from weights2data.selection import DenseFeatures, FactoredFeatures, SummedFeatures, select
 from weights2data.train import Task
 from weights2data.trajectory import Walk, changed_scope, gradient_points, interpolate, segments
@@ -75,7 +75,7 @@ def test_pseudo_expert_gradients_match_autograd(pair, label_set, tmp_path) -> No
     """P = 2, gradients at both ends of each segment, concatenated: every part equals autograd's."""
     base, finetuned = pair
     data = DataConfig(seq_len=16)
-    cfg = SelectConfig(k=6, pseudo_experts=2, grad_at="both", path_combine="concat")
+    cfg = SelectConfig(k=6, pseudo_experts=2, grad_at="both", path_combine="concat", precondition="none")
     grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, cfg, tmp_path)
     assert isinstance(grads.features, SummedFeatures) and len(grads.features.parts) == 4
     mid = interpolate(base, finetuned, 0.5)
@@ -91,7 +91,7 @@ def test_pseudo_expert_gradients_match_autograd(pair, label_set, tmp_path) -> No
 
 def test_sum_of_both_ends_is_the_summed_gradient(pair, label_set, tmp_path) -> None:
     base, finetuned = pair
-    cfg = SelectConfig(k=6, grad_at="both", path_combine="sum")
+    cfg = SelectConfig(k=6, grad_at="both", path_combine="sum", precondition="none")
     grads = corpus_gradients(base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), cfg, tmp_path)
     dense = sum(
         autograd_head_gradients(m.model, TEXTS, m.tokenizer, label_set.token_ids, grads.labels, 16)
@@ -149,6 +149,40 @@ def test_adam_preconditioning_is_the_rank_one_second_moment() -> None:
     torch.testing.assert_close(ours.target_dots, exact.target_dots, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.dots_with(1), exact.dots_with(1), rtol=1e-4, atol=1e-4)
     assert precondition(errors, hidden, "none") == (errors, hidden)
+
+
+def test_auto_preconditioning_is_adam_for_label_token_head_gradients_and_none_elsewhere(
+    pair, label_set, tmp_path
+) -> None:
+    base, finetuned = pair
+    data = DataConfig(seq_len=16)
+    auto, adam, none = (
+        corpus_gradients(base, finetuned, TEXTS, label_set, data, SelectConfig(k=6, **kind), tmp_path)
+        for kind in ({}, {"precondition": "adam"}, {"precondition": "none"})
+    )
+    assert SelectConfig().precondition == "auto"
+    assert (auto.timings["precondition"], adam.timings["precondition"], none.timings["precondition"]) == (
+        "adam",
+        "adam",
+        "none",
+    )
+    torch.testing.assert_close(auto.features.target_dots, adam.features.target_dots)
+    assert not torch.allclose(auto.features.target_dots, none.features.target_dots)
+    full = corpus_gradients(
+        base,
+        finetuned,
+        TEXTS,
+        label_set,
+        DataConfig(seq_len=16, label_loss="full"),
+        SelectConfig(k=6),
+        tmp_path,
+    )
+    assert full.timings["precondition"] == "none"  # no factored estimate of a V × d gradient
+    assert SelectConfig().raw_unless_asked().precondition == "none"  # torchrun ranks, synthesisers
+    assert SelectConfig(precondition="kfac").raw_unless_asked().precondition == "kfac"
+    with pytest.raises(W2DError, match="language-modelling selection has none"):
+        check_lm_selection(SelectConfig(precondition="adam"), ["greedy"])
+    check_lm_selection(SelectConfig(), ["greedy"])
 
 
 def test_kfac_whitening_is_the_kronecker_inverse_square_root() -> None:

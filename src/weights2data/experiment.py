@@ -84,6 +84,7 @@ def run_experiment(
     if task.kind == "lm":
         check_lm_selection(sel, run.strategy_list)
     if synth is not None and synth.synthesises:
+        sel = sel.raw_unless_asked()
         check_synthesis(synth, sel, task)
     defense_record = None
     if defense is not None and defense.method != "none":

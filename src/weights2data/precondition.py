@@ -21,7 +21,7 @@ from torch import Tensor
 
 from weights2data.errors import W2DError
 
-PRECONDITIONERS = ("none", "adam", "kfac")
+PRECONDITIONERS = ("auto", "none", "adam", "kfac")  # auto: see `resolve`
 _EPS = 1e-6  # relative floor under the second moments, as Adam's ε keeps a step finite
 
 
@@ -35,14 +35,23 @@ def adam_scales(errors: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
     return alpha.float(), beta.float()
 
 
+def resolve(kind: str, restricted_head: bool) -> str:
+    """The preconditioner `kind` asks for; `auto` is adam for the C × d head gradients of the
+    label-token loss (`restricted_head`), where it measured best on every dataset tried
+    (benchmarks/RESULTS.md), and none elsewhere (no factored estimate applies)."""
+    if kind != "auto":
+        return kind
+    return "adam" if restricted_head else "none"
+
+
 def precondition(errors: Tensor, hidden: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     """The factors of D ∘ g for every document: (errors ∘ α, hidden ∘ β); unchanged for `none`.
 
     Works on (N, C) / (N, d) factors or on (N, P, C) / (N, P, d) stacks of P gradient points,
     which share one estimate.
     """
-    if kind not in PRECONDITIONERS:
-        raise W2DError(f"unknown preconditioner '{kind}': choose from {', '.join(PRECONDITIONERS)}")
+    if kind not in PRECONDITIONERS[1:]:
+        raise W2DError(f"unknown preconditioner '{kind}': choose from {', '.join(PRECONDITIONERS[1:])}")
     if kind == "none":
         return errors, hidden
     flat_e, flat_h = errors.reshape(-1, errors.shape[-1]), hidden.reshape(-1, hidden.shape[-1])

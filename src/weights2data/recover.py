@@ -30,6 +30,7 @@ from weights2data.gradients import (
 )
 from weights2data.lm_features import head_delta, head_view
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
+from weights2data.precondition import resolve
 from weights2data.selection import BALANCED, GradientFeatures, Selection, SummedFeatures, select
 from weights2data.store import atomic_path, stable_hash, write_json
 from weights2data.templates import PLAIN, Template, encode, resolve_template
@@ -288,16 +289,15 @@ def corpus_gradients(
                 blocks += [block] if block is not None else []
                 timings = merge_timings(timings, block_timings)
         memo = {key: value for key, value in memo.items() if value[0] in (finetuned, end)}
+    preconditioner = resolve(cfg.precondition, restricted_head=mode == "restricted")
     if points:
         total_delta = label_rows(base, label_set)[0] - tuned_rows[0]
-        heads = as_list(
-            head_features(points, labelled.labels, cfg.path_combine, total_delta, cfg.precondition)
-        )
+        heads = as_list(head_features(points, labelled.labels, cfg.path_combine, total_delta, preconditioner))
     if cfg.projection_dim:
         heads = [jl_project(part, cfg.projection_dim, cfg.projection, cfg.seed) for part in heads]
     parts, note = changed_parts(heads, blocks)
     timings["features_s"] = round(time.time() - started, 2)
-    notes = timings | note | task_notes(template, mode)
+    notes = timings | note | task_notes(template, mode) | {"precondition": preconditioner}
     return CorpusGradients(
         joined(parts),
         labelled.labels,
@@ -311,7 +311,7 @@ def corpus_gradients(
 def check_full_loss(cfg: SelectConfig) -> None:
     """What full-vocabulary head gradients (gradients.full_vocab_features) do not support."""
     several = cfg.pseudo_experts > 1 or cfg.grad_at == "both"
-    if cfg.precondition != "none" or cfg.projection_dim:
+    if cfg.precondition not in ("auto", "none") or cfg.projection_dim:
         raise W2DError(
             "--precondition and --projection-dim need --label-loss restricted (the C × d gradients)"
         )
@@ -446,6 +446,11 @@ def check_lm_selection(cfg: SelectConfig, strategies: list[str]) -> None:
         raise W2DError(
             f"{balanced[0]} balances labels, and a language-modelling selection has none: "
             "use topk (or greedy)"
+        )
+    if cfg.precondition not in ("auto", "none"):
+        raise W2DError(
+            f"--precondition {cfg.precondition} rescales classification head gradients (C × d), and a "
+            "language-modelling selection has none: leave it unset (auto) or pass --precondition none"
         )
     if cfg.labels == "random" or cfg.label_set:
         option = "--labels random" if cfg.labels == "random" else f"--label-set {cfg.label_set}"

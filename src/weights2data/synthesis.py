@@ -445,19 +445,19 @@ def check_synthesis(cfg: SynthConfig, sel: SelectConfig, task: Task) -> None:
             f"{task.kind}{'' if task.template.plain else ' with a template'}"
             f"{', full-vocabulary loss' if task.label_loss == 'full' else ''}: use --opt SELECT"
         )
-    changed = {
-        "--grad-blocks": sel.grad_blocks != 0,
-        "--pseudo-experts": sel.pseudo_experts != 1,
-        "--grad-at": sel.grad_at != "finetuned",
-        "--precondition": sel.precondition != "none",
-        "--projection-dim": sel.projection_dim != 0,
-        "--rounds": sel.rounds != 1,
+    needed = {  # what SELECT matches when its objective is the synthesisers' (w2d resolves auto to none)
+        "--grad-blocks 0": sel.grad_blocks == 0,
+        "--pseudo-experts 1": sel.pseudo_experts == 1,
+        "--grad-at finetuned": sel.grad_at == "finetuned",
+        "--precondition none": sel.precondition == "none",
+        "--projection-dim 0": sel.projection_dim == 0,
+        "--rounds 1": sel.rounds == 1,
     }
-    if any(changed.values()):
-        flags = ", ".join(name for name, on in changed.items() if on)
+    if not all(needed.values()):
+        flags = ", ".join(name for name, met in needed.items() if not met)
         raise W2DError(
             f"--opt {cfg.method} maximises SELECT's head objective at the finetuned weights, exactly; "
-            f"{flags} change what SELECT matches: leave them at their defaults"
+            f"it needs {flags}"
         )
 
 
