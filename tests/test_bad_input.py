@@ -263,6 +263,10 @@ CASES = {
         "topk_balanced balances labels",
     ),
     "random labels in LM mode": ([*SEL_LM, "--labels", "random"], "--labels random labels the picks"),
+    "preconditioner in LM mode": (
+        [*SEL_LM, "--precondition", "adam"],
+        "--precondition adam rescales classification head gradients",
+    ),
     "label set in LM mode": ([*SEL_LM, "--label-set", "A,B"], "--label-set A,B labels the picks"),
     "no strategy": ([*RUN, "--strategies", ""], "strategies names no strategy"),
     "label set for w2d run": ([*RUN, "--config", "label_set.toml"], "--label-set is for w2d select"),
