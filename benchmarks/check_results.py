@@ -74,6 +74,7 @@ NAMES = {  # how a value in the JSON reads in the docs
     "rotten_tomatoes": "Rotten Tomatoes",
     "greedy": "greedy (SELECT)",
     "topk": "top-k",
+    "greedy_balanced": "greedy balanced",
     "topk_balanced": "top-k balanced",
     "oracle": "ceiling: the passages nearest the true texts",
 }
