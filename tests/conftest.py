@@ -87,6 +87,20 @@ def tiny(_tiny_master):
     return LoadedModel(copy.deepcopy(_tiny_master.model), _tiny_master.tokenizer, _tiny_master.spec)
 
 
+def nudged(model, scale: float):
+    """A 'finetune' of LoadedModel `model`: a copy with every weight moved by scale · N(0, 1) (seed 0)."""
+    import torch
+
+    from weights2data.models import LoadedModel
+
+    tuned = LoadedModel(copy.deepcopy(model.model), model.tokenizer, f"{model.spec}+nudged")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return tuned
+
+
 @pytest.fixture
 def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fresh_cache: Path, data_dir: Path) -> Path:
     """Environment for CLI runs: own cache, the data directory, and a scratch working directory."""

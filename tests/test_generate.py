@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import replace
 from functools import partial
@@ -12,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import nudged
 from weights2data.cli import main
 from weights2data.config import GenerateConfig
 from weights2data.data import Split
@@ -34,12 +34,7 @@ NO_STOP = torch.tensor([-1])  # no token ends a row early
 @pytest.fixture
 def pair(tiny: LoadedModel) -> tuple[LoadedModel, LoadedModel]:
     """The tiny model and a nearby 'finetune' of it (every weight nudged)."""
-    tuned = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny-test+nudged")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in tuned.model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return tiny, tuned
+    return tiny, nudged(tiny, 0.05)
 
 
 def prefix(tokenizer, text: str = "The", rows: int = 3) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import replace
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import weights2data.synthesis as synthesis
+from conftest import nudged
 from weights2data.cli import main
 from weights2data.config import DataConfig, SelectConfig, SynthConfig
 from weights2data.data import make_label_set
@@ -51,13 +51,8 @@ SEQ_LEN = 12
 
 @pytest.fixture
 def pair(tiny: LoadedModel) -> tuple[LoadedModel, LoadedModel]:
-    """The tiny model and a 'finetune' of it: every weight nudged, the head untied and moved more."""
-    tuned = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny-test+nudged")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in tuned.model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    return tiny, tuned
+    """The tiny model and a 'finetune' of it: every weight nudged."""
+    return tiny, nudged(tiny, 0.02)
 
 
 @pytest.fixture
