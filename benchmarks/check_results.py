@@ -38,7 +38,8 @@ A figure in prose: <!-- value FILE EXPRESSION [partial|pending] -->199<!-- /valu
     python benchmarks/check_results.py --write  # regenerate the marked text (and stale stored summaries)
 
 Every results file is checked too: strict JSON (NaN or Infinity must be null), and a stored
-`summary` equal to summarise(rows) (quality.py's, leakage.py's or defences.py's).
+`summary` equal to summarise(rows) (quality.py's, leakage.py's, defences.py's or
+foreign_finetune.py's, which also reads the true rows' scores).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import defences
+import foreign_finetune
 import leakage
 import quality
 from weights2data.store import write_json
@@ -65,7 +67,12 @@ SHOWN_AS = "benchmarks/results/"  # how a source line names the results folder
 MARKER = re.compile(r"<!-- (table|value) (.*?) -->(.*?)<!-- /\1 -->", re.S)
 TERM = re.compile(r"(?P<path>.+?)(?:\*(?P<scale>[\d.]+))?(?::(?P<format>,?(?:\.\d+)?[fd]))?(?P<pm>±)?")
 FIGURES = {"honest": "val_selected_test", "best": "best_epoch_test"}
-SUMMARISERS = {"quality": quality.summarise, "leakage": leakage.summarise, "defences": defences.summarise}
+SUMMARISERS = {  # by the file name's first word: the stored summary from the whole file
+    "quality": lambda data: quality.summarise(data["rows"]),
+    "leakage": lambda data: leakage.summarise(data["rows"]),
+    "defences": lambda data: defences.summarise(data["rows"]),
+    "foreign": foreign_finetune.summarise,
+}
 FLAGS = {"partial", "pending"}
 NAMES = {  # how a value in the JSON reads in the docs
     "ag_news": "AG News",
@@ -140,7 +147,7 @@ def check_files(folder: Path, write: bool) -> list[str]:
         summarise = SUMMARISERS.get(path.name.split("_")[0])
         if summarise is None or not {"rows", "summary"} <= data.keys():
             continue
-        expected = summarise(data["rows"])
+        expected = summarise(data)
         difference = first_difference(data["summary"], expected, "summary")
         if difference and write:
             write_json(path, data | {"summary": expected})

@@ -31,16 +31,17 @@ import argparse
 import copy
 import json
 import shlex
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 
+from quality import format_figure, seed_statistics
 from weights2data.cli import main as w2d
 from weights2data.data import data_dir, load_dataset
 from weights2data.errors import exit_on_error
+from weights2data.experiment import closure
 from weights2data.models import decoder_layers, load_model, untie_head
 from weights2data.store import cache_dir, write_json
 
@@ -241,38 +242,46 @@ def train_eval(args: argparse.Namespace, train: str | Path, seed: int, name: str
     return {key: metrics[key] for key in ("best_epoch_test", "val_selected_test")}
 
 
-def summarise(rows: list[dict], truth: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per expert, template and strategy; closure against random and the base
-    trained on the true rows (honest figure; null where that expert row does not beat random)."""
-    expert = statistics.fmean(r["val_selected_test"] for r in truth) if truth else None
-    groups: dict[tuple, list[float]] = {}
-    for row in rows:
-        groups.setdefault((row["expert"], row["template"], row["strategy"]), []).append(
-            row["val_selected_test"]
-        )
-    out = []
-    for (kind, templated, strategy), values in groups.items():
-        random = groups.get((kind, templated, "random"))
-        mean, rand = statistics.fmean(values), statistics.fmean(random) if random else None
-        gap = None if expert is None or rand is None else expert - rand
-        out.append(
-            {"expert": kind, "template": templated, "strategy": strategy, "n": len(values), "mean": mean,
-             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-             "closure": (mean - rand) / gap if gap and gap > 1e-12 else None}
-        )  # fmt: skip
-    return out
+FIGURES = ("best_epoch_test", "val_selected_test")
+
+
+def summarise(data: dict) -> list[dict]:
+    """Mean ± std over seeds per expert, template and strategy, and of the true rows (the `truth`
+    entry, which every expert's row shares). Each seed's closure is against that seed's random
+    selection (same expert and format) and its true-rows row; undefined where they tie."""
+    truth = {row["seed"]: row for row in data["truth"]}
+    randoms = {(r["expert"], r["template"], r["seed"]): r for r in data["rows"] if r["strategy"] == "random"}
+    groups: dict[tuple, list[dict]] = {}
+    for row in data["rows"]:
+        row = dict(row)
+        random = randoms.get((row["expert"], row["template"], row["seed"]))
+        if row["strategy"] != "random" and random is not None and row["seed"] in truth:
+            for figure in FIGURES:
+                row[f"closure_{figure}"] = closure(row[figure], random[figure], truth[row["seed"]][figure])
+        groups.setdefault((row["expert"], row["template"], row["strategy"]), []).append(row)
+    summary = []
+    if data["truth"]:
+        entry = {"expert": "-", "template": "-", "strategy": "truth", "seeds": len(data["truth"])}
+        summary.append(entry | seed_statistics(data["truth"], FIGURES))
+    for (kind, templated, strategy), members in groups.items():
+        entry = {"expert": kind, "template": templated, "strategy": strategy, "seeds": len(members)}
+        closures = tuple(f"closure_{figure}" for figure in FIGURES)
+        summary.append(entry | seed_statistics(members, FIGURES + closures))
+    return summary
 
 
 def markdown(out: dict) -> str:
     lines = [
-        "| expert | format | strategy | honest accuracy | closure |",
-        "| --- | --- | --- | ---: | ---: |",
+        "| expert | format | strategy | honest accuracy | closure (honest) | seeds |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
     ]
-    for row in out["summary"]:
-        closure = "n/a" if row["closure"] is None else f"{row['closure']:.2f}"
-        fmt = "template" if row["template"] else "plain"
-        accuracy = f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
-        lines.append(f"| {row['expert']} | {fmt} | {row['strategy']} | {accuracy} | {closure} |")
+    for e in out["summary"]:
+        fmt = {True: "template", False: "plain"}.get(e["template"], "-")
+        accuracy = format_figure(e, "val_selected_test", 100, 1)
+        lines.append(
+            f"| {e['expert']} | {fmt} | {e['strategy']} | {accuracy} | "
+            f"{format_figure(e, 'closure_val_selected_test', 1, 2)} | {e['seeds']} |"
+        )
     for kind, expert in out["experts"].items():
         lines.append(f"\n{kind}: inspect found the labels: {expert.get('inspect', {}).get('found_labels')}")
     return "\n".join(lines)
@@ -286,7 +295,7 @@ def main() -> None:
 
     def save() -> None:  # strict JSON: a NaN (an empty split's loss, say) is written as null
         out["seconds"] = round(time.time() - started, 1)
-        out["summary"] = summarise(out["rows"], out["truth"])
+        out["summary"] = summarise(out)
         write_json(Path(args.out), json.loads(json.dumps(out), parse_constant=lambda _: None))
 
     for seed in [int(s) for s in args.seeds.split(",")]:

@@ -130,3 +130,24 @@ def test_a_pending_file_is_skipped_and_a_missing_one_fails(
     )
     assert check(doc) == []
     assert capsys.readouterr().err.count("not checked: its results file is pending") == 2
+
+
+def test_the_foreign_finetune_summary_closes_each_seed_against_its_own_random_and_true_rows() -> None:
+    import foreign_finetune
+
+    truth = [{"seed": s, "best_epoch_test": 0.8, "val_selected_test": 0.8 + s / 10} for s in (0, 1)]
+    rows = []
+    for seed in (0, 1):
+        for strategy, acc in (("greedy", 0.7), ("random", 0.6)):
+            figures = {"best_epoch_test": acc, "val_selected_test": acc + seed / 10}
+            rows.append({"expert": "trainer", "template": True, "strategy": strategy, "seed": seed} | figures)
+    summary = foreign_finetune.summarise({"truth": truth, "rows": rows})
+    by_strategy = {e["strategy"]: e for e in summary}
+    assert by_strategy["truth"]["val_selected_test"] == pytest.approx(0.85)
+    greedy = by_strategy["greedy"]
+    assert greedy["seeds"] == 2
+    assert greedy["closure_val_selected_test"] == pytest.approx(0.5)  # (0.7 − 0.6) / (0.8 − 0.6), both seeds
+    assert greedy["closure_val_selected_test_std"] == pytest.approx(0.0)
+    assert "closure_val_selected_test" not in by_strategy["random"]
+    stored = {"args": {}, "complete": True, "truth": truth, "rows": rows, "summary": summary[:1]}
+    assert check_results.first_difference(stored["summary"], check_results.SUMMARISERS["foreign"](stored), "s")
