@@ -275,6 +275,11 @@ CASES = {
     # report, similarity, cache
     "report on a folder that is not a run": (["report", "notrun"], "notrun: not a w2d run directory"),
     "report on a missing folder": (["report", "missing"], "missing: not a directory"),
+    "report with nothing to report": (["report"], "give a RUN_DIR written by `w2d run`, or --defences FILE"),
+    "report --defences on other results": (
+        ["report", "--defences", "data.txt"],
+        "--defences data.txt: could not read it as JSON",
+    ),
     "similarity of an empty set": (["similarity", "empty.csv", "ag_news_10"], "the training split is empty"),
     "similarity with --max-docs 0": (
         ["similarity", "ag_news_10", "ag_news_10", "--max-docs", "0"],

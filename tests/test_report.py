@@ -246,3 +246,49 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert (run / "report" / "report.html").exists() and (run / "report" / "report.md").exists()
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def defences_results(path: Path) -> Path:
+    """A benchmarks/defences.py results file: undefended, two noise strengths, two seeds each."""
+    summary = [{"defense": "-", "strength": "-", "train": "expert", "seeds": 2, "val_selected_test": 0.8}]
+    for method, strength, utility, closure in (("none", 0.0, 0.8, 0.5), ("noise", 0.01, 0.78, 0.3),
+                                               ("noise", 0.03, 0.6, -0.1)):  # fmt: skip
+        for train in ("random", "greedy"):
+            entry = {"defense": method, "strength": strength, "train": train, "seeds": 2}
+            entry |= {
+                "utility": utility,
+                "utility_std": 0.01,
+                "val_selected_test": 0.6,
+                "val_selected_test_std": 0.02,
+            }
+            if train == "greedy":
+                entry |= {"closure_val_selected_test": closure, "closure_val_selected_test_std": 0.1}
+            summary.append(entry)
+    path.write_text(
+        json.dumps({"args": {"strategy": "greedy"}, "complete": True, "rows": [], "summary": summary})
+    )
+    return path
+
+
+def test_report_draws_the_measured_defence_tradeoff(tmp_path: Path) -> None:
+    results = defences_results(tmp_path / "defences_t.json")
+    assert main(["report", "--defences", str(results)]) == 0
+    out = tmp_path / "defences_t-report"
+    md = (out / "report.md").read_text()
+    assert "| none | 0 | 80.0 ± 1.0 | 60.0 ± 2.0 | 60.0 ± 2.0 | 0.50 ± 0.10 | 2 |" in md
+    assert (
+        "| noise | 0.03 | 60.0 ± 1.0 | 60.0 ± 2.0 | 60.0 ± 2.0 | −0.10 ± 0.10 | 2 |".replace("−", "-") in md
+    )
+    assert (out / "defences-measured-0.png").read_bytes().startswith(b"\x89PNG")
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_report_refuses_a_file_that_is_not_defence_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    other = tmp_path / "quality.json"
+    other.write_text(json.dumps({"summary": [{"train": "greedy"}]}))
+    assert main(["report", "--defences", str(other)]) == 2
+    assert "not a results file of benchmarks/defences.py" in capsys.readouterr().err
+    assert main(["report"]) == 2
+    assert "give a RUN_DIR" in capsys.readouterr().err

@@ -655,8 +655,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from weights2data.report import build_report
 
-    out = Path(args.out) if args.out else default_report_dir([Path(p) for p in args.run_dirs])
-    html_path = build_report(args.run_dirs, out, data_dir=args.data_dir)
+    if not args.run_dirs and not args.defences:
+        raise W2DError("give a RUN_DIR written by `w2d run`, or --defences FILE")
+    if args.out:
+        out = Path(args.out)
+    elif args.run_dirs:
+        out = default_report_dir([Path(p) for p in args.run_dirs])
+    else:  # benchmarks/results/defences_x.json -> benchmarks/results/defences_x-report
+        first = Path(args.defences[0])
+        out = first.with_name(first.stem + "-report")
+    html_path = build_report(args.run_dirs, out, data_dir=args.data_dir, defences=args.defences)
     print(f"report: {html_path}\n  markdown: {html_path.with_name('report.md')} (figures beside it)")
     return 0
 
@@ -960,9 +968,17 @@ def make_parser() -> argparse.ArgumentParser:
         cmd_report,
         "an HTML and markdown report of one or more `w2d run` directories: "
         "scores and gap closure, metric vs k, per-epoch curves, label histograms, similarity, "
-        "sample recovered documents",
+        "sample recovered documents; and the defence trade-off measured by benchmarks/defences.py",
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `w2d run`")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories written by `w2d run`")
+    p.add_argument(
+        "--defences",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a results file of benchmarks/defences.py (repeatable): utility against closure over its "
+        "seeds, as a table and a figure",
+    )
     p.add_argument(
         "--out",
         default=None,

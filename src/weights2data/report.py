@@ -522,34 +522,42 @@ def render_markdown(doc: Doc, title: str) -> str:
 
 
 def build_report(
-    run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
+    run_dirs: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    defences: list[str | os.PathLike] = (),
 ) -> Path:
     """Write report.html (self-contained) and report.md (+ PNGs) into `out_dir`; return the HTML path.
 
     `data_dir` (default $W2D_DATA_DIR) is where the expert's training data is looked up
     for the true label distribution; when it cannot be loaded the comparison is omitted
-    with a note.
+    with a note. `defences`: results files of benchmarks/defences.py, each drawn as a
+    utility-against-closure table and figure.
     """
     from weights2data.data import data_dir as resolve_data_dir
-    from weights2data.report_defences import defence_section
+    from weights2data.report_defences import defence_section, load_measured, measured_section
 
-    if not run_dirs:
-        raise W2DError("no run directory given")
+    if not run_dirs and not defences:
+        raise W2DError("no run directory (and no --defences file) given")
     runs = [load_run(p) for p in run_dirs]
+    measured = [(Path(p).name, load_measured(p)) for p in defences]
     unique_names(runs)
-    root = resolve_data_dir(data_dir)
     doc = Doc()
-    title = "weights2data report: " + (runs[0].name if len(runs) == 1 else f"{len(runs)} runs")
-
-    overview(doc, runs)
-    score_section(doc, runs)
-    defence_section(doc, runs)
-    k_section(doc, runs)
-    epochs_section(doc, runs)
-    label_section(doc, runs, root)
-    similarity_section(doc, runs)
-    selection_section(doc, runs)
-    samples_section(doc, runs)
+    if runs:
+        title = "weights2data report: " + (runs[0].name if len(runs) == 1 else f"{len(runs)} runs")
+        overview(doc, runs)
+        score_section(doc, runs)
+        defence_section(doc, runs)
+        k_section(doc, runs)
+        epochs_section(doc, runs)
+        label_section(doc, runs, resolve_data_dir(data_dir))
+        similarity_section(doc, runs)
+        selection_section(doc, runs)
+        samples_section(doc, runs)
+    else:
+        title = "weights2data report: defences measured"
+    for index, (name, data) in enumerate(measured):
+        measured_section(doc, name, data, index)
 
     out = Path(out_dir)
     with write_errors(out):
