@@ -17,6 +17,8 @@ Neither directory holds weights2data metadata. Then, through the `w2d` commands 
    trained the same way on NAME_<train-rows> (true rows, drawn with each seed: the expert row of
    the closure) and to the Trainer expert itself (`w2d evaluate`). Seeds vary the selection
    (random picks) and the training; the experts are trained once, with seed 0.
+4. `--variants "--grad-at base; --grad-at both"`: extra `w2d select` flags, each measured as one
+   more greedy line (with the template) on every seed.
 
     python benchmarks/foreign_finetune.py --quick   # minutes: tiny-test model, tiny sizes
     python benchmarks/foreign_finetune.py           # smollm2-135m; hours on a 2-core CPU (see README)
@@ -61,6 +63,7 @@ FULL = dict(
     expert_epochs=1,
     eval_epochs=5,
     max_eval_rows=512,
+    variants="",
 )
 QUICK = FULL | dict(
     model="tiny-test", train_rows=64, corpus="wiki_passages_120", k=16, seq_len=32, top_blocks=1, seeds="0",
@@ -217,18 +220,43 @@ def measure(args: argparse.Namespace, kind: str, expert: dict, out: dict, save) 
     for seed in [int(s) for s in args.seeds.split(",")]:
         for templated in (True, False):
             for strategy in STRATEGIES:
-                name = f"{kind}-{'template' if templated else 'plain'}-{strategy}-{seed}"
-                select = ["select", *pair, "--corpus", args.corpus, "-k", str(args.k), "--strategy", strategy]
-                select += ["--seed", str(seed), "--label-set", ",".join(WORDS), "--label-loss", "full"]
-                run([*select, *(template if templated else []), *common, "--exp-name", name])
-                summary = read(work / name, "summary.json")
-                scores = train_eval(args, work / name / "selection.parquet", seed, f"{name}-te")
-                out["rows"].append(
-                    {"expert": kind, "template": templated, "strategy": strategy, "seed": seed, "k": args.k,
-                     "objective_cos": summary["objective_cos"], "features_s": summary.get("features_s"),
-                     "label_distribution": summary["label_distribution"], **scores}
-                )  # fmt: skip
+                select_and_score(args, kind, expert, templated, strategy, seed, "", out)
                 save()
+        for variant in filter(None, (v.strip() for v in args.variants.split(";"))):
+            select_and_score(args, kind, expert, True, "greedy", seed, variant, out)
+            save()
+
+
+def select_and_score(
+    args: argparse.Namespace,
+    kind: str,
+    expert: dict,
+    templated: bool,
+    strategy: str,
+    seed: int,
+    variant: str,
+    out: dict,
+) -> None:
+    """`w2d select` (with the template or without; `variant`: extra select flags) then train-eval."""
+    work = Path(args.work_dir)
+    slug = "".join(c if c.isalnum() else "-" for c in variant).strip("-")
+    name = "-".join(filter(None, (kind, "template" if templated else "plain", strategy, slug, str(seed))))
+    select = ["select", "--base", args.model, "--finetuned", expert["path"], "--corpus", args.corpus]
+    select += ["-k", str(args.k), "--strategy", strategy, "--seed", str(seed), "--label-set", ",".join(WORDS)]
+    select += [
+        "--label-loss",
+        "full",
+        *(["--template", TEMPLATE] if templated else []),
+        *shlex.split(variant),
+    ]
+    run([*select, "--results-dir", str(work), "--seq-len", str(args.seq_len), "--exp-name", name])
+    summary = read(work / name, "summary.json")
+    scores = train_eval(args, work / name / "selection.parquet", seed, f"{name}-te")
+    out["rows"].append(
+        {"expert": kind, "template": templated, "select": variant, "strategy": strategy, "seed": seed,
+         "k": args.k, "objective_cos": summary["objective_cos"], "features_s": summary.get("features_s"),
+         "label_distribution": summary["label_distribution"], **scores}
+    )  # fmt: skip
 
 
 def train_eval(args: argparse.Namespace, train: str | Path, seed: int, name: str) -> dict:
@@ -258,13 +286,21 @@ def summarise(data: dict) -> list[dict]:
         if row["strategy"] != "random" and random is not None and row["seed"] in truth:
             for figure in FIGURES:
                 row[f"closure_{figure}"] = closure(row[figure], random[figure], truth[row["seed"]][figure])
-        groups.setdefault((row["expert"], row["template"], row["strategy"]), []).append(row)
+        key = (row["expert"], row["template"], row.get("select", ""), row["strategy"])
+        groups.setdefault(key, []).append(row)
     summary = []
     if data["truth"]:
-        entry = {"expert": "-", "template": "-", "strategy": "truth", "seeds": len(data["truth"])}
+        entry = {
+            "expert": "-",
+            "template": "-",
+            "select": "-",
+            "strategy": "truth",
+            "seeds": len(data["truth"]),
+        }
         summary.append(entry | seed_statistics(data["truth"], FIGURES))
-    for (kind, templated, strategy), members in groups.items():
-        entry = {"expert": kind, "template": templated, "strategy": strategy, "seeds": len(members)}
+    for (kind, templated, select, strategy), members in groups.items():
+        entry = {"expert": kind, "template": templated, "select": select, "strategy": strategy}
+        entry["seeds"] = len(members)
         closures = tuple(f"closure_{figure}" for figure in FIGURES)
         summary.append(entry | seed_statistics(members, FIGURES + closures))
     return summary
@@ -272,14 +308,14 @@ def summarise(data: dict) -> list[dict]:
 
 def markdown(out: dict) -> str:
     lines = [
-        "| expert | format | strategy | honest accuracy | closure (honest) | seeds |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| expert | format | select flags | strategy | honest accuracy | closure (honest) | seeds |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: |",
     ]
     for e in out["summary"]:
         fmt = {True: "template", False: "plain"}.get(e["template"], "-")
         accuracy = format_figure(e, "val_selected_test", 100, 1)
         lines.append(
-            f"| {e['expert']} | {fmt} | {e['strategy']} | {accuracy} | "
+            f"| {e['expert']} | {fmt} | {e['select'] or 'default'} | {e['strategy']} | {accuracy} | "
             f"{format_figure(e, 'closure_val_selected_test', 1, 2)} | {e['seeds']} |"
         )
     for kind, expert in out["experts"].items():
