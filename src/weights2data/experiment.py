@@ -84,6 +84,8 @@ def run_experiment(
     if task.kind == "lm":
         check_lm_selection(sel, run.strategy_list)
     if synth is not None and synth.synthesises:
+        if sel.precondition == "auto":
+            log.info("--precondition auto runs as none for --opt %s", synth.method)
         sel = sel.raw_unless_asked()
         check_synthesis(synth, sel, task)
     defense_record = None
