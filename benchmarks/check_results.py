@@ -23,7 +23,8 @@ Table kinds (the word after "table"), each with KEY=VALUE settings:
   pivot    the list at `path` in `file`: a row per distinct value of the `rows` fields, a column
            per value of the field `by` listed in `columns`, each cell the expression `value`.
   rows     a row per element of the lists (or the object) at each of the comma-separated
-           `path`s in `file`; `columns` are expressions.
+           `path`s in `file` (a path ending in a KEY=VALUE selector: every element it matches);
+           `columns` are expressions.
 Any other KEY=V1,V2 of quality and pivot keeps the entries whose field KEY is one of the values
 (a summary's "-", "does not apply", always passes). Flags: `partial` quotes a file with
 `complete: false` knowingly; `pending` leaves the text unchecked (with a warning) while the file
@@ -300,6 +301,13 @@ def rows_table(settings: dict[str, str], flags: set[str], folder: Path) -> Table
         return None
     items = []
     for path in paths.split(","):
+        parent, _, last = path.rpartition(".")
+        if "=" in last:  # a closing selector keeps every element it matches, in file order
+            wanted = dict(pair.split("=", 1) for pair in last.split("&"))
+            items += [
+                e for e in lookup(data[name], parent) if all(str(e.get(k)) == v for k, v in wanted.items())
+            ]
+            continue
         found = lookup(data[name], path)
         items += found if isinstance(found, list) else [found]
     return Table([[render(item, c) for c in columns.split(",")] for item in items], 1, data)

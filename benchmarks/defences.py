@@ -127,6 +127,7 @@ def recover_from(
         {**extra, "objective_cos": recovery.summary["objective_cos"]},
     )
     for figure in ("best_epoch_test", "val_selected_test"):
+        row[f"random_{figure}"] = rand[figure]  # beside it: the docs' table reads both from one row
         row[f"closure_{figure}"] = closure(row[figure], rand[figure], expert_row[figure])
     write_json(args.out, group.out)
 
@@ -135,6 +136,8 @@ FIGURES = (
     "utility",
     "best_epoch_test",
     "val_selected_test",
+    "random_best_epoch_test",
+    "random_val_selected_test",
     "closure_best_epoch_test",
     "closure_val_selected_test",
 )

@@ -152,3 +152,22 @@ def test_the_foreign_finetune_summary_closes_each_seed_against_its_own_random_an
     stored = {"args": {}, "complete": True, "truth": truth, "rows": rows, "summary": summary[:1]}
     recomputed = check_results.SUMMARISERS["foreign"](stored)
     assert check_results.first_difference(stored["summary"], recomputed, "summary")
+
+
+def test_a_rows_table_path_ending_in_a_selector_keeps_every_match(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    summary = [
+        {"defense": "none", "strength": 0.0, "train": "greedy", "utility": 0.8},
+        {"defense": "none", "strength": 0.0, "train": "random", "utility": 0.8},
+        {"defense": "noise", "strength": 0.01, "train": "greedy", "utility": 0.7},
+    ]
+    (folder / "defences_t.json").write_text(json.dumps({"complete": True, "summary": summary}))
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "<!-- table rows file=defences_t.json path=summary.train=greedy "
+        "columns=defense,strength,utility*100:.1f -->\n"
+        "| defence | strength | utility |\n| --- | --- | ---: |\n<!-- /table -->\n"
+    )
+    assert check_results.check([doc], folder, write=True) == []
+    assert "| none | 0.0 | 80.0 |\n| noise | 0.01 | 70.0 |\n" in doc.read_text()
