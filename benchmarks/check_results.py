@@ -21,7 +21,8 @@ Table kinds (the word after "table"), each with KEY=VALUE settings:
            over seeds. Every training set the files
            measured must be a column, or be filtered out (train=...).
   pivot    the list at `path` in `file`: a row per distinct value of the `rows` fields, a column
-           per value of the field `by` listed in `columns`, each cell the expression `value`.
+           per value of the field `by` listed in `columns`, each cell the expression `value`
+           (a column written VALUE@EXPRESSION uses its own).
   rows     a row per element of the lists (or the object) at each of the comma-separated
            `path`s in `file` (a path ending in a KEY=VALUE selector: every element it matches);
            `columns` are expressions.
@@ -288,7 +289,9 @@ def pivot_table(settings: dict[str, str], flags: set[str], folder: Path) -> Tabl
     entries, keys = lookup(data[name], settings.pop("path")), settings.pop("rows").split(",")
     by = settings.pop("by")
     value = settings.pop("value")
-    columns = [(v, value) for v in settings.pop("columns").split(",")]
+    columns = [
+        (v.partition("@")[0], v.partition("@")[2] or value) for v in settings.pop("columns").split(",")
+    ]
     return Table(pivot([entries], keys, by, columns, settings), len(keys), data)
 
 

@@ -171,3 +171,21 @@ def test_a_rows_table_path_ending_in_a_selector_keeps_every_match(tmp_path: Path
     )
     assert check_results.check([doc], folder, write=True) == []
     assert "| none | 0.0 | 80.0 |\n| noise | 0.01 | 70.0 |\n" in doc.read_text()
+
+
+def test_a_pivot_column_may_name_its_own_expression(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    summary = [
+        {"expert": "t", "strategy": "greedy", "acc": 0.7, "closure": 0.25},
+        {"expert": "t", "strategy": "random", "acc": 0.6},
+    ]
+    (folder / "foreign_t.json").write_text(json.dumps({"complete": True, "summary": summary}))
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "<!-- table pivot file=foreign_t.json path=summary rows=expert by=strategy "
+        "columns=greedy,random,greedy@closure:.2f value=acc*100:.1f -->\n"
+        "| expert | greedy | random | greedy closure |\n| --- | ---: | ---: | ---: |\n<!-- /table -->\n"
+    )
+    assert check_results.check([doc], folder, write=True) == []
+    assert "| t | 70.0 | 60.0 | 0.25 |\n" in doc.read_text()
