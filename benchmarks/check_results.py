@@ -399,6 +399,8 @@ def show(key: str, value: Any) -> str:
         return "exact"
     if key == "select" and value == "":
         return "default"
+    if key == "template" and isinstance(value, bool):
+        return "template" if value else "plain"
     return NAMES.get(value, str(value)) if isinstance(value, str) else str(value)
 
 
