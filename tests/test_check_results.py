@@ -154,38 +154,38 @@ def test_the_foreign_finetune_summary_closes_each_seed_against_its_own_random_an
     assert check_results.first_difference(stored["summary"], recomputed, "summary")
 
 
-def test_a_rows_table_path_ending_in_a_selector_keeps_every_match(tmp_path: Path) -> None:
+def rewritten(tmp_path: Path, name: str, summary: list[dict], marker: str, header: str) -> str:
+    """`name` holding `summary`, a doc with one table `marker` under `header`: the doc once rewritten."""
     folder = tmp_path / "results"
     folder.mkdir()
+    (folder / name).write_text(json.dumps({"complete": True, "summary": summary}))
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"<!-- table {marker} -->\n{header}\n<!-- /table -->\n")
+    assert check_results.check([doc], folder, write=True) == []
+    return doc.read_text()
+
+
+def test_a_rows_table_path_ending_in_a_selector_keeps_every_match(tmp_path: Path) -> None:
     summary = [
         {"defense": "none", "strength": 0.0, "train": "greedy", "utility": 0.8},
         {"defense": "none", "strength": 0.0, "train": "random", "utility": 0.8},
         {"defense": "noise", "strength": 0.01, "train": "greedy", "utility": 0.7},
     ]
-    (folder / "defences_t.json").write_text(json.dumps({"complete": True, "summary": summary}))
-    doc = tmp_path / "doc.md"
-    doc.write_text(
-        "<!-- table rows file=defences_t.json path=summary.train=greedy "
-        "columns=defense,strength,utility*100:.1f -->\n"
-        "| defence | strength | utility |\n| --- | --- | ---: |\n<!-- /table -->\n"
-    )
-    assert check_results.check([doc], folder, write=True) == []
-    assert "| none | 0.0 | 80.0 |\n| noise | 0.01 | 70.0 |\n" in doc.read_text()
+    marker = "rows file=defences_t.json path=summary.train=greedy columns=defense,strength,utility*100:.1f"
+    text = rewritten(tmp_path, "defences_t.json", summary, marker, "| d | s | u |\n| --- | --- | ---: |")
+    assert "| none | 0.0 | 80.0 |\n| noise | 0.01 | 70.0 |\n" in text
 
 
 def test_a_pivot_column_may_name_its_own_expression(tmp_path: Path) -> None:
-    folder = tmp_path / "results"
-    folder.mkdir()
     summary = [
         {"expert": "t", "strategy": "greedy", "acc": 0.7, "closure": 0.25},
         {"expert": "t", "strategy": "random", "acc": 0.6},
     ]
-    (folder / "foreign_t.json").write_text(json.dumps({"complete": True, "summary": summary}))
-    doc = tmp_path / "doc.md"
-    doc.write_text(
-        "<!-- table pivot file=foreign_t.json path=summary rows=expert by=strategy "
-        "columns=greedy,random,greedy@closure:.2f value=acc*100:.1f -->\n"
-        "| expert | greedy | random | greedy closure |\n| --- | ---: | ---: | ---: |\n<!-- /table -->\n"
+    marker = (
+        "pivot file=foreign_t.json path=summary rows=expert by=strategy "
+        "columns=greedy,random,greedy@closure:.2f value=acc*100:.1f"
     )
-    assert check_results.check([doc], folder, write=True) == []
-    assert "| t | 70.0 | 60.0 | 0.25 |\n" in doc.read_text()
+    text = rewritten(
+        tmp_path, "foreign_t.json", summary, marker, "| e | g | r | c |\n| --- | ---: | ---: | ---: |"
+    )
+    assert "| t | 70.0 | 60.0 | 0.25 |\n" in text
