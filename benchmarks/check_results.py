@@ -306,10 +306,7 @@ def rows_table(settings: dict[str, str], flags: set[str], folder: Path) -> Table
     for path in paths.split(","):
         parent, _, last = path.rpartition(".")
         if "=" in last:  # a closing selector keeps every element it matches, in file order
-            wanted = dict(pair.split("=", 1) for pair in last.split("&"))
-            items += [
-                e for e in lookup(data[name], parent) if all(str(e.get(k)) == v for k, v in wanted.items())
-            ]
+            items += matching(lookup(data[name], parent), last)
             continue
         found = lookup(data[name], path)
         items += found if isinstance(found, list) else [found]
@@ -356,14 +353,19 @@ def lookup(obj: Any, path: str) -> Any:
     """The value at a dotted path: keys, list indices, KEY=VALUE&... selectors (one list element)."""
     for part in path.split(".") if path else []:
         if "=" in part:
-            wanted = dict(pair.split("=", 1) for pair in part.split("&"))
-            found = [e for e in obj if all(str(e.get(k)) == v for k, v in wanted.items())]
+            found = matching(obj, part)
             if len(found) != 1:
                 raise SpecError(f"{len(found)} elements match {part}, not one")
             obj = found[0]
         else:
             obj = obj[int(part)] if isinstance(obj, list) else obj[part]
     return obj
+
+
+def matching(entries: list[dict], selector: str) -> list[dict]:
+    """The elements whose fields equal every KEY=VALUE of `selector` (joined by &)."""
+    wanted = dict(pair.split("=", 1) for pair in selector.split("&"))
+    return [e for e in entries if all(str(e.get(k)) == v for k, v in wanted.items())]
 
 
 def render(obj: Any, expression: str) -> str:

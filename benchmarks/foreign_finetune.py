@@ -271,6 +271,7 @@ def train_eval(args: argparse.Namespace, train: str | Path, seed: int, name: str
 
 
 FIGURES = ("best_epoch_test", "val_selected_test")
+CLOSURES = tuple(f"closure_{figure}" for figure in FIGURES)
 
 
 def summarise(data: dict) -> list[dict]:
@@ -301,8 +302,7 @@ def summarise(data: dict) -> list[dict]:
     for (kind, templated, select, strategy), members in groups.items():
         entry = {"expert": kind, "template": templated, "select": select, "strategy": strategy}
         entry["seeds"] = len(members)
-        closures = tuple(f"closure_{figure}" for figure in FIGURES)
-        summary.append(entry | seed_statistics(members, FIGURES + closures))
+        summary.append(entry | seed_statistics(members, FIGURES + CLOSURES))
     return summary
 
 

@@ -129,23 +129,19 @@ def load_measured(path: str | Path) -> dict:
     return data
 
 
-def measured_points(data: dict) -> tuple[str, list[dict], dict[tuple, dict]]:
-    """(strategy, its summary entries ordered undefended first then by method and strength,
-    the random entries by (method, strength))."""
+def measured_points(data: dict) -> tuple[str, list[dict]]:
+    """(strategy, its summary entries: undefended first, then by method and strength). Each entry
+    carries the random selection's figures beside its own (random_val_selected_test, ...)."""
     strategy = data.get("args", {}).get("strategy", "greedy")
-    entries = [e for e in data["summary"] if e.get("defense") not in (None, "-")]
     points = sorted(
-        (e for e in entries if e.get("train") == strategy),
+        (e for e in data["summary"] if e.get("defense") not in (None, "-") and e.get("train") == strategy),
         key=lambda e: (e["defense"] != "none", e["defense"], e["strength"]),
     )
-    randoms = {(e["defense"], e["strength"]): e for e in entries if e.get("train") == "random"}
-    return strategy, points, randoms
+    return strategy, points
 
 
-def mean_std(entry: dict | None, key: str, scale: float = 1.0, digits: int = 1) -> str:
+def mean_std(entry: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
     """'mean ± std' of a summary figure over its seeds; 'n/a' where no seed defines it."""
-    if entry is None:
-        return "–"
     value = entry.get(key)
     if value is None or math.isnan(value):
         return "n/a"
@@ -157,16 +153,14 @@ def mean_std(entry: dict | None, key: str, scale: float = 1.0, digits: int = 1) 
 
 def measured_section(doc: Doc, name: str, data: dict, index: int) -> None:
     """The trade-off table and figure of one benchmarks/defences.py results file."""
-    strategy, points, randoms = measured_points(data)
+    strategy, points = measured_points(data)
     doc.heading(f"Defences measured: {name}")
-    rows = []
-    for e in points:
-        random = randoms.get((e["defense"], e["strength"]))
-        rows.append([
-            e["defense"], f"{e['strength']:g}", mean_std(e, "utility", 100),
-            mean_std(e, "val_selected_test", 100), mean_std(random, "val_selected_test", 100),
-            mean_std(e, "closure_val_selected_test", 1, 2), e.get("seeds"),
-        ])  # fmt: skip
+    figures = (("utility", 100, 1), ("val_selected_test", 100, 1), ("random_val_selected_test", 100, 1),
+               ("closure_val_selected_test", 1, 2))  # fmt: skip
+    rows = [
+        [e["defense"], f"{e['strength']:g}", *(mean_std(e, *figure) for figure in figures), e.get("seeds")]
+        for e in points
+    ]
     header = [
         "defence",
         "strength",
