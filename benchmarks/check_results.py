@@ -85,6 +85,7 @@ NAMES = {  # how a value in the JSON reads in the docs
     "topk": "top-k",
     "greedy_balanced": "greedy balanced",
     "topk_balanced": "top-k balanced",
+    "random_confident": "random (kept share)",
     "oracle": "ceiling: the passages nearest the true texts",
 }
 

@@ -14,7 +14,7 @@ from weights2data.data import encode_classification, make_label_set
 from weights2data.errors import W2DError
 from weights2data.features import forward_hidden, hidden_states
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
-from weights2data.recover import check_pair, corpus_gradients, recover, write_recovery
+from weights2data.recover import check_pair, corpus_gradients, recover, unsure_rows, write_recovery
 from weights2data.selection import DenseFeatures, select
 
 TEXTS = [
@@ -107,6 +107,29 @@ def test_auto_labels_are_the_finetuned_prediction(pair, tmp_path) -> None:
     assert grads.labels.tolist() == logits.argmax(-1).tolist()
     expected_loss = F.cross_entropy(logits, grads.labels, reduction="none")
     torch.testing.assert_close(grads.losses, expected_loss, atol=1e-5, rtol=1e-4)
+
+
+def test_keep_confident_picks_only_each_labels_surest_documents(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
+    grads = corpus_gradients(
+        base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=3), tmp_path
+    )
+    confidence = grads.probs.max(1).values
+    dropped = set(unsure_rows(grads, 0.5).tolist())
+    for label in grads.labels.unique().tolist():
+        rows = (grads.labels == label).nonzero().squeeze(1).tolist()
+        kept = [r for r in rows if r not in dropped]
+        assert len(kept) == -(-len(rows) // 2)  # ceil: half of each label, the surest
+        assert min(confidence[kept]) >= max(confidence[list(dropped & set(rows))], default=0)
+    recovery = recover(grads, TEXTS, label_set, SelectConfig(k=3, keep_confident=0.5), progress=False)
+    assert not dropped & set(recovery.rows.tolist())
+    assert recovery.summary["unsure_skipped"] == len(dropped)
+    assert unsure_rows(grads, 1.0).numel() == 0
+    with pytest.raises(W2DError, match="leaves 6 of the 12 documents"):
+        recover(grads, TEXTS, label_set, SelectConfig(k=7, keep_confident=0.5), progress=False)
+    with pytest.raises(W2DError, match="keep_confident"):
+        SelectConfig(keep_confident=0.0)
 
 
 def test_projection_approximates_exact_cosines(pair, tmp_path) -> None:

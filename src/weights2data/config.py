@@ -308,6 +308,11 @@ class SelectConfig:
         "label shares for greedy_balanced / topk_balanced: uniform, predicted (the finetuned "
         "model's mean prediction over the corpus) or comma-separated weights, one per label",
     )
+    keep_confident: float = opt(
+        1.0,
+        "S in (0, 1]: pick only among the share S of each autolabel's documents the finetuned model is "
+        "surest of (its probability of that label); 1 keeps every document (the original)",
+    )
     projection_dim: int = opt(
         0,
         "0: exact factored gradients (default); D > 0: random JL projection to D "
@@ -343,6 +348,8 @@ class SelectConfig:
             raise W2DError(
                 f"student_steps must be positive, or -1 for the expert's (got {self.student_steps})"
             )
+        if not 0 < self.keep_confident <= 1:
+            raise W2DError(f"keep_confident must be in (0, 1] (got {self.keep_confident})")
         if self.pseudo_experts < 1:
             raise W2DError(f"pseudo_experts must be at least 1 (got {self.pseudo_experts})")
         if self.label_prior not in ("uniform", "predicted") and not re.fullmatch(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -479,6 +480,15 @@ def recover(
         check_lm_selection(cfg, [strategy])
     if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:
         raise W2DError(zero_delta_message(grads, cfg))
+    unsure = unsure_rows(grads, cfg.keep_confident)
+    if len(unsure):
+        exclude = unsure if exclude is None else torch.cat([exclude, unsure]).unique()
+        left = len(grads.labels) - len(exclude)
+        if left < cfg.k:
+            raise W2DError(
+                f"--keep-confident {cfg.keep_confident} leaves {left} of the {len(grads.labels)} "
+                f"documents to pick from, fewer than k = {cfg.k}: raise it or lower --k"
+            )
     started = time.time()
     selection = selector(
         strategy,
@@ -507,11 +517,33 @@ def recover(
     }
     if grads.kind != "classification":
         summary["task"] = grads.kind
+    if len(unsure):
+        summary["unsure_skipped"] = len(unsure)
     if labels is not None:
         summary["label_distribution"] = label_distribution(labels, label_set)
     return Recovery(
         rows, [corpus_texts[i] for i in rows.tolist()], labels, label_set, selection.scores, summary
     )
+
+
+def unsure_rows(grads: CorpusGradients, share: float) -> torch.Tensor:
+    """(M,) the corpus rows outside the `share` of each autolabel's documents that the finetuned
+    model gives that label most probability: greedy otherwise favours documents the expert is
+    unsure of, whose head gradients are largest and whose autolabels are least reliable."""
+    if share >= 1:
+        return torch.empty(0, dtype=torch.long)
+    if grads.probs is None:
+        raise W2DError(
+            "--keep-confident needs a classification task: it ranks documents by the "
+            "finetuned model's probability of their label"
+        )
+    confidence = grads.probs.gather(1, grads.labels.long()[:, None]).squeeze(1)  # (N,)
+    dropped = []
+    for label in grads.labels.unique():
+        rows = (grads.labels == label).nonzero().squeeze(1)
+        order = confidence[rows].argsort(descending=True)
+        dropped.append(rows[order[math.ceil(share * len(rows)) :]])
+    return torch.cat(dropped).sort().values
 
 
 def zero_delta_message(grads: CorpusGradients, cfg: SelectConfig) -> str:
