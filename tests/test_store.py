@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from weights2data.errors import W2DError
 from weights2data.store import (
     RunDir,
     atomic_dir,
@@ -128,3 +129,15 @@ def test_run_dir_writes_config_and_metrics(tmp_path: Path) -> None:
     run.write_metrics({"accuracy": np.float64(0.5)})
     assert read_json(tmp_path / "exp" / "config.json") == {"model": "tiny-test"}
     assert read_json(tmp_path / "exp" / "metrics.json") == {"accuracy": 0.5}
+
+
+def test_a_finished_run_from_before_an_option_existed_is_the_same_run(tmp_path: Path) -> None:
+    old = {"model": "m", "select": {"k": 3}}
+    RunDir.create(tmp_path, "exp", old).write_metrics({"accuracy": 0.5})
+    defaults = {"select": {"k": 10, "new_option": 1.0}}
+    same = {"model": "m", "select": {"k": 3, "new_option": 1.0}}
+    assert RunDir.create(tmp_path, "exp", same, defaults=defaults).path == tmp_path / "exp"
+    RunDir(tmp_path / "exp").write_metrics({"accuracy": 0.5})
+    other = {"model": "m", "select": {"k": 3, "new_option": 0.5}}
+    with pytest.raises(W2DError, match="holds a finished run"):
+        RunDir.create(tmp_path, "exp", other, defaults=defaults)

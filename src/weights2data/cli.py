@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from weights2data import __version__
 from weights2data.config import (
+    CONFIG_SECTIONS,
     DataConfig,
     DefenseConfig,
     EvalConfig,
@@ -746,7 +747,8 @@ def open_run(args: argparse.Namespace, rt: RuntimeConfig, command: str, config: 
         args.new_run_dir = path
     # where and on what it runs (the runtime settings) is not part of a run's identity, nor of its name
     record = {"command": command, **config, "runtime": to_dict(rt)}
-    run = RunDir.create(rt.results_dir, path.name, record, ignore=("runtime",))
+    defaults = {name: to_dict(cls()) for name, cls in CONFIG_SECTIONS.items() if name in config}
+    run = RunDir.create(rt.results_dir, path.name, record, ignore=("runtime",), defaults=defaults)
     run.attach_log()
     log.info("run directory: %s", run.path)
     return run.path

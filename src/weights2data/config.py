@@ -558,3 +558,16 @@ class SynthConfig:
     @property
     def synthesises(self) -> bool:
         return self.method != "SELECT"
+
+
+# a run directory's config.json holds these sections, each the to_dict of its config
+CONFIG_SECTIONS = {
+    "data": DataConfig,
+    "finetune": FinetuneConfig,
+    "eval": EvalConfig,
+    "select": SelectConfig,
+    "generate": GenerateConfig,
+    "defense": DefenseConfig,
+    "synth": SynthConfig,
+    "run": RunConfig,
+}

@@ -199,6 +199,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def with_defaults(config: dict, defaults: dict[str, dict]) -> dict:
+    """`config` with each section's missing options at their defaults."""
+    return {
+        key: defaults[key] | value if isinstance(value, dict) and key in defaults else value
+        for key, value in config.items()
+    }
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A named output directory: <results_dir>/<exp_name>/ with config, metrics and a log."""
@@ -207,16 +215,23 @@ class RunDir:
 
     @classmethod
     def create(
-        cls, results_dir: str | os.PathLike, exp_name: str, config: dict, ignore: tuple[str, ...] = ()
+        cls,
+        results_dir: str | os.PathLike,
+        exp_name: str,
+        config: dict,
+        ignore: tuple[str, ...] = (),
+        defaults: dict[str, dict] | None = None,
     ) -> RunDir:
         """Create the directory and write `config` into it. An unfinished run there (killed before
         its metrics.json) is resumed, and so is a finished one of the same config (but for the keys
         in `ignore`): the same command again. A finished run of another config is kept: its results
-        would no longer match it."""
+        would no longer match it. `defaults` (section -> option -> default) fills the options a run
+        saved before they existed: it ran as their defaults do."""
         path = Path(results_dir) / exp_name
         saved = path / "config.json"
         if (path / "metrics.json").exists() and saved.exists():
-            old = {k: v for k, v in read_json(saved).items() if k not in ignore}
+            old = with_defaults(read_json(saved), defaults or {})
+            old = {k: v for k, v in old.items() if k not in ignore}
             if not key_matches(old, {k: v for k, v in config.items() if k not in ignore}):
                 raise W2DError(
                     f"{path} holds a finished run of another command or other settings: choose another "
