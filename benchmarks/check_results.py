@@ -364,9 +364,21 @@ def lookup(obj: Any, path: str) -> Any:
 
 
 def matching(entries: list[dict], selector: str) -> list[dict]:
-    """The elements whose fields equal every KEY=VALUE of `selector` (joined by &)."""
+    """The elements whose fields equal every KEY=VALUE of `selector` (joined by &); a number
+    matches by value, so strength=10 selects 10.0 (a dot would split the path)."""
     wanted = dict(pair.split("=", 1) for pair in selector.split("&"))
-    return [e for e in entries if all(str(e.get(k)) == v for k, v in wanted.items())]
+    return [e for e in entries if all(same_value(e.get(k), v) for k, v in wanted.items())]
+
+
+def same_value(value: Any, text: str) -> bool:
+    if str(value) == text:
+        return True
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return float(text) == value
+    except ValueError:
+        return False
 
 
 def render(obj: Any, expression: str) -> str:

@@ -189,3 +189,9 @@ def test_a_pivot_column_may_name_its_own_expression(tmp_path: Path) -> None:
         tmp_path, "foreign_t.json", summary, marker, "| e | g | r | c |\n| --- | ---: | ---: | ---: |"
     )
     assert "| t | 70.0 | 60.0 | 0.25 |\n" in text
+
+
+def test_a_selector_matches_a_number_by_value() -> None:
+    entries = [{"defense": "noise", "strength": 10.0}, {"defense": "noise", "strength": 1.0}]
+    assert check_results.matching(entries, "defense=noise&strength=10") == entries[:1]
+    assert check_results.matching([{"flag": True}], "flag=1") == []
