@@ -54,6 +54,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import defences
 import foreign_finetune
@@ -365,8 +366,9 @@ def lookup(obj: Any, path: str) -> Any:
 
 def matching(entries: list[dict], selector: str) -> list[dict]:
     """The elements whose fields equal every KEY=VALUE of `selector` (joined by &); a number
-    matches by value, so strength=10 selects 10.0 (a dot would split the path)."""
-    wanted = dict(pair.split("=", 1) for pair in selector.split("&"))
+    matches by value, so strength=10 selects 10.0 (a dot would split the path), and a value is
+    percent-decoded, so select=--grad-at%20base selects a value holding a space."""
+    wanted = {key: unquote(value) for key, value in (pair.split("=", 1) for pair in selector.split("&"))}
     return [e for e in entries if all(same_value(e.get(k), v) for k, v in wanted.items())]
 
 

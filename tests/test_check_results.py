@@ -195,3 +195,9 @@ def test_a_selector_matches_a_number_by_value() -> None:
     entries = [{"defense": "noise", "strength": 10.0}, {"defense": "noise", "strength": 1.0}]
     assert check_results.matching(entries, "defense=noise&strength=10") == entries[:1]
     assert check_results.matching([{"flag": True}], "flag=1") == []
+
+
+def test_a_selector_value_may_hold_a_percent_encoded_space() -> None:
+    entries = [{"select": "--grad-at base"}, {"select": ""}]
+    assert check_results.matching(entries, "select=--grad-at%20base") == entries[:1]
+    assert check_results.matching(entries, "select=") == entries[1:]
