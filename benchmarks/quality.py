@@ -128,6 +128,12 @@ def add_common_args(p: argparse.ArgumentParser, out: str, quick: dict) -> None:
         "(e.g. 'World,Sports,Business,Science'), as w2d's --verbalizer",
     )
     p.add_argument(
+        "--template",
+        default=None,
+        help="prompt template with one {text} slot (\\n: a newline), as w2d's --template: the expert, "
+        "every selection and every training set use it; default: the original's plain `text label`",
+    )
+    p.add_argument(
         "--corpus", default="wiki_passages_10000", help="dataset(s) to select from, space-separated"
     )
     p.add_argument(
@@ -285,7 +291,9 @@ def expert_group(
     """Finetune (or reuse) the expert of one dataset, scope and seed, and load what scoring needs."""
     kind, _ = parse_scope(scope)
     batch = 512 if ws.device.type == "cuda" else 64
-    data = DataConfig(dataset=f"{dataset}_{args.train_rows}", verbalizer=args.verbalizer)
+    data = DataConfig(
+        dataset=f"{dataset}_{args.train_rows}", verbalizer=args.verbalizer, template=args.template
+    )
     expert_ft = FinetuneConfig(
         train_scope=scope,
         lr=LEARNING_RATES[kind],
@@ -416,7 +424,7 @@ def add_closures(row: dict, random_row: dict, expert_row: dict) -> None:
 # every setting that changes a row's figures besides what the row itself records (and the device)
 SETTINGS = (
     "model", "train_rows", "corpus", "corpus_seed", "expert_epochs",
-    "eval_epochs", "patience", "max_eval_rows", "batch_size", "verbalizer",
+    "eval_epochs", "patience", "max_eval_rows", "batch_size", "verbalizer", "template",
 )  # fmt: skip
 
 
@@ -431,7 +439,8 @@ def merged_rows(paths: list[str]) -> list[dict]:
         try:
             with open(path) as f:
                 results = json.load(f)
-            args = {"verbalizer": "letters"} | results["args"]  # files older than the option used letters
+            # files older than these options used letters and no template
+            args = {"verbalizer": "letters", "template": None} | results["args"]
             settings = {key: args.get(key) for key in SETTINGS} | {"device": results["device"]}
             file_rows = list(results["rows"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -201,3 +201,15 @@ def test_a_selector_value_may_hold_a_percent_encoded_space() -> None:
     entries = [{"select": "--grad-at base"}, {"select": ""}]
     assert check_results.matching(entries, "select=--grad-at%20base") == entries[:1]
     assert check_results.matching(entries, "select=") == entries[1:]
+
+
+def test_quality_files_with_different_templates_do_not_merge(tmp_path: Path) -> None:
+    settings = {"model": "m", "train_rows": 500, "corpus": "c", "corpus_seed": 0, "expert_epochs": 2}
+    settings |= {"eval_epochs": 3, "patience": 3, "max_eval_rows": 500, "batch_size": 16}
+    plain, older, prompted = tmp_path / "plain.json", tmp_path / "older.json", tmp_path / "prompted.json"
+    for path, extra in ((plain, {"verbalizer": "letters", "template": None}), (older, {}),
+                        (prompted, {"verbalizer": "letters", "template": "Review: {text}"})):  # fmt: skip
+        path.write_text(json.dumps({"args": settings | extra, "device": "cpu", "rows": rows()}))
+    assert len(quality.merged_rows([str(plain), str(older)])) == len(rows())  # older files: no template
+    with pytest.raises(SystemExit, match="template"):
+        quality.merged_rows([str(plain), str(prompted)])
