@@ -439,8 +439,8 @@ def merged_rows(paths: list[str]) -> list[dict]:
         try:
             with open(path) as f:
                 results = json.load(f)
-            # files older than these options used letters and no template
-            args = {"verbalizer": "letters", "template": None} | results["args"]
+            # files older than --verbalizer used letters (a missing --template reads as None: plain)
+            args = {"verbalizer": "letters"} | results["args"]
             settings = {key: args.get(key) for key in SETTINGS} | {"device": results["device"]}
             file_rows = list(results["rows"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
