@@ -134,6 +134,14 @@ def add_common_args(p: argparse.ArgumentParser, out: str, quick: dict) -> None:
         "every selection and every training set use it; default: the original's plain `text label`",
     )
     p.add_argument(
+        "--label-loss",
+        choices=("restricted", "full"),
+        default=None,
+        help="the expert's and every training set's classification loss, as w2d's --label-loss: "
+        "restricted (over the label tokens, the original's) or full (the whole vocabulary, as a usual "
+        "trainer); selection follows the expert's; default: restricted",
+    )
+    p.add_argument(
         "--corpus", default="wiki_passages_10000", help="dataset(s) to select from, space-separated"
     )
     p.add_argument(
@@ -292,7 +300,10 @@ def expert_group(
     kind, _ = parse_scope(scope)
     batch = 512 if ws.device.type == "cuda" else 64
     data = DataConfig(
-        dataset=f"{dataset}_{args.train_rows}", verbalizer=args.verbalizer, template=args.template
+        dataset=f"{dataset}_{args.train_rows}",
+        verbalizer=args.verbalizer,
+        template=args.template,
+        label_loss=args.label_loss,
     )
     expert_ft = FinetuneConfig(
         train_scope=scope,
@@ -425,6 +436,7 @@ def add_closures(row: dict, random_row: dict, expert_row: dict) -> None:
 SETTINGS = (
     "model", "train_rows", "corpus", "corpus_seed", "expert_epochs",
     "eval_epochs", "patience", "max_eval_rows", "batch_size", "verbalizer", "template",
+    "label_loss",
 )  # fmt: skip
 
 

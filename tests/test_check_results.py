@@ -203,7 +203,7 @@ def test_a_selector_value_may_hold_a_percent_encoded_space() -> None:
     assert check_results.matching(entries, "select=") == entries[1:]
 
 
-def test_quality_files_with_different_templates_do_not_merge(tmp_path: Path) -> None:
+def test_quality_files_with_different_templates_or_losses_do_not_merge(tmp_path: Path) -> None:
     settings = {"model": "m", "train_rows": 500, "corpus": "c", "corpus_seed": 0, "expert_epochs": 2}
     settings |= {"eval_epochs": 3, "patience": 3, "max_eval_rows": 500, "batch_size": 16}
     plain, older, prompted = tmp_path / "plain.json", tmp_path / "older.json", tmp_path / "prompted.json"
@@ -213,3 +213,7 @@ def test_quality_files_with_different_templates_do_not_merge(tmp_path: Path) -> 
     assert len(quality.merged_rows([str(plain), str(older)])) == len(rows())  # older files: no template
     with pytest.raises(SystemExit, match="template"):
         quality.merged_rows([str(plain), str(prompted)])
+    full_loss = tmp_path / "full_loss.json"
+    full_loss.write_text(json.dumps({"args": settings | {"label_loss": "full"}, "device": "cpu", "rows": rows()}))
+    with pytest.raises(SystemExit, match="label_loss"):
+        quality.merged_rows([str(older), str(full_loss)])
