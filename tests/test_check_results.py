@@ -214,6 +214,7 @@ def test_quality_files_with_different_templates_or_losses_do_not_merge(tmp_path:
     with pytest.raises(SystemExit, match="template"):
         quality.merged_rows([str(plain), str(prompted)])
     full_loss = tmp_path / "full_loss.json"
-    full_loss.write_text(json.dumps({"args": settings | {"label_loss": "full"}, "device": "cpu", "rows": rows()}))
+    full_args = settings | {"label_loss": "full"}
+    full_loss.write_text(json.dumps({"args": full_args, "device": "cpu", "rows": rows()}))
     with pytest.raises(SystemExit, match="label_loss"):
         quality.merged_rows([str(older), str(full_loss)])
