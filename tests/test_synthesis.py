@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import replace
 
 import pyarrow.parquet as pq
@@ -169,6 +170,7 @@ def test_gcg_improves_and_resumes_where_it_stopped(pair, task: Task, tmp_path, m
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed during step 3, after the state of step 2 was saved
         calls.append(1)
+        time.sleep(0.1)
         return real_step(*args)
 
     monkeypatch.setattr(synthesis, "gcg_step", step)
@@ -177,8 +179,12 @@ def test_gcg_improves_and_resumes_where_it_stopped(pair, task: Task, tmp_path, m
     calls.clear()
     resumed = synthesise(*pair, init, task, cfg, tmp_path, progress=False)
     assert len(calls) == 2 and resumed.texts == whole.texts  # steps 2 and 3, the same swaps
+    assert resumed.summary["synth_s"] >= 0.4  # the killed run's two saved steps count, and its own two
     calls.clear()
-    assert synthesise(*pair, init, task, cfg, tmp_path, progress=False).texts == whole.texts and not calls
+    cached = synthesise(*pair, init, task, cfg, tmp_path, progress=False)
+    assert cached.texts == whole.texts and not calls
+    # read back: the seconds saved with its last step, without the reload's
+    assert resumed.summary["synth_s"] - 0.1 <= cached.summary["synth_s"] <= resumed.summary["synth_s"]
 
 
 def test_gcga_keeps_its_start_when_growth_ends_lower(pair, task: Task, monkeypatch) -> None:

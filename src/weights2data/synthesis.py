@@ -385,13 +385,23 @@ class SavedState:
     """A synthesiser's progress in one safetensors file, keyed by everything it was computed from.
 
     Written atomically every cfg.save_every steps and at the end; a run with the same key resumes
-    from it (a finished one is read back whole).
+    from it (a finished one is read back whole). It also keeps the seconds spent on it, summed
+    over the runs that worked on it, so a resumed or cached synthesis reports what it cost.
     """
 
-    def __init__(self, path: Path | None, key: dict, every: int, progress: bool = True) -> None:
+    def __init__(
+        self, path: Path | None, key: dict, every: int, progress: bool = True, started: float | None = None
+    ) -> None:
         self.path, self.key, self.every, self.progress = path, key, every, progress
         self.tensors: dict[str, Tensor] = {}
         self.start_docs: Docs | None = None
+        self.started = time.time() if started is None else started  # when this run began on it
+        self.earlier_s = 0.0  # seconds spent by the runs before this one
+        self.finished = False
+
+    def seconds(self) -> float:
+        """Seconds spent on this synthesis; a finished one read back costs nothing more."""
+        return self.earlier_s + (0.0 if self.finished else time.time() - self.started)
 
     def load(self, problem: Problem, start: Docs) -> tuple[Docs, int]:
         """The saved set and its step, else a copy of `start` and 0 (`start` is kept as it is)."""
@@ -409,6 +419,7 @@ class SavedState:
         docs = scored(problem, meta["texts"], changed)
         if not torch.equal(docs.ids, ids):
             raise W2DError(f"{self.path}: its texts no longer tokenise as saved; delete it to start afresh")
+        self.earlier_s, self.finished = meta.get("seconds", 0.0), meta.get("finished", False)
         log.info("resuming synthesis from step %d (%s)", meta["step"], self.path)
         return docs, int(meta["step"])
 
@@ -417,6 +428,7 @@ class SavedState:
             return
         tensors = {"ids": docs.ids, "changed": docs.changed.to(torch.uint8), **(extra or {})}
         meta = {"key": stable_hash(self.key, 32), "step": step, "texts": docs.texts}
+        meta |= {"seconds": round(self.seconds(), 2), "finished": step == last}
         blob = save(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"meta": json.dumps(meta)}
         )
@@ -472,7 +484,7 @@ def synthesise(
 ) -> Recovery:
     """Documents written by cfg.method from `init`'s texts, as a Recovery (source: synthesised for
     changed rows, the initial source for the others)."""
-    started = time.time()
+    started = time.time()  # the problem's setup counts as synthesis time
     problem = make_problem(base, finetuned, task, cfg.batch_size)
     start = scored(problem, init.texts)
     initial = start.objective(problem.delta)
@@ -485,13 +497,13 @@ def synthesise(
         synth={k: v for k, v in to_dict(cfg).items() if k not in ("save_every", "batch_size")},
     )
     path = None if cache_root is None else Path(cache_root) / "synthesis" / f"{stable_hash(key)}.safetensors"
-    state = SavedState(path, key, cfg.save_every, progress)
+    state = SavedState(path, key, cfg.save_every, progress, started)
     docs, step = state.load(problem, start)
     docs = RUNNERS[cfg.method](problem, docs, cfg, state, step)
     final = docs.objective(problem.delta)
     log.info("%s: objective %.4f from %.4f at the start", cfg.method, final, initial)
     return as_recovery(
-        problem, docs, init, cfg, {"objective_init": initial, "synth_s": round(time.time() - started, 2)}
+        problem, docs, init, cfg, {"objective_init": initial, "synth_s": round(state.seconds(), 2)}
     )
 
 
