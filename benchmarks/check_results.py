@@ -40,7 +40,7 @@ A figure in prose: <!-- value FILE EXPRESSION [partial|pending] -->199<!-- /valu
     python benchmarks/check_results.py --write  # regenerate the marked text (and stale stored summaries)
 
 Every results file is checked too: strict JSON (NaN or Infinity must be null), and a stored
-`summary` equal to summarise(rows) (quality.py's, leakage.py's, defences.py's or
+`summary` equal to summarise(rows) (quality.py's, leakage.py's, defences.py's, synthesis.py's or
 foreign_finetune.py's, which also reads the true rows' scores).
 """
 
@@ -60,6 +60,7 @@ import defences
 import foreign_finetune
 import leakage
 import quality
+import synthesis
 from weights2data.store import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +76,7 @@ SUMMARISERS = {  # by the file name's first word: the stored summary from the wh
     "leakage": lambda data: leakage.summarise(data["rows"]),
     "defences": lambda data: defences.summarise(data["rows"]),
     "foreign": foreign_finetune.summarise,
+    "synthesis": lambda data: synthesis.summarise(data["rows"]),
 }
 FLAGS = {"partial", "pending"}
 NAMES = {  # how a value in the JSON reads in the docs
