@@ -5,7 +5,8 @@ take the corpus gradients once, then for every label rule, projection dimension,
 strategy select k documents, train the base model on them and score it on the expert's test
 split, next to the expert (trained on the true rows) and random (k random corpus documents
 labelled by the same rule). Both figures are kept: the original's best test accuracy over
-epochs and the honest one (epoch chosen on a validation split of the training set).
+epochs and the honest one (epoch chosen on a validation split of the training set, or with
+--honest-by agreement on agreement with the expert's labels on held-out corpus documents).
 
     python benchmarks/quality.py --quick
     python benchmarks/quality.py --datasets ag_news --scopes head,top:4 --ks 1000,100
@@ -44,10 +45,10 @@ import torch
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, SelectConfig, parse_scope
 from weights2data.data import Dataset, Split, data_dir
 from weights2data.errors import exit_on_error
-from weights2data.experiment import as_split, closure, selection_training
+from weights2data.experiment import agreement_reference, as_split, closure, selection_training
 from weights2data.models import LoadedModel
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
-from weights2data.recover import check_pair, corpus_gradients, recover
+from weights2data.recover import check_pair, corpus_gradients, finetuned_predictions, recover
 from weights2data.rounds import recover_in_rounds
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task, train_eval
@@ -164,6 +165,14 @@ def add_common_args(p: argparse.ArgumentParser, out: str, quick: dict) -> None:
         type=int,
         default=4,
         help="stop a train-evaluate run after this many epochs without improvement",
+    )
+    p.add_argument(
+        "--honest-by",
+        choices=("validation", "agreement"),
+        default="validation",
+        help="what picks the honest figure's epoch, as w2d's --honest-by: the loss on a validation "
+        "split of each training set, or agreement with the expert's labels on 500 held-out corpus "
+        "documents (each row then records its agreement)",
     )
     p.add_argument("--max-eval-rows", type=int, default=2048, help="test rows scored per epoch")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
@@ -289,6 +298,7 @@ class Group:
     expert: LoadedModel
     test_ft: FinetuneConfig
     ev: EvalConfig
+    reference: Split | None  # --honest-by agreement: corpus documents with the expert's labels
     out: dict  # the results file's content: scored rows are appended to out["rows"]
     started: float
 
@@ -316,6 +326,7 @@ def expert_group(
         max_eval_rows=args.max_eval_rows,
         eval_epochs=args.eval_epochs,
         patience=args.patience,
+        honest_by=args.honest_by,
         eval_batch_size=batch,
     )
     expert_data = ws.dataset(data.dataset, data, seed)
@@ -325,8 +336,12 @@ def expert_group(
     check_pair(base, expert)
     task = Task.from_dict(meta["task"])
     test_ft = selection_training(expert_ft)
+    reference = None
+    if ev.honest_by == "agreement":
+        predicted = finetuned_predictions(base, expert, corpus.texts, task.label_set, data, ws.cache)
+        reference = agreement_reference(corpus, predicted, ev, seed)
     return Group(ws, args, dataset, scope, seed, data, expert_data, corpus, task,
-                 base, expert, test_ft, ev, out, started)  # fmt: skip
+                 base, expert, test_ft, ev, reference, out, started)  # fmt: skip
 
 
 def score(group: Group, name: str, split: Split, extra: dict) -> dict:
@@ -338,7 +353,14 @@ def score(group: Group, name: str, split: Split, extra: dict) -> dict:
     t0 = time.time()
     ws = group.ws
     result = train_eval(
-        ws.model(args.model), split, group.expert_data.test, group.task, group.test_ft, group.ev, ws.cache
+        ws.model(args.model),
+        split,
+        group.expert_data.test,
+        group.task,
+        group.test_ft,
+        group.ev,
+        ws.cache,
+        group.reference,
     )
     row = {
         "dataset": group.dataset,
@@ -348,6 +370,7 @@ def score(group: Group, name: str, split: Split, extra: dict) -> dict:
         **extra,
         "best_epoch_test": result["best_epoch_test"],
         "val_selected_test": result["val_selected_test"],
+        **({"agreement": result["agreement"]} if "agreement" in result else {}),
         "epochs_run": len(result["epochs"]),
         "seconds": round(time.time() - t0, 1),
     }
@@ -436,7 +459,7 @@ def add_closures(row: dict, random_row: dict, expert_row: dict) -> None:
 SETTINGS = (
     "model", "train_rows", "corpus", "corpus_seed", "expert_epochs",
     "eval_epochs", "patience", "max_eval_rows", "batch_size", "verbalizer", "template",
-    "label_loss",
+    "label_loss", "honest_by",
 )  # fmt: skip
 
 
@@ -452,7 +475,7 @@ def merged_rows(paths: list[str]) -> list[dict]:
             with open(path) as f:
                 results = json.load(f)
             # files older than --verbalizer used letters (a missing --template reads as None: plain)
-            args = {"verbalizer": "letters"} | results["args"]
+            args = {"verbalizer": "letters", "honest_by": "validation"} | results["args"]
             settings = {key: args.get(key) for key in SETTINGS} | {"device": results["device"]}
             file_rows = list(results["rows"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -503,7 +526,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-FIGURES = ("best_epoch_test", "val_selected_test", "closure_best_epoch_test", "closure_val_selected_test")
+FIGURES = (
+    "best_epoch_test", "val_selected_test", "closure_best_epoch_test", "closure_val_selected_test",
+    "agreement",
+)  # fmt: skip
 
 
 def seed_statistics(members: list[dict], figures: tuple[str, ...]) -> dict:

@@ -43,6 +43,17 @@ def test_run_end_to_end(cli_env) -> None:
     assert (cli_env / "runs" / "tiny" / "metrics.json").exists()
 
 
+def test_run_picks_honest_epochs_by_agreement_with_the_expert(cli_env) -> None:
+    args = [*RUN, "--exp_name", "agree", "--honest-by", "agreement", "--agreement-rows", "40"]
+    assert main([*args, "--train-scope", "top:1", "--lr", "1e-3"]) == 0
+    scores = json.loads((cli_env / "runs" / "agree" / "results.json").read_text())["scores"]
+    for name in ("expert", "greedy", "topk", "random"):
+        assert scores[name]["honest_rule"].startswith("best agreement with the finetuned model on")
+        assert scores[name]["val_rows"] <= 40 and 0 <= scores[name]["agreement"] <= 1
+    assert scores["expert"]["val_rows"] == 40  # the expert's rows are not corpus documents
+    assert scores["greedy"]["train_rows"] == 24  # every pick trains
+
+
 def test_run_with_pseudo_experts_and_the_original_flag_names(cli_env) -> None:
     args = [("greedy_balanced" if a == "greedy,topk" else a) for a in RUN]
     args += ["--select_num_pseudoexperts", "2", "--select_use_expert_grads", "1", "--grad-at", "both"]

@@ -344,6 +344,26 @@ def test_without_a_validation_split_the_honest_figure_is_the_budgets_last_epoch(
     assert len(result["epochs"]) == 4 and result["val_selected_epoch"] == result["honest_stop"] == 4
 
 
+def test_honest_by_agreement_trains_on_every_row_and_picks_the_epoch_by_agreement(
+    tiny, data_dir: Path
+) -> None:
+    ds = load_dataset("ag_news_120", data_dir=data_dir)
+    corpus = load_dataset("wiki_passages_60", data_dir=data_dir).train
+    reference = Split(corpus.texts + ds.train.texts[:5], np.arange(65) % 4)  # 5 rows the model trains on
+    ft = FinetuneConfig(train_scope="head", lr=1e-2, batch_size=16)
+    ev = EvalConfig(max_eval_rows=40, eval_epochs=4, patience=4, honest_by="agreement")
+    result = train_eval(tiny, ds.train, ds.test, cls_task(tiny), ft, ev, reference=reference)
+    assert (result["train_rows"], result["val_rows"]) == (120, 60)  # no hold-out; its own rows dropped
+    agreement = [e["val"]["accuracy"] for e in result["epochs"]]
+    assert result["val_selected_epoch"] == int(np.argmax(agreement)) + 1
+    assert result["agreement"] == max(agreement)
+    assert result["honest_rule"] == "best agreement with the finetuned model on 60 corpus documents"
+    with pytest.raises(W2DError, match="labelled by the finetuned model"):
+        train_eval(tiny, ds.train, ds.test, cls_task(tiny), ft, ev)
+    with pytest.raises(W2DError, match="unknown honest_by"):
+        EvalConfig(honest_by="test")
+
+
 def test_train_eval_reuses_the_scores_of_an_identical_run(
     tiny, data_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:

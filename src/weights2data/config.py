@@ -22,6 +22,7 @@ LABEL_LOSSES = ("restricted", "full")
 DTYPES = ("float32", "bfloat16", "float16")  # model weights (RuntimeConfig.dtype)
 GRAD_AT = ("finetuned", "base", "both")  # where a path segment's gradients are taken
 PATHS = ("linear", "distill")  # pseudo-expert paths from the base to the finetuned weights
+HONEST_BY = ("validation", "agreement")  # what picks the honest train-eval figure's epoch
 DEFAULT_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-3}  # measured on smollm2-135m / AG News
 # a head-only LM finetune at 1e-3 overshoots within one epoch: its weight change carries no signal
 DEFAULT_LM_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-4}  # measured on smollm2-135m / IMDB texts
@@ -139,6 +140,14 @@ class EvalConfig:
     eval_epochs: int = opt(10, "train-eval: most epochs on the training set (original: up to 100)")
     patience: int = opt(10, "train-eval: stop after this many epochs without improvement")
     val_fraction: float = opt(0.1, "train-eval: held out of the training set for honest early stopping")
+    honest_by: str = opt(
+        "validation",
+        "train-eval: what picks the honest figure's epoch and stop: validation (the loss on "
+        "val_fraction of the training set) or agreement (the share of agreement_rows corpus "
+        "documents no training set holds on which the model predicts the finetuned model's label; "
+        "w2d run, classification only: every row trains on all its documents)",
+    )
+    agreement_rows: int = opt(500, "train-eval: corpus documents --honest-by agreement scores on")
     eval_batch_size: int = opt(64, "evaluation batch size")
 
     def __post_init__(self) -> None:
@@ -147,6 +156,9 @@ class EvalConfig:
             raise W2DError("max eval rows, eval epochs, patience and eval batch size must be at least 1")
         if not 0 <= self.val_fraction < 1:
             raise W2DError("val_fraction must lie in [0, 1)")
+        _choice("honest_by", self.honest_by, HONEST_BY)
+        if self.agreement_rows < 10:
+            raise W2DError("agreement_rows must be at least 10")
 
 
 def parse_scope(scope: str) -> tuple[str, int]:

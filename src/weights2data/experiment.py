@@ -14,6 +14,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from weights2data.config import (
     DataConfig,
     EvalConfig,
@@ -83,6 +86,8 @@ def run_experiment(
     check_pair(base, expert)
     if task.kind == "lm":
         check_lm_selection(sel, run.strategy_list)
+        if ev.honest_by == "agreement":
+            raise W2DError("--honest-by agreement needs a classification task; use --honest-by validation")
     if synth is not None and synth.synthesises:
         if sel.precondition == "auto":
             log.info("--precondition auto runs as none for --opt %s", synth.method)
@@ -123,10 +128,15 @@ def run_experiment(
         write_recovery(recovery, run_dir / f"selection-{name}")
     test_ft = selection_training(expert_ft, run.optimizer_test)
     training_sets = {"expert": expert_data.train} | {n: as_split(r) for n, r in recoveries.items()}
+    reference = None
+    if ev.honest_by == "agreement":
+        reference = agreement_reference(corpus, grads.probs.argmax(dim=1), ev, sel.seed)
     scores = {}
     for name, split in training_sets.items():
         log.info("training the base model on %s (%d rows)", name, len(split))
-        scores[name] = train_eval(ws.model(run.base), split, expert_data.test, task, test_ft, ev, ws.cache)
+        scores[name] = train_eval(
+            ws.model(run.base), split, expert_data.test, task, test_ft, ev, ws.cache, reference
+        )
     results = {
         "expert_dataset": expert_data.name,
         "corpus": run.corpus,
@@ -158,6 +168,15 @@ def run_experiment(
 def selection_training(expert_ft: FinetuneConfig, optimizer: str | None = None) -> FinetuneConfig:
     """How every compared model trains: the expert's settings, epoch by epoch (EvalConfig sets how many)."""
     return replace(expert_ft, optimizer=optimizer or expert_ft.optimizer, steps=None, epochs=1)
+
+
+def agreement_reference(corpus: Split, predicted: torch.Tensor, ev: EvalConfig, seed: int) -> Split:
+    """`ev.agreement_rows` corpus documents labelled with the finetuned model's most likely label
+    (`predicted`, (N,)): what `--honest-by agreement` picks epochs on (train_eval drops those a
+    training set holds). Honest: it reads only the weights and the corpus, never the expert's data
+    or the test set."""
+    rows = np.sort(np.random.default_rng(seed).permutation(len(corpus))[: ev.agreement_rows])
+    return Split([corpus.texts[i] for i in rows], predicted.numpy()[rows])
 
 
 def as_split(recovery: Recovery) -> Split:

@@ -385,6 +385,22 @@ def merge_timings(total: dict, new: dict) -> dict:
     return merged
 
 
+def finetuned_predictions(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    texts: list[str],
+    label_set: LabelSet,
+    data: DataConfig,
+    cache_root: Path | None,
+) -> torch.Tensor:
+    """(N,) the finetuned model's most likely label for each text, read from the hidden states
+    corpus_gradients caches (so computed once for both)."""
+    template = resolve_template(data.template, data.chat_template, finetuned.meta)
+    encoded = encode(template, finetuned.tokenizer, texts, data.seq_len, "classification")
+    hidden = hidden_at(base, finetuned, finetuned, encoded, cache_root)
+    return label_probs(hidden, *label_rows(finetuned, label_set)).argmax(dim=1)
+
+
 def task_gradients(
     base: LoadedModel,
     finetuned: LoadedModel,

@@ -45,7 +45,7 @@ COLOURS = {"expert": "#4c72b0", "random": "#8c8c8c", "truth": "#222222"}
 STRATEGY_COLOURS = ["#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#ccb974", "#64b5cd"]
 FIGURES = (
     ("best_epoch_test", "best over epochs", "the original's figure: model selection on test"),
-    ("val_selected_test", "honest", "epoch chosen on a validation split of the training set"),
+    ("val_selected_test", "honest", "epoch chosen without the test set (validation split or agreement)"),
 )
 SIMILARITY_COLUMNS = (
     ("sinkhorn_divergence", "Sinkhorn divergence ↓"),
@@ -605,7 +605,9 @@ def overview(doc: Doc, runs: list[Run]) -> None:
         "Gap closure = (recovered − random) / (expert − random): 1 matches the expert, 0 is no better "
         "than k random corpus documents labelled the same way. 'Best over epochs' is the original code's "
         "figure (the best test score over training epochs, i.e. model selection on the test set); "
-        "'honest' picks the epoch by a validation split carved from the training set."
+        "'honest' picks the epoch without the test set: by a validation split carved from the training "
+        "set, or (--honest-by agreement) by agreement with the finetuned model's labels on held-out "
+        "corpus documents; each run's rule is listed under its scores."
     )
 
 

@@ -382,6 +382,7 @@ def train_eval(
     ft: FinetuneConfig,
     ev: EvalConfig,
     cache_root: Path | None = None,
+    reference: Split | None = None,
 ) -> dict:
     """Finetune on `train` epoch by epoch, scoring the test split after each epoch.
 
@@ -390,12 +391,16 @@ def train_eval(
       metric over the epochs it ran — model selection on the test set;
     - `val_selected_test` (honest): the epoch and the stop are chosen on the loss of a
       validation split held out of `train`; with too few rows to hold one out, the last
-      epoch of the fixed budget (`eval_epochs`). The test metric never enters its choices.
+      epoch of the fixed budget (`eval_epochs`). Under `ev.honest_by == "agreement"` they are
+      chosen instead on the accuracy against `reference` — corpus documents labelled by the
+      finetuned model, less any `train` holds — and every row of `train` is trained on. The
+      test metric never enters its choices.
     Training goes on until both have stopped; epochs past a protocol's own stop do not change
     its figure, so each equals what a run with that protocol alone would report.
     """
     ft = ft.for_task(task.kind)
-    run_key = scores_key(loaded, train, test, task, ft, ev)
+    reference = agreement_split(reference, train, ev, task)
+    run_key = scores_key(loaded, train, test, task, ft, ev, reference)
     saved = (
         None if cache_root is None else Path(cache_root) / "train-eval" / f"{stable_hash(run_key, 20)}.json"
     )
@@ -403,7 +408,9 @@ def train_eval(
         log.info("reusing the scores of an identical training run: %s", saved)
         return read_scores(saved, run_key)
     torch.manual_seed(ft.seed)
-    fit_split, val_split = hold_out(train, ev.val_fraction, ft.seed)
+    fit_split, val_split = (
+        (train, reference) if reference is not None else hold_out(train, ev.val_fraction, ft.seed)
+    )
     scoped = ScopedModel(loaded, ft.train_scope, task)
     fit = prepare(scoped, fit_split, cache_root)
     val = prepare(scoped, val_split, cache_root) if val_split is not None else None
@@ -426,8 +433,7 @@ def train_eval(
         epochs.append(record)
         log.info("epoch %d: test %s %.4f", epoch, key, record["test"][key])
         original.update(record, sign * record["test"][key])
-        # with no validation split every epoch counts as the best, so the budget's last one is chosen
-        honest.update(record, -record["val"]["loss"] if val is not None else float(epoch))
+        honest.update(record, honest_score(record, reference is not None))
         if original.stopped and honest.stopped:
             break
     result = {
@@ -438,14 +444,47 @@ def train_eval(
         "val_selected_test": honest.best["test"][key],
         "val_selected_epoch": honest.best["epoch"],
         "honest_stop": honest.last_epoch,
-        "honest_rule": "best validation loss" if val is not None else "last epoch",
+        "honest_rule": honest_rule(val_split, reference is not None),
         "epochs": epochs,
         "train_rows": len(fit_split),
         "val_rows": 0 if val_split is None else len(val_split),
     }
+    if reference is not None:
+        result["agreement"] = honest.best["val"]["accuracy"]
     if saved is not None:
         write_json(saved, {"key": run_key, "scores": result})
     return result
+
+
+def agreement_split(reference: Split | None, train: Split, ev: EvalConfig, task: Task) -> Split | None:
+    """The reference documents `--honest-by agreement` scores on, less those `train` holds (a
+    model's agreement on its own training rows says nothing of what it learned); None otherwise."""
+    if ev.honest_by != "agreement":
+        return None
+    if task.kind != "classification" or reference is None or reference.labels is None:
+        raise W2DError(
+            "--honest-by agreement needs corpus documents labelled by the finetuned model "
+            "(w2d run on a classification task); use --honest-by validation"
+        )
+    held = set(train.texts)
+    kept = np.array([i for i, text in enumerate(reference.texts) if text not in held], dtype=np.int64)
+    if len(kept) < 10:
+        raise W2DError("--honest-by agreement: under 10 reference documents lie outside the training rows")
+    return reference.subset(kept)
+
+
+def honest_score(record: dict, by_agreement: bool) -> float:
+    """What the honest protocol maximises; with no validation split every epoch counts as the
+    best, so the budget's last one is chosen."""
+    if "val" not in record:
+        return float(record["epoch"])
+    return record["val"]["accuracy"] if by_agreement else -record["val"]["loss"]
+
+
+def honest_rule(val_split: Split | None, by_agreement: bool) -> str:
+    if by_agreement:
+        return f"best agreement with the finetuned model on {len(val_split)} corpus documents"
+    return "best validation loss" if val_split is not None else "last epoch"
 
 
 class EarlyStopping:
@@ -471,10 +510,21 @@ class EarlyStopping:
 
 
 def scores_key(
-    model: LoadedModel, train: Split, test: Split, task: Task, ft: FinetuneConfig, ev: EvalConfig
+    model: LoadedModel,
+    train: Split,
+    test: Split,
+    task: Task,
+    ft: FinetuneConfig,
+    ev: EvalConfig,
+    reference: Split | None = None,
 ) -> dict:
     """What the scores of a train-eval run depend on: weights, rows, task, settings, protocol,
-    and the versions and device kind that train."""
+    the agreement reference, and the versions and device kind that train."""
+    eval_settings = to_dict(ev)
+    if ev.honest_by == "validation":  # runs cached before these settings existed keep their keys
+        eval_settings = {k: v for k, v in eval_settings.items() if k not in ("honest_by", "agreement_rows")}
+    else:
+        eval_settings["reference"] = reference.fingerprint
     return cache_key(
         next(model.model.parameters()).device,
         model=model.fingerprint,
@@ -482,7 +532,7 @@ def scores_key(
         test=test.fingerprint,
         task=task.to_dict(),
         finetune=to_dict(ft),
-        eval=to_dict(ev),
+        eval=eval_settings,
         protocol=TRAIN_EVAL_PROTOCOL,
     )
 
