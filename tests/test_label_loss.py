@@ -56,8 +56,8 @@ def test_full_vocabulary_terms_match_autograd(pair) -> None:
         grads.append(g.reshape(-1))
     dense = torch.stack(grads)  # (N, V·d)
     torch.testing.assert_close(
-        features.target_dots.double(), dense @ delta.double().reshape(-1), rtol=1e-5, atol=1e-9
-    )
+        features.target_dots.double(), dense @ delta.double().reshape(-1), rtol=1e-4, atol=1e-9
+    )  # float32 sums over the V·d terms against float64: 1e-5 is within rounding on some CPUs
     torch.testing.assert_close(features.sq_norms.double(), dense.square().sum(1), rtol=1e-5, atol=1e-12)
     assert features.delta_sq_norm == pytest.approx(float(delta.double().square().sum()), rel=1e-6)
     # the label rows and the most probable rows are exact; the rest is sketched

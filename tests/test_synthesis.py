@@ -98,7 +98,8 @@ def test_batched_objective_gradient_equals_one_pass(pair, task: Task) -> None:
         replace(problem, batch_size=2), embeds, docs.mask, rest
     )  # ∂cos/∂G, then 3 passes
     assert batched[0] == pytest.approx(value, abs=1e-6)
-    torch.testing.assert_close(batched[1], grad, atol=1e-8, rtol=1e-4)
+    # float32 sums in another order: elements near zero differ by rounding of the largest ones
+    torch.testing.assert_close(batched[1], grad, atol=1e-5 * grad.abs().max().item(), rtol=1e-4)
 
 
 def test_objective_matches_select(pair, task: Task) -> None:
