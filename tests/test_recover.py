@@ -38,10 +38,12 @@ def pair(cache) -> tuple[LoadedModel, LoadedModel]:
     base = tiny_test_model(cache, seed=0)
     untie_head(base.model)
     finetuned = LoadedModel(copy.deepcopy(base.model), base.tokenizer, "tiny-finetuned")
+    generator = torch.Generator().manual_seed(0)  # the same model whatever ran before
     with torch.no_grad():  # a finetune that moved the head and the last block
-        finetuned.model.lm_head.weight.add_(0.05 * torch.randn_like(finetuned.model.lm_head.weight))
+        head = finetuned.model.lm_head.weight
+        head.add_(0.05 * torch.randn(head.shape, generator=generator))
         for p in finetuned.model.model.layers[-1].parameters():
-            p.add_(0.02 * torch.randn_like(p))
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
     return base, finetuned
 
 
