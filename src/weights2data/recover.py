@@ -243,13 +243,12 @@ def corpus_gradients(
     the flags', else the finetuned model's recorded ones (templates.resolve_template).
     """
     started = time.time()
-    template = resolve_template(data.template, data.chat_template, finetuned.meta)
     mode = data.label_loss or label_loss_of(finetuned.meta.get("task"))
     if mode == "full":
         check_full_loss(cfg)
-    encoded = encode(template, finetuned.tokenizer, texts, data.seq_len, "classification")
+    template, encoded, hidden = finetuned_hidden(base, finetuned, texts, data, cache_root)
     tuned_rows = label_rows(finetuned, label_set)
-    memo = {id(finetuned): (finetuned, hidden_at(base, finetuned, finetuned, encoded, cache_root))}
+    memo = {id(finetuned): (finetuned, hidden)}
     probs = label_probs(memo[id(finetuned)][1], *tuned_rows)
     labelled = assign_labels(probs, cfg.labels, cfg.seed)  # the argmax is the same under either loss
     token_ids = torch.tensor(label_set.token_ids)
@@ -385,6 +384,16 @@ def merge_timings(total: dict, new: dict) -> dict:
     return merged
 
 
+def finetuned_hidden(
+    base: LoadedModel, finetuned: LoadedModel, texts: list[str], data: DataConfig, cache_root: Path | None
+) -> tuple[Template, Encoded, torch.Tensor]:
+    """The classification prompt of `texts` in the finetuned model's template, and its (N, d) last
+    hidden states there (the unchanged lower blocks read from the cache)."""
+    template = resolve_template(data.template, data.chat_template, finetuned.meta)
+    encoded = encode(template, finetuned.tokenizer, texts, data.seq_len, "classification")
+    return template, encoded, hidden_at(base, finetuned, finetuned, encoded, cache_root)
+
+
 def finetuned_predictions(
     base: LoadedModel,
     finetuned: LoadedModel,
@@ -393,11 +402,8 @@ def finetuned_predictions(
     data: DataConfig,
     cache_root: Path | None,
 ) -> torch.Tensor:
-    """(N,) the finetuned model's most likely label for each text, read from the hidden states
-    corpus_gradients caches (so computed once for both)."""
-    template = resolve_template(data.template, data.chat_template, finetuned.meta)
-    encoded = encode(template, finetuned.tokenizer, texts, data.seq_len, "classification")
-    hidden = hidden_at(base, finetuned, finetuned, encoded, cache_root)
+    """(N,) the finetuned model's most likely label for each text."""
+    hidden = finetuned_hidden(base, finetuned, texts, data, cache_root)[2]
     return label_probs(hidden, *label_rows(finetuned, label_set)).argmax(dim=1)
 
 

@@ -520,10 +520,9 @@ def scores_key(
 ) -> dict:
     """What the scores of a train-eval run depend on: weights, rows, task, settings, protocol,
     the agreement reference, and the versions and device kind that train."""
-    eval_settings = to_dict(ev)
-    if ev.honest_by == "validation":  # runs cached before these settings existed keep their keys
-        eval_settings = {k: v for k, v in eval_settings.items() if k not in ("honest_by", "agreement_rows")}
-    else:
+    # the reference stands for --honest-by and --agreement-rows (so validation runs keep their keys)
+    eval_settings = {k: v for k, v in to_dict(ev).items() if k not in ("honest_by", "agreement_rows")}
+    if reference is not None:
         eval_settings["reference"] = reference.fingerprint
     return cache_key(
         next(model.model.parameters()).device,
