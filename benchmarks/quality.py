@@ -135,6 +135,13 @@ def add_common_args(p: argparse.ArgumentParser, out: str, quick: dict) -> None:
         "every selection and every training set use it; default: the original's plain `text label`",
     )
     p.add_argument(
+        "--seq-len",
+        type=int,
+        default=32,
+        help="tokens per example, the label token included, as w2d's --seq-len: the expert, every "
+        "selection and every training set",
+    )
+    p.add_argument(
         "--label-loss",
         choices=("restricted", "full"),
         default=None,
@@ -314,6 +321,7 @@ def expert_group(
         verbalizer=args.verbalizer,
         template=args.template,
         label_loss=args.label_loss,
+        seq_len=args.seq_len,
     )
     expert_ft = FinetuneConfig(
         train_scope=scope,
@@ -459,7 +467,7 @@ def add_closures(row: dict, random_row: dict, expert_row: dict) -> None:
 SETTINGS = (
     "model", "train_rows", "corpus", "corpus_seed", "expert_epochs",
     "eval_epochs", "patience", "max_eval_rows", "batch_size", "verbalizer", "template",
-    "label_loss", "honest_by",
+    "label_loss", "honest_by", "seq_len",
 )  # fmt: skip
 
 
@@ -474,8 +482,8 @@ def merged_rows(paths: list[str]) -> list[dict]:
         try:
             with open(path) as f:
                 results = json.load(f)
-            # files older than --verbalizer used letters (a missing --template reads as None: plain)
-            args = {"verbalizer": "letters", "honest_by": "validation"} | results["args"]
+            # older files: letters before --verbalizer, 32 tokens before --seq-len (no --template: plain)
+            args = {"verbalizer": "letters", "honest_by": "validation", "seq_len": 32} | results["args"]
             settings = {key: args.get(key) for key in SETTINGS} | {"device": results["device"]}
             file_rows = list(results["rows"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

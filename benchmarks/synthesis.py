@@ -76,6 +76,12 @@ def parse_args() -> argparse.Namespace:
         "expert's own test accuracy as both figures (no training: for small CPU runs)",
     )
     p.add_argument(
+        "--precondition",
+        default="auto",
+        help="SELECT's preconditioner, under which the synthesisers maximise the objective too: auto "
+        "(adam here, w2d's default) or none (the raw gradients; the first tables in RESULTS.md)",
+    )
+    p.add_argument(
         "--generate",
         type=int,
         default=1000,
@@ -96,7 +102,7 @@ def run_seed(group: Group, args: argparse.Namespace) -> None:
     """The expert and random rows, SELECT, each synthesiser from SELECT's picks, SELECT over corpus +
     generated; every row with its closure against this seed's random and expert rows."""
     expert_row = expert_reference(group, args.expert_row)
-    sel = SelectConfig(k=args.k, seed=group.seed).raw_unless_asked()  # the synthesisers' objective
+    sel = SelectConfig(k=args.k, seed=group.seed, precondition=args.precondition)
     texts, labels, cache = group.corpus.texts, group.task.label_set, group.ws.cache
     t0 = time.time()
     grads = corpus_gradients(group.base, group.expert, texts, labels, group.data, sel, cache)
@@ -111,7 +117,7 @@ def run_seed(group: Group, args: argparse.Namespace) -> None:
         cfg = SynthConfig(
             method=method, seed=group.seed, **{f.name: getattr(args, f.name) for f in SYNTH_FLAGS}
         )
-        made = synthesise(group.base, group.expert, picks, group.task, cfg, cache)
+        made = synthesise(group.base, group.expert, picks, group.task, cfg, cache, metric=grads.metric)
         spent = features_s + picks.summary["select_s"] + made.summary["synth_s"]
         extra = {**arm(group, made, spent), "synthesised": made.summary["synthesised"]}
         rows.append(score(group, f"SELECT+{method}", as_split(made), extra))

@@ -19,7 +19,8 @@ from weights2data.config import DataConfig, SelectConfig, SynthConfig
 from weights2data.data import make_label_set
 from weights2data.errors import W2DError
 from weights2data.models import LoadedModel
-from weights2data.recover import corpus_gradients, recover
+from weights2data.precondition import Metric
+from weights2data.recover import Recovery, corpus_gradients, recover
 from weights2data.synthesis import (
     SYNTHESISED,
     augmented_lagrangian,
@@ -63,18 +64,20 @@ def task(tiny: LoadedModel) -> Task:
     return Task("classification", SEQ_LEN, labels)
 
 
-def select_init(pair, task: Task, k: int = 4):
-    """SELECT's picks from TEXTS, with their objective as SELECT reports it."""
+def select_init(pair, task: Task, k: int = 4, precondition: str = "none") -> tuple[Recovery, Metric | None]:
+    """SELECT's picks from TEXTS, with their objective as SELECT reports it, and the corpus's
+    preconditioner the synthesisers take from it."""
     base, tuned = pair
     data = DataConfig(seq_len=SEQ_LEN)
-    sel = SelectConfig(k=k, precondition="none")  # the synthesisers' objective: raw gradients
+    sel = SelectConfig(k=k, precondition=precondition)
     grads = corpus_gradients(base, tuned, TEXTS, task.label_set, data, sel, None)
-    return recover(grads, TEXTS, task.label_set, sel, progress=False)
+    return recover(grads, TEXTS, task.label_set, sel, progress=False), grads.metric
 
 
-def test_token_gradients_equal_autograd_on_one_hot(pair, task: Task) -> None:
+@pytest.mark.parametrize("precondition", ["none", "adam", "kfac"])
+def test_token_gradients_equal_autograd_on_one_hot(pair, task: Task, precondition: str) -> None:
     base, tuned = pair
-    problem = make_problem(base, tuned, task)
+    problem = make_problem(base, tuned, task, metric=select_init(pair, task, precondition=precondition)[1])
     docs = scored(problem, TEXTS[:3])
     active = torch.tensor([0, 2])
     rest = docs.total(torch.tensor([1]))
@@ -102,12 +105,17 @@ def test_batched_objective_gradient_equals_one_pass(pair, task: Task) -> None:
     torch.testing.assert_close(batched[1], grad, atol=1e-5 * grad.abs().max().item(), rtol=1e-4)
 
 
-def test_objective_matches_select(pair, task: Task) -> None:
-    init = select_init(pair, task)
-    problem = make_problem(*pair, task)
+@pytest.mark.parametrize("precondition", ["none", "adam", "kfac"])
+def test_objective_matches_select(pair, task: Task, precondition: str) -> None:
+    init, metric = select_init(pair, task, precondition=precondition)
+    assert (metric is None) == (precondition == "none")
+    problem = make_problem(*pair, task, metric=metric)
     start = scored(problem, init.texts)
     assert start.objective(problem.delta) == pytest.approx(init.summary["objective_cos"], abs=1e-5)
     assert torch.equal(start.labels, init.labels)
+    if metric is not None:  # a different objective from the raw one
+        raw = make_problem(*pair, task)
+        assert scored(raw, init.texts).objective(raw.delta) != pytest.approx(start.objective(problem.delta))
 
 
 def test_admm_steps_decrease_the_augmented_lagrangian(pair, task: Task) -> None:
@@ -141,18 +149,19 @@ def test_projection_is_the_nearest_allowed_token(pair, task: Task) -> None:
     assert torch.equal(z, expected)
 
 
-@pytest.mark.parametrize("method", ["GCG", "GCGA", "ADMM"])
-def test_never_worse_than_select(pair, task: Task, method: str, tmp_path) -> None:
-    init = select_init(pair, task)
+@pytest.mark.parametrize(("method", "precondition"), [("GCG", "none"), ("GCGA", "none"), ("ADMM", "none"),
+                                                     ("GCG", "adam"), ("ADMM", "adam")])  # fmt: skip
+def test_never_worse_than_select(pair, task: Task, method: str, precondition: str, tmp_path) -> None:
+    init, metric = select_init(pair, task, precondition=precondition)
     cfg = SynthConfig(
         method=method, steps=3, doc_steps=2, topk=8, search_width=16, inner_steps=2, swap_docs=2
     )
-    out = synthesise(*pair, init, task, cfg, tmp_path, progress=False)
+    out = synthesise(*pair, init, task, cfg, tmp_path, progress=False, metric=metric)
     assert out.summary["objective_cos"] >= init.summary["objective_cos"] - 1e-5
     assert out.summary["objective_init"] == pytest.approx(init.summary["objective_cos"], abs=1e-5)
     assert len(out.texts) == 4 and out.labels.shape == (4,)
     # the reported objective is that of the texts, tokenised again
-    problem = make_problem(*pair, task)
+    problem = make_problem(*pair, task, metric=metric)
     assert scored(problem, out.texts).objective(problem.delta) == pytest.approx(
         out.summary["objective_cos"], abs=1e-5
     )
@@ -161,7 +170,7 @@ def test_never_worse_than_select(pair, task: Task, method: str, tmp_path) -> Non
 
 
 def test_gcg_improves_and_resumes_where_it_stopped(pair, task: Task, tmp_path, monkeypatch) -> None:
-    init = select_init(pair, task)
+    init, _ = select_init(pair, task)
     cfg = SynthConfig(method="GCG", steps=4, topk=64, search_width=64, swap_docs=0, save_every=2)
     whole = synthesise(*pair, init, task, cfg, None, progress=False)
     assert whole.summary["objective_cos"] > init.summary["objective_cos"] and SYNTHESISED in whole.sources
@@ -189,7 +198,7 @@ def test_gcg_improves_and_resumes_where_it_stopped(pair, task: Task, tmp_path, m
 
 
 def test_gcga_keeps_its_start_when_growth_ends_lower(pair, task: Task, monkeypatch) -> None:
-    init = select_init(pair, task)
+    init, _ = select_init(pair, task)
 
     def spoil(problem, docs, active, rest, cfg, generator) -> float:  # every grown gradient reversed
         docs.errors[active] = -docs.errors[active]
@@ -226,11 +235,11 @@ RUN = [
 def test_run_with_gcg_end_to_end(cli_env, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="weights2data"):
         assert main([*RUN, "--opt", "GCG", "--exp-name", "gcg"]) == 0
-    assert "--precondition auto runs as none for --opt GCG" in caplog.text
     results = json.loads((cli_env / "runs" / "gcg" / "results.json").read_text())
     assert [row["model"] for row in results["table"]] == ["expert", "greedy", "gcg", "random"]
     summary = results["selections"]["gcg"]
     assert summary["objective_cos"] >= results["selections"]["greedy"]["objective_cos"] - 1e-5
+    assert summary["precondition"] == results["selections"]["greedy"]["precondition"] == "adam"
     table = pq.read_table(cli_env / "runs" / "gcg" / "selection-gcg" / "selection.parquet").to_pydict()
     assert len(table["text"]) == 6 and set(table["source"]) <= {"corpus", SYNTHESISED}
     assert table["source"].count(SYNTHESISED) == summary["synthesised"]

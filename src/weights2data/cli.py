@@ -303,8 +303,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     gen = build_config(GenerateConfig, args, toml, seed=sel.seed)
     synth = build_config(SynthConfig, args, toml, seed=sel.seed)
     layout = Layout.from_env()
-    if (layout.sharded or synth.synthesises) and sel.precondition == "auto":
-        log.info("--precondition auto runs as none %s", "across ranks" if layout.sharded else "for --opt")
+    if layout.sharded and sel.precondition == "auto":
+        log.info("--precondition auto runs as none across ranks")
         sel = sel.raw_unless_asked()
     if layout.sharded:
         check_shardable(sel, gen.docs, rt.device_map)

@@ -301,8 +301,8 @@ class SelectConfig:
         "of the corpus gradients' second moments, as an Adam-trained expert moved; kfac: whiten by the "
         "Kronecker-factored second moment (A^-1/2 e hᵀ B^-1/2); none: the raw gradients (the "
         "original's). Head gradients of the label-token loss; exact. auto: adam there (it measured "
-        "best on every dataset tried), none for language modelling, --label-loss full, torchrun "
-        "and --opt GCG|GCGA|ADMM",
+        "best on every dataset tried), none for language modelling, --label-loss full and torchrun. "
+        "--opt GCG|GCGA|ADMM maximise the objective under the same preconditioner",
     )
     rounds: int = opt(
         1,
@@ -389,8 +389,7 @@ class SelectConfig:
             raise W2DError(f"batch_reset must be at least 1 (got {self.batch_reset})")
 
     def raw_unless_asked(self) -> SelectConfig:
-        """`precondition = auto` made none: for a sharded selection (Adam's moments are corpus-wide)
-        and for the synthesisers (they maximise the raw objective)."""
+        """`precondition = auto` made none: for a sharded selection (Adam's moments are corpus-wide)."""
         return replace(self, precondition="none") if self.precondition == "auto" else self
 
 
@@ -522,9 +521,9 @@ class SynthConfig:
     method: str = opt(
         "SELECT",
         "SELECT (pick corpus documents only) or a synthesiser that writes documents maximising the same "
-        "cos(sum of head gradients, delta): GCG (greedy coordinate gradient token swaps), GCGA (documents "
-        "grown one at a time against the running sum, each by a few GCG steps) or ADMM (continuous input "
-        "embeddings projected onto tokens)",
+        "cos(sum of head gradients, delta), preconditioned as SELECT's (--precondition): GCG (greedy "
+        "coordinate gradient token swaps), GCGA (documents grown one at a time against the running sum, "
+        "each by a few GCG steps) or ADMM (continuous input embeddings projected onto tokens)",
     )
     init: str = opt(
         "select",

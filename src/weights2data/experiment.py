@@ -89,9 +89,6 @@ def run_experiment(
         if ev.honest_by == "agreement":
             raise W2DError("--honest-by agreement needs a classification task; use --honest-by validation")
     if synth is not None and synth.synthesises:
-        if sel.precondition == "auto":
-            log.info("--precondition auto runs as none for --opt %s", synth.method)
-        sel = sel.raw_unless_asked()
         check_synthesis(synth, sel, task)
     defense_record = None
     if defense is not None and defense.method != "none":
@@ -120,7 +117,7 @@ def run_experiment(
     recoveries = {name: mark_sources(recovery, sources) for name, recovery in recoveries.items()}
     if synth is not None and synth.synthesises:
         init = recoveries[run.strategy_list[0] if synth.init == "select" else RANDOM]
-        made = synthesise(base, expert, init, task, synth, ws.cache)
+        made = synthesise(base, expert, init, task, synth, ws.cache, metric=grads.metric)
         random_picks = recoveries.pop(RANDOM)  # the baseline stays the table's last row
         recoveries |= {synth.method.lower(): made, RANDOM: random_picks}
     del base, expert

@@ -16,6 +16,9 @@ whitened metric TRAK scores in, with damping), still one factored outer product 
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -44,21 +47,51 @@ def resolve(kind: str, restricted_head: bool) -> str:
     return "adam" if restricted_head else "none"
 
 
-def precondition(errors: Tensor, hidden: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """The factors of D ∘ g for every document: (errors ∘ α, hidden ∘ β); unchanged for `none`.
+@dataclass(frozen=True)
+class Metric:
+    """The fitted preconditioner: maps on the error factors (C,) or (C, C) and on the hidden
+    factors (d,) or (d, d). A vector rescales (adam), a matrix multiplies on the right (kfac)."""
 
-    Works on (N, C) / (N, d) factors or on (N, P, C) / (N, P, d) stacks of P gradient points,
-    which share one estimate.
-    """
+    errors: Tensor
+    hidden: Tensor
+
+    def apply(self, errors: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The factors of D ∘ g for factors (..., C) and (..., d)."""
+        return _mapped(errors, self.errors), _mapped(hidden, self.hidden)
+
+    def to(self, device: torch.device) -> Metric:
+        return Metric(self.errors.to(device), self.hidden.to(device))
+
+    def fingerprint(self) -> str:
+        """A hash of the maps: what a cached result computed under this metric is keyed by."""
+        blob = b"".join(
+            t.detach().cpu().float().contiguous().numpy().tobytes() for t in (self.errors, self.hidden)
+        )
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _mapped(x: Tensor, map_: Tensor) -> Tensor:
+    return x * map_ if map_.dim() == 1 else x @ map_
+
+
+def fit_metric(errors: Tensor, hidden: Tensor, kind: str) -> Metric | None:
+    """The preconditioner `kind` estimated from the corpus's factors (N, C) and (N, d) (or stacks
+    (N, P, ·) of P gradient points, which share one estimate); None for `none`."""
     if kind not in PRECONDITIONERS[1:]:
         raise W2DError(f"unknown preconditioner '{kind}': choose from {', '.join(PRECONDITIONERS[1:])}")
     if kind == "none":
-        return errors, hidden
+        return None
     flat_e, flat_h = errors.reshape(-1, errors.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
     if kind == "kfac":
-        return errors @ inverse_sqrt(second_moment(flat_e)), hidden @ inverse_sqrt(second_moment(flat_h))
-    alpha, beta = adam_scales(flat_e, flat_h)
-    return errors * alpha, hidden * beta
+        return Metric(inverse_sqrt(second_moment(flat_e)), inverse_sqrt(second_moment(flat_h)))
+    return Metric(*adam_scales(flat_e, flat_h))
+
+
+def precondition(errors: Tensor, hidden: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """The factors of D ∘ g for every document: (errors ∘ α, hidden ∘ β) for adam, whitened for
+    kfac, unchanged for `none`; the estimate is fitted on these factors themselves."""
+    metric = fit_metric(errors, hidden, kind)
+    return (errors, hidden) if metric is None else metric.apply(errors, hidden)
 
 
 def second_moment(x: Tensor) -> Tensor:

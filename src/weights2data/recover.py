@@ -31,7 +31,7 @@ from weights2data.gradients import (
 )
 from weights2data.lm_features import head_delta, head_view
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
-from weights2data.precondition import resolve
+from weights2data.precondition import Metric, fit_metric, resolve
 from weights2data.selection import BALANCED, GradientFeatures, Selection, SummedFeatures, select
 from weights2data.store import atomic_path, stable_hash, write_json
 from weights2data.templates import PLAIN, Template, encode, resolve_template
@@ -157,6 +157,7 @@ class CorpusGradients:
     kind: str = "classification"  # or "lm": no labels, losses are mean next-token losses
     probs: torch.Tensor | None = None  # (N, C) the finetuned model's label distribution
     adapter: str | None = None  # the LoRA adapter the finetuned model is, described
+    metric: Metric | None = None  # the head preconditioner, when one gradient point was preconditioned
 
     def to(self, device: torch.device) -> CorpusGradients:
         """The features on `device`, where the greedy engine then runs; labels and losses stay."""
@@ -290,6 +291,9 @@ def corpus_gradients(
                 timings = merge_timings(timings, block_timings)
         memo = {key: value for key, value in memo.items() if value[0] in (finetuned, end)}
     preconditioner = resolve(cfg.precondition, restricted_head=mode == "restricted")
+    metric = None
+    if len(points) == 1:  # the synthesisers' objective, which they rescale the same way
+        metric = fit_metric(points[0].errors(labelled.labels), points[0].hidden, preconditioner)
     if points:
         total_delta = label_rows(base, label_set)[0] - tuned_rows[0]
         heads = as_list(head_features(points, labelled.labels, cfg.path_combine, total_delta, preconditioner))
@@ -305,6 +309,7 @@ def corpus_gradients(
         notes,
         probs=labelled.probs,
         adapter=adapter_of(finetuned),
+        metric=metric,
     )
 
 

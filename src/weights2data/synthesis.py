@@ -3,7 +3,10 @@
 Every synthesiser maximises what SELECT maximises, cos(G, Δ) with G = Σ_j e_j h_jᵀ over the
 synthetic set: h_j is document j's last hidden state under the finetuned model θ1, e_j = p_j −
 onehot(y_j) its softmax error over the label tokens at θ1's own label y_j = argmax p_j (the
-autolabel), and Δ = W_C(θ0) − W_C(θ1) the change of the head's label rows (DESIGN §3).
+autolabel), and Δ = W_C(θ0) − W_C(θ1) the change of the head's label rows (DESIGN §3). Under
+SELECT's preconditioner (`--precondition`, adam by default) each gradient is D ∘ e_j h_jᵀ =
+(α ∘ e_j)(β ∘ h_j)ᵀ with the corpus's α, β (precondition.py), so the factors are rescaled as
+SELECT rescales them and the objective is the one SELECT's picks reached.
 
 A document is a row of seq_len − 1 token ids, left-padded, as a classifier reads it before its
 label token. Whatever a synthesiser writes is decoded to text and tokenised again before it is
@@ -43,6 +46,7 @@ from weights2data.features import cache_key
 from weights2data.generate import mark_sources
 from weights2data.gradients import label_rows
 from weights2data.models import LoadedModel
+from weights2data.precondition import Metric
 from weights2data.recover import CorpusGradients, Recovery, label_distribution, recover
 from weights2data.store import atomic_path, hash_texts, stable_hash
 from weights2data.train import Task
@@ -68,6 +72,7 @@ class Problem:
     allowed: Tensor  # (V,) bool: tokens a synthesiser may write (no special tokens)
     seq_len: int
     batch_size: int = 32
+    metric: Metric | None = None  # SELECT's preconditioner on (errors, hidden); None: raw gradients
 
     @property
     def embeddings(self) -> Tensor:
@@ -78,14 +83,17 @@ class Problem:
 
     def forward(self, embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Errors (n, C), last hidden states (n, d) and autolabels (n,) of documents given as input
-        embeddings (n, T, d); differentiable. The autolabel is an argmax: constant under
-        differentiation, as in SELECT's gradients."""
+        embeddings (n, T, d), the first two preconditioned by the metric; differentiable. The
+        autolabel is an argmax: constant under differentiation, as in SELECT's gradients."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding skipped, as features.py does
         out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         hidden = out.last_hidden_state[:, -1].float()
         probs = F.softmax(F.linear(hidden, self.rows, self.bias), dim=-1)
         labels = probs.argmax(-1)
-        return probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype), hidden, labels
+        errors = probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+        if self.metric is not None:
+            errors, hidden = self.metric.apply(errors, hidden)
+        return errors, hidden, labels
 
     @torch.no_grad()
     def factors(self, embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,7 +105,11 @@ class Problem:
         return (slice(s, s + self.batch_size) for s in range(0, n, self.batch_size))
 
 
-def make_problem(base: LoadedModel, finetuned: LoadedModel, task: Task, batch_size: int = 32) -> Problem:
+def make_problem(
+    base: LoadedModel, finetuned: LoadedModel, task: Task, batch_size: int = 32, metric: Metric | None = None
+) -> Problem:
+    """The objective for `finetuned` against `base`; `metric`: SELECT's preconditioner
+    (CorpusGradients.metric), fitted on the corpus, else raw gradients."""
     device = next(finetuned.model.parameters()).device
     rows, bias = label_rows(finetuned, task.label_set)
     delta = label_rows(base, task.label_set)[0] - rows
@@ -116,6 +128,7 @@ def make_problem(base: LoadedModel, finetuned: LoadedModel, task: Task, batch_si
         allowed.to(device),
         task.seq_len,
         batch_size,
+        None if metric is None else metric.to(device),
     )
 
 
@@ -457,11 +470,10 @@ def check_synthesis(cfg: SynthConfig, sel: SelectConfig, task: Task) -> None:
             f"{task.kind}{'' if task.template.plain else ' with a template'}"
             f"{', full-vocabulary loss' if task.label_loss == 'full' else ''}: use --opt SELECT"
         )
-    needed = {  # what SELECT matches when its objective is the synthesisers' (w2d resolves auto to none)
+    needed = {  # what SELECT matches when its objective is the synthesisers'
         "--grad-blocks 0": sel.grad_blocks == 0,
         "--pseudo-experts 1": sel.pseudo_experts == 1,
         "--grad-at finetuned": sel.grad_at == "finetuned",
-        "--precondition none": sel.precondition == "none",
         "--projection-dim 0": sel.projection_dim == 0,
         "--rounds 1": sel.rounds == 1,
     }
@@ -481,11 +493,13 @@ def synthesise(
     cfg: SynthConfig,
     cache_root: Path | None,
     progress: bool = True,
+    metric: Metric | None = None,
 ) -> Recovery:
     """Documents written by cfg.method from `init`'s texts, as a Recovery (source: synthesised for
-    changed rows, the initial source for the others)."""
+    changed rows, the initial source for the others); `metric`: the corpus gradients' preconditioner,
+    so the objective is the one `init` was selected under."""
     started = time.time()  # the problem's setup counts as synthesis time
-    problem = make_problem(base, finetuned, task, cfg.batch_size)
+    problem = make_problem(base, finetuned, task, cfg.batch_size, metric)
     start = scored(problem, init.texts)
     initial = start.objective(problem.delta)
     key = cache_key(
@@ -494,6 +508,7 @@ def synthesise(
         finetuned=finetuned.fingerprint,
         task=task.to_dict(),
         init=hash_texts(init.texts),
+        metric=None if metric is None else metric.fingerprint(),
         synth={k: v for k, v in to_dict(cfg).items() if k not in ("save_every", "batch_size")},
     )
     path = None if cache_root is None else Path(cache_root) / "synthesis" / f"{stable_hash(key)}.safetensors"
@@ -525,7 +540,7 @@ def refine_selection(
     if cfg.init == "random":
         random_sel = replace(sel, strategy="random")
         picks = mark_sources(recover(grads, texts, task.label_set, random_sel, progress=False), sources)
-    return synthesise(base, finetuned, picks, task, cfg, cache_root)
+    return synthesise(base, finetuned, picks, task, cfg, cache_root, metric=grads.metric)
 
 
 def as_recovery(problem: Problem, docs: Docs, init: Recovery, cfg: SynthConfig, extra: dict) -> Recovery:
