@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import replace
 
@@ -232,9 +231,8 @@ RUN = [
 ]  # fmt: skip
 
 
-def test_run_with_gcg_end_to_end(cli_env, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="weights2data"):
-        assert main([*RUN, "--opt", "GCG", "--exp-name", "gcg"]) == 0
+def test_run_with_gcg_end_to_end(cli_env) -> None:
+    assert main([*RUN, "--opt", "GCG", "--exp-name", "gcg"]) == 0
     results = json.loads((cli_env / "runs" / "gcg" / "results.json").read_text())
     assert [row["model"] for row in results["table"]] == ["expert", "greedy", "gcg", "random"]
     summary = results["selections"]["gcg"]
