@@ -24,10 +24,12 @@ from weights2data.synthesis import (
     SYNTHESISED,
     augmented_lagrangian,
     cosine,
+    gcg_step,
     make_problem,
     objective_grad,
     project,
     scored,
+    step_generator,
     synthesise,
     token_gradients,
     x_step,
@@ -194,6 +196,23 @@ def test_gcg_improves_and_resumes_where_it_stopped(pair, task: Task, tmp_path, m
     assert cached.texts == whole.texts and not calls
     # read back: the seconds saved with its last step, without the reload's
     assert resumed.summary["synth_s"] - 0.1 <= cached.summary["synth_s"] <= resumed.summary["synth_s"]
+
+
+def test_gcg_step_keeps_several_swaps_on_distinct_documents(pair, task: Task) -> None:
+    init, _ = select_init(pair, task)
+    problem = make_problem(*pair, task)
+    start = scored(problem, init.texts)
+    active, rest = torch.arange(len(start.texts)), torch.zeros_like(problem.delta)
+    ends = {}
+    for per_step in (1, len(start.texts)):
+        docs = start.clone()
+        cfg = SynthConfig(method="GCG", topk=64, search_width=64, swaps_per_step=per_step)
+        value = gcg_step(problem, docs, active, rest, cfg, step_generator(0, 0))
+        assert value == pytest.approx(docs.objective(problem.delta), abs=1e-6)  # exact, no estimate
+        assert value > start.objective(problem.delta) and 1 <= int(docs.changed.sum()) <= per_step
+        ends[per_step] = value, int(docs.changed.sum())
+    # the same swaps: the single best is the first one kept, and every further one adds
+    assert ends[len(start.texts)][0] > ends[1][0] and ends[len(start.texts)][1] > 1
 
 
 def test_gcga_keeps_its_start_when_growth_ends_lower(pair, task: Task, monkeypatch) -> None:

@@ -539,6 +539,11 @@ class SynthConfig:
     swap_docs: int = opt(
         16, "GCG: documents whose token gradients are taken in a step (0: all); the swaps fall among them"
     )
+    swaps_per_step: int = opt(
+        1,
+        "GCG: swaps kept per step, on distinct documents, best first, each only if the set's exact "
+        "objective rises (1: Zou et al.'s single best swap; up to --synth-swap-docs cost nothing more)",
+    )
     rho: float = opt(
         0.001,
         "ADMM: penalty ρ on ‖X − Z + Λ/ρ‖² (the original's --admm_penalty_term, 0.1). The objective's "
@@ -557,11 +562,18 @@ class SynthConfig:
         check_types(self)
         _choice("opt", self.method, SYNTH_METHODS)
         _choice("synth_init", self.init, ("select", "random"))
-        counts = (self.steps, self.doc_steps, self.topk, self.search_width, self.inner_steps)
+        counts = (
+            self.steps,
+            self.doc_steps,
+            self.topk,
+            self.search_width,
+            self.swaps_per_step,
+            self.inner_steps,
+        )
         if min(counts) < 1 or self.save_every < 1 or self.batch_size < 1 or self.swap_docs < 0:
             raise W2DError(
-                "synthesis steps, doc steps, top-k, search width, inner steps, save interval and batch size "
-                "must be at least 1, swap docs at least 0"
+                "synthesis steps, doc steps, top-k, search width, swaps per step, inner steps, save interval "
+                "and batch size must be at least 1, swap docs at least 0"
             )
         if self.rho <= 0 or self.lr_tokens <= 0:
             raise W2DError(f"rho and lr_tokens must be > 0 (got {self.rho}, {self.lr_tokens})")

@@ -15,7 +15,9 @@ never changed keep their corpus text and source.
 
 - GCG (Zou et al. 2023): the gradient of the objective w.r.t. one-hot token indicators ranks
   the top-k replacement tokens of every position; B random single-token swaps drawn from them
-  are scored exactly (a forward pass each) and the best is kept only if it improves.
+  are scored exactly (a forward pass each) and the best is kept only if it improves. With many
+  documents a step may keep several swaps, on distinct documents, each only if the set's exact
+  objective rises (`--synth-swaps-per-step`).
 - GCGA: documents grown one at a time against the running sum R of those before, each from its
   initial passage by a few GCG steps on cos(R + g_j, Δ). Growth is greedy and can end below the
   starting set's objective; the starting set is then returned.
@@ -262,8 +264,14 @@ def sample_swaps(
 def gcg_step(
     problem: Problem, docs: Docs, active: Tensor, rest: Tensor, cfg: SynthConfig, generator: torch.Generator
 ) -> float:
-    """One GCG step on the documents `active` against cos(rest + Σ_active g, Δ); `docs` takes the best
-    swap when it improves. Returns the objective after the step."""
+    """One GCG step on the documents `active` against cos(rest + Σ_active g, Δ); returns the
+    objective after it.
+
+    Every swap changes one document's gradient alone, so any set of swaps on distinct documents
+    has an exact objective with no further forward pass: G − Σ old g_i + Σ new g_i. The swaps are
+    tried best first and each is kept when it raises the objective of those kept so far, up to
+    cfg.swaps_per_step of them (1: Zou et al.'s single best swap).
+    """
     current = rest + docs.total(active)
     value = float(cosine(current, problem.delta))
     grads = token_gradients(problem, docs, active, rest)
@@ -275,14 +283,20 @@ def gcg_step(
     swapped[torch.arange(len(rows), device=rows.device), pos] = token
     new = retokenised(problem, swapped, docs.mask[rows])
     moved = (new.ids != docs.ids[rows]).any(1)  # a swap that tokenising again undid changes nothing
-    old = torch.einsum("bc,bd->bcd", docs.errors[rows], docs.hidden[rows])
-    totals = current - old + torch.einsum("bc,bd->bcd", new.errors, new.hidden)  # (B, C, d)
-    values = cosine(totals, problem.delta).masked_fill(~moved, -torch.inf)
-    best = int(values.argmax())
-    if float(values[best]) <= value:
-        return value
-    docs.put(int(rows[best]), new, best)
-    return float(values[best])
+    change = torch.einsum("bc,bd->bcd", new.errors, new.hidden) - torch.einsum(
+        "bc,bd->bcd", docs.errors[rows], docs.hidden[rows]
+    )  # (B, C, d): each swap's change of G
+    alone = cosine(current + change, problem.delta).masked_fill(~moved, -torch.inf)
+    start, taken = value, set()
+    for b in alone.argsort(descending=True).tolist():
+        if float(alone[b]) <= start or len(taken) == cfg.swaps_per_step:
+            break
+        row, trial = int(rows[b]), float(cosine(current + change[b], problem.delta))
+        if row not in taken and trial > value:
+            current, value = current + change[b], trial
+            taken.add(row)
+            docs.put(row, new, b)
+    return value
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
