@@ -28,6 +28,7 @@ from weights2data.synthesis import (
     make_problem,
     objective_grad,
     project,
+    sample_swaps,
     scored,
     step_generator,
     synthesise,
@@ -150,12 +151,47 @@ def test_projection_is_the_nearest_allowed_token(pair, task: Task) -> None:
     assert torch.equal(z, expected)
 
 
-@pytest.mark.parametrize(("method", "precondition"), [("GCG", "none"), ("GCGA", "none"), ("ADMM", "none"),
-                                                     ("GCG", "adam"), ("ADMM", "adam")])  # fmt: skip
-def test_never_worse_than_select(pair, task: Task, method: str, precondition: str, tmp_path) -> None:
+def test_fluent_tokens_are_the_base_models_likeliest_after_each_prefix(pair, task: Task) -> None:
+    base, _ = pair
+    problem = make_problem(*pair, task)
+    docs = scored(problem, TEXTS[:3])  # left-padded, of different lengths
+    m = 5
+    fluent = problem.fluent(docs.ids, docs.mask, m)
+    for i in range(3):
+        real = docs.ids[i][docs.mask[i].bool()]  # the document alone, unpadded
+        start = len(docs.ids[i]) - len(real)
+        assert torch.equal(fluent[i, start], problem.allowed)  # the first token is free
+        logits = base.model(input_ids=real[None]).logits[0].masked_fill(~problem.allowed, -torch.inf)
+        for t in range(1, len(real)):
+            expected = torch.zeros_like(problem.allowed)
+            expected[logits[t - 1].topk(m).indices] = True
+            assert torch.equal(fluent[i, start + t], expected)
+    assert torch.equal(problem.fluent(docs.ids, docs.mask, 0)[1, -1], problem.allowed)
+    # GCG's swaps and ADMM's projection write only those tokens
+    grads = torch.randn(docs.ids.shape + problem.allowed.shape)
+    doc, pos, token = sample_swaps(grads, docs.mask, fluent, m, 64, torch.Generator().manual_seed(0))
+    assert fluent[doc, pos, token].all() and docs.mask[doc, pos].bool().all()
+    x = problem.embeddings[docs.ids] + 0.05 * torch.randn(docs.ids.shape + (problem.embeddings.shape[1],))
+    z = project(problem, x, docs.mask, docs.ids, fluent)
+    inside = fluent.gather(-1, z[..., None])[..., 0]
+    assert inside[docs.mask.bool()].all()
+    assert not torch.equal(z, project(problem, x, docs.mask, docs.ids))  # the constraint binds
+
+
+FLUENT_MULTI = {"fluent_tokens": 8, "swaps_per_step": 2}
+
+
+@pytest.mark.parametrize(("method", "precondition", "options"), [
+    ("GCG", "none", {}), ("GCGA", "none", {}), ("ADMM", "none", {}),
+    ("GCG", "adam", {}), ("ADMM", "adam", {}),
+    ("GCG", "adam", FLUENT_MULTI), ("GCGA", "adam", FLUENT_MULTI), ("ADMM", "adam", FLUENT_MULTI),
+])  # fmt: skip
+def test_never_worse_than_select(
+    pair, task: Task, method: str, precondition: str, options: dict, tmp_path
+) -> None:
     init, metric = select_init(pair, task, precondition=precondition)
     cfg = SynthConfig(
-        method=method, steps=3, doc_steps=2, topk=8, search_width=16, inner_steps=2, swap_docs=2
+        method=method, steps=3, doc_steps=2, topk=8, search_width=16, inner_steps=2, swap_docs=2, **options
     )
     out = synthesise(*pair, init, task, cfg, tmp_path, progress=False, metric=metric)
     assert out.summary["objective_cos"] >= init.summary["objective_cos"] - 1e-5

@@ -544,6 +544,12 @@ class SynthConfig:
         "GCG: swaps kept per step, on distinct documents, best first, each only if the set's exact "
         "objective rises (1: Zou et al.'s single best swap; up to --synth-swap-docs cost nothing more)",
     )
+    fluent_tokens: int = opt(
+        0,
+        "GCG/GCGA/ADMM: every token written is among the base model's N likeliest next tokens at its "
+        "place, given the document's tokens before it (a document's first token is free), so the "
+        "text stays readable; 0: any token",
+    )
     rho: float = opt(
         0.001,
         "ADMM: penalty ρ on ‖X − Z + Λ/ρ‖² (the original's --admm_penalty_term, 0.1). The objective's "
@@ -562,18 +568,12 @@ class SynthConfig:
         check_types(self)
         _choice("opt", self.method, SYNTH_METHODS)
         _choice("synth_init", self.init, ("select", "random"))
-        counts = (
-            self.steps,
-            self.doc_steps,
-            self.topk,
-            self.search_width,
-            self.swaps_per_step,
-            self.inner_steps,
-        )
-        if min(counts) < 1 or self.save_every < 1 or self.batch_size < 1 or self.swap_docs < 0:
+        counts = (self.steps, self.doc_steps, self.topk, self.search_width, self.swaps_per_step)
+        counts += (self.inner_steps, self.save_every, self.batch_size)
+        if min(counts) < 1 or min(self.swap_docs, self.fluent_tokens) < 0:
             raise W2DError(
                 "synthesis steps, doc steps, top-k, search width, swaps per step, inner steps, save interval "
-                "and batch size must be at least 1, swap docs at least 0"
+                "and batch size must be at least 1, swap docs and fluent tokens at least 0"
             )
         if self.rho <= 0 or self.lr_tokens <= 0:
             raise W2DError(f"rho and lr_tokens must be > 0 (got {self.rho}, {self.lr_tokens})")

@@ -67,6 +67,7 @@ class Problem:
     """The finetuned model and what the objective needs of it, on the model's device."""
 
     model: torch.nn.Module  # θ1: hidden states and autolabel errors
+    base: torch.nn.Module  # θ0, a causal LM: which tokens read naturally (--synth-fluent-tokens)
     tokenizer: object
     rows: Tensor  # (C, d) head label rows at θ1
     bias: Tensor | None  # (C,)
@@ -106,6 +107,23 @@ class Problem:
     def batches(self, n: int) -> Iterator[slice]:
         return (slice(s, s + self.batch_size) for s in range(0, n, self.batch_size))
 
+    @torch.no_grad()
+    def fluent(self, ids: Tensor, mask: Tensor, m: int) -> Tensor:
+        """(n, T, V) bool: the tokens a synthesiser may write at each place, the base model's m
+        likeliest allowed next tokens given the document's tokens before it (m = 0: every allowed
+        token). A document's first token has no context and may be any allowed token."""
+        if m == 0:
+            return self.allowed.expand(*ids.shape, -1)
+        out = torch.zeros(*ids.shape, len(self.allowed), dtype=torch.bool, device=ids.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for s in self.batches(len(ids)):
+            logits = self.base(input_ids=ids[s], attention_mask=mask[s], position_ids=positions[s]).logits
+            top = logits[:, :-1].masked_fill(~self.allowed, -torch.inf).topk(m, dim=-1).indices
+            out[s, 1:] = out[s, 1:].scatter(-1, top, True)  # top: (b, T − 1, m), the likeliest next
+        first = mask.bool() & (mask.cumsum(-1) == 1)
+        out[first] = self.allowed
+        return out
+
 
 def make_problem(
     base: LoadedModel, finetuned: LoadedModel, task: Task, batch_size: int = 32, metric: Metric | None = None
@@ -123,6 +141,7 @@ def make_problem(
         raise W2DError("the finetuned head's label rows equal the base's: there is no weight change to match")
     return Problem(
         finetuned.model,
+        base.model,
         finetuned.tokenizer,
         rows.to(device),
         None if bias is None else bias.to(device),
@@ -252,8 +271,9 @@ def sample_swaps(
     grads: Tensor, mask: Tensor, allowed: Tensor, topk: int, width: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor]:
     """B single-token swaps (document, position, token), each at a uniformly random non-pad position
-    with one of that position's top-k tokens by gradient (the objective is maximised)."""
-    top = grads.masked_fill(~allowed, -torch.inf).topk(min(topk, int(allowed.sum())), dim=-1).indices
+    with one of that position's top-k `allowed` (m, T, V) tokens by gradient (the objective is
+    maximised); topk must not exceed the allowed tokens of any position."""
+    top = grads.masked_fill(~allowed, -torch.inf).topk(topk, dim=-1).indices
     places = mask.nonzero()  # (P, 2)
     pick = torch.randint(len(places), (width,), generator=generator).to(places.device)
     which = torch.randint(top.shape[-1], (width,), generator=generator).to(places.device)
@@ -275,9 +295,10 @@ def gcg_step(
     current = rest + docs.total(active)
     value = float(cosine(current, problem.delta))
     grads = token_gradients(problem, docs, active, rest)
-    doc, pos, token = sample_swaps(
-        grads, docs.mask[active], problem.allowed, cfg.topk, cfg.search_width, generator
-    )
+    ids, mask = docs.ids[active], docs.mask[active]
+    allowed = problem.fluent(ids, mask, cfg.fluent_tokens)
+    topk = min(cfg.topk, cfg.fluent_tokens or int(problem.allowed.sum()))
+    doc, pos, token = sample_swaps(grads, mask, allowed, topk, cfg.search_width, generator)
     rows = active[doc]
     swapped = docs.ids[rows].clone()
     swapped[torch.arange(len(rows), device=rows.device), pos] = token
@@ -370,16 +391,23 @@ def x_step(problem: Problem, x: Tensor, z: Tensor, dual: Tensor, mask: Tensor, c
 
 
 @torch.no_grad()
-def project(problem: Problem, x: Tensor, mask: Tensor, pads: Tensor, chunk: int = 1024) -> Tensor:
-    """(n, T) the allowed token whose embedding is nearest each row of x (Euclidean:
-    argmax_v 2 x·E_v − ‖E_v‖²); padding keeps its ids `pads`."""
+def project(
+    problem: Problem, x: Tensor, mask: Tensor, pads: Tensor, allowed: Tensor | None = None, chunk: int = 1024
+) -> Tensor:
+    """(n, T) the token whose embedding is nearest each row of x (Euclidean: argmax_v 2 x·E_v −
+    ‖E_v‖²) among those `allowed` (n, T, V) there (None: problem.allowed everywhere); padding keeps
+    its ids `pads`."""
     embeddings = problem.embeddings
-    offset = embeddings.square().sum(1).masked_fill(~problem.allowed, torch.inf)  # (V,)
+    norms = embeddings.square().sum(1)  # (V,)
     flat = x.reshape(-1, x.shape[-1])
-    nearest = torch.cat(
-        [(2 * flat[s : s + chunk] @ embeddings.T - offset).argmax(1) for s in range(0, len(flat), chunk)]
-    )
-    return torch.where(mask.bool(), nearest.view(mask.shape), pads)
+    ok = None if allowed is None else allowed.reshape(len(flat), -1)
+
+    def closest(rows: slice) -> Tensor:
+        scores = 2 * flat[rows] @ embeddings.T - norms
+        return scores.masked_fill(~(problem.allowed if ok is None else ok[rows]), -torch.inf).argmax(1)
+
+    tokens = torch.cat([closest(slice(s, s + chunk)) for s in range(0, len(flat), chunk)])
+    return torch.where(mask.bool(), tokens.view(mask.shape), pads)
 
 
 def run_admm(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, start: int) -> Docs:
@@ -395,7 +423,8 @@ def run_admm(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, 
     )
     for step in bar:
         x = x_step(problem, x, z, dual, mask, cfg)
-        z = project(problem, x + dual / cfg.rho, mask, first.ids)
+        allowed = problem.fluent(z, mask, cfg.fluent_tokens) if cfg.fluent_tokens else None  # after z's text
+        z = project(problem, x + dual / cfg.rho, mask, first.ids, allowed)
         dual = dual + cfg.rho * (x - problem.embeddings[z]) * mask[..., None]
         candidate = rebuilt(problem, first, z)
         if candidate.objective(problem.delta) > best.objective(problem.delta):
