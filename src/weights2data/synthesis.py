@@ -24,6 +24,10 @@ never changed keep their corpus text and source.
 - ADMM: continuous input embeddings X, their projection Z onto token rows, a dual Λ; the x-step
   is Adam on −cos + (ρ/2)‖X − Z + Λ/ρ‖², the z-step Z = Proj(X + Λ/ρ), the dual step
   Λ += ρ(X − Z). The best projected set seen (the initial one included) is returned.
+
+`--synth-fluent-tokens N` restricts what every synthesiser writes to the base model's N likeliest
+next tokens at each place, given the document's tokens before it: GCG's candidate swaps and
+ADMM's projection both draw from that set, so the rewritten text stays readable.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ _TINY = 1e-30
 
 @dataclass
 class Problem:
-    """The finetuned model and what the objective needs of it, on the model's device."""
+    """The finetuned model and what the objective needs of it, and the base model that judges
+    which tokens read naturally, on the model's device."""
 
     model: torch.nn.Module  # θ1: hidden states and autolabel errors
     base: torch.nn.Module  # θ0, a causal LM: which tokens read naturally (--synth-fluent-tokens)
