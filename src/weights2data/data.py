@@ -430,6 +430,11 @@ def make_label_set(
     return LabelSet(list(label_names), tokens, flat)
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a text's positions do not depend on its padding."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @dataclass(frozen=True)
 class Encoded:
     """Token ids ready for the model. Classification: the context before the label token."""
@@ -443,8 +448,7 @@ class Encoded:
 
     @property
     def position_ids(self) -> torch.Tensor:
-        """Positions that skip left padding, so a text's positions do not depend on its padding."""
-        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return position_ids(self.attention_mask)
 
     def subset(self, index: torch.Tensor | np.ndarray | slice) -> Encoded:
         target = None if self.target_mask is None else self.target_mask[index]

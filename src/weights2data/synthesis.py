@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from weights2data.config import SelectConfig, SynthConfig, to_dict
-from weights2data.data import Encoded, encode_classification
+from weights2data.data import Encoded, encode_classification, position_ids
 from weights2data.errors import W2DError
 from weights2data.features import cache_key
 from weights2data.generate import mark_sources
@@ -93,8 +93,9 @@ class Problem:
         """Errors (n, C), last hidden states (n, d) and autolabels (n,) of documents given as input
         embeddings (n, T, d), the first two preconditioned by the metric; differentiable. The
         autolabel is an argmax: constant under differentiation, as in SELECT's gradients."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding skipped, as features.py does
-        out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        out = self.model.base_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)
+        )
         hidden = out.last_hidden_state[:, -1].float()
         probs = F.softmax(F.linear(hidden, self.rows, self.bias), dim=-1)
         labels = probs.argmax(-1)
@@ -120,13 +121,12 @@ class Problem:
         if m == 0:
             return self.allowed.expand(*ids.shape, -1)
         out = torch.zeros(*ids.shape, len(self.allowed), dtype=torch.bool, device=ids.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids(mask)
         for s in self.batches(len(ids)):
             logits = self.base(input_ids=ids[s], attention_mask=mask[s], position_ids=positions[s]).logits
             top = logits[:, :-1].masked_fill(~self.allowed, -torch.inf).topk(m, dim=-1).indices
             out[s, 1:] = out[s, 1:].scatter(-1, top, True)  # top: (b, T − 1, m), the likeliest next
-        first = mask.bool() & (mask.cumsum(-1) == 1)
-        out[first] = self.allowed
+        out[mask.bool() & (positions == 0)] = self.allowed  # each document's first token
         return out
 
 
@@ -317,8 +317,9 @@ def gcg_step(
     for b in alone.argsort(descending=True).tolist():
         if float(alone[b]) <= start or len(taken) == cfg.swaps_per_step:
             break
-        row, trial = int(rows[b]), float(cosine(current + change[b], problem.delta))
-        if row not in taken and trial > value:
+        row = int(rows[b])
+        trial = -torch.inf if row in taken else float(cosine(current + change[b], problem.delta))
+        if trial > value:
             current, value = current + change[b], trial
             taken.add(row)
             docs.put(row, new, b)
@@ -405,13 +406,16 @@ def project(
     embeddings = problem.embeddings
     norms = embeddings.square().sum(1)  # (V,)
     flat = x.reshape(-1, x.shape[-1])
-    ok = None if allowed is None else allowed.reshape(len(flat), -1)
-
-    def closest(rows: slice) -> Tensor:
-        scores = 2 * flat[rows] @ embeddings.T - norms
-        return scores.masked_fill(~(problem.allowed if ok is None else ok[rows]), -torch.inf).argmax(1)
-
-    tokens = torch.cat([closest(slice(s, s + chunk)) for s in range(0, len(flat), chunk)])
+    allowed = problem.allowed.expand(*mask.shape, -1) if allowed is None else allowed
+    ok = allowed.reshape(len(flat), -1)  # a view, also of an expanded mask
+    tokens = torch.cat(
+        [
+            (2 * flat[s : s + chunk] @ embeddings.T - norms)
+            .masked_fill(~ok[s : s + chunk], -torch.inf)
+            .argmax(1)
+            for s in range(0, len(flat), chunk)
+        ]
+    )
     return torch.where(mask.bool(), tokens.view(mask.shape), pads)
 
 
@@ -428,7 +432,7 @@ def run_admm(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, 
     )
     for step in bar:
         x = x_step(problem, x, z, dual, mask, cfg)
-        allowed = problem.fluent(z, mask, cfg.fluent_tokens) if cfg.fluent_tokens else None  # after z's text
+        allowed = problem.fluent(z, mask, cfg.fluent_tokens)  # given the last projection's text
         z = project(problem, x + dual / cfg.rho, mask, first.ids, allowed)
         dual = dual + cfg.rho * (x - problem.embeddings[z]) * mask[..., None]
         candidate = rebuilt(problem, first, z)
