@@ -532,7 +532,11 @@ class SynthConfig:
     )
     steps: int = opt(20, "GCG: token-swap steps; ADMM: outer iterations (z- and dual steps)")
     doc_steps: int = opt(3, "GCGA: GCG steps for each grown document")
-    topk: int = opt(256, "GCG/GCGA: candidate tokens per position, by one-hot gradient (Zou et al.'s 256)")
+    topk: int = opt(
+        64,
+        "GCG/GCGA: candidate tokens per position, by one-hot gradient, among the fluent tokens "
+        "(--synth-fluent-tokens; Zou et al. take 256 of the whole vocabulary)",
+    )
     search_width: int = opt(
         128, "GCG/GCGA: B, random single-token swaps evaluated exactly per step (Zou et al.: 512)"
     )
@@ -540,15 +544,15 @@ class SynthConfig:
         16, "GCG: documents whose token gradients are taken in a step (0: all); the swaps fall among them"
     )
     swaps_per_step: int = opt(
-        1,
+        16,
         "GCG: swaps kept per step, on distinct documents, best first, each only if the set's exact "
         "objective rises (1: Zou et al.'s single best swap; up to --synth-swap-docs cost nothing more)",
     )
     fluent_tokens: int = opt(
-        0,
+        256,
         "GCG/GCGA/ADMM: every token written is among the base model's N likeliest next tokens at its "
         "place, given the document's tokens before it (a document's first token is free), so the "
-        "text stays readable; 0: any token",
+        "text stays readable; 0: any token (Zou et al.'s GCG)",
     )
     rho: float = opt(
         0.001,
