@@ -406,7 +406,7 @@ def project(
     embeddings = problem.embeddings
     norms = embeddings.square().sum(1)  # (V,)
     flat = x.reshape(-1, x.shape[-1])
-    allowed = problem.allowed.expand(*mask.shape, -1) if allowed is None else allowed
+    allowed = problem.fluent(pads, mask, 0) if allowed is None else allowed
     ok = allowed.reshape(len(flat), -1)  # a view, also of an expanded mask
     tokens = torch.cat(
         [
