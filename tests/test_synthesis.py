@@ -89,7 +89,9 @@ def test_token_gradients_equal_autograd_on_one_hot(pair, task: Task, preconditio
     one_hot = F.one_hot(docs.ids[active], embeddings.shape[0]).float().requires_grad_()
     errors, hidden, _ = problem.forward(one_hot @ embeddings, docs.mask[active])
     cosine(rest + errors.T @ hidden, problem.delta).backward()
-    torch.testing.assert_close(ours, one_hot.grad, atol=1e-7, rtol=1e-4)
+    # float32 sums in a different order: agreement to 1e-5 of the largest entry (kfac's whitening
+    # scales these gradients to hundreds, where a fixed atol would test only the summation order)
+    torch.testing.assert_close(ours, one_hot.grad, atol=1e-5 * ours.abs().max().item(), rtol=1e-4)
     mask = docs.mask[active].bool()
     assert torch.equal(ours.topk(16, -1).indices[mask], one_hot.grad.topk(16, -1).indices[mask])
 
