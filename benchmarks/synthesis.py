@@ -2,7 +2,8 @@
 
 For each seed, the AG News expert of quality.py (NAME_<train-rows>, --scope, lr by scope,
 --expert-epochs). From its weights: SELECT (greedy) picks k corpus documents; GCG and ADMM refine
-those picks, GCGA grows k documents from them one at a time (`w2d run --opt`); SELECT also picks
+those picks, GCGA grows k documents from them one at a time (`w2d run --opt`; with --init random all start
+from the random row's passages instead, rows named random+METHOD); SELECT also picks
 from the corpus with --generate contrastive documents appended (`w2d run --generate`). Every set is
 trained and scored as quality.py's rows are (best-epoch and honest accuracy, closure against k random
 corpus documents), beside what it reached on the proxy, cos(ΣG, Δ) after re-tokenisation, the
@@ -113,14 +114,15 @@ def run_seed(group: Group, args: argparse.Namespace) -> None:
     rows = [
         score(group, "SELECT", as_split(picks), arm(group, picks, features_s + picks.summary["select_s"]))
     ]
+    start, start_name = (random, "random") if args.init == "random" else (picks, "SELECT")
     for method in csv(args.methods):
         cfg = SynthConfig(
             method=method, seed=group.seed, **{f.name: getattr(args, f.name) for f in SYNTH_FLAGS}
         )
-        made = synthesise(group.base, group.expert, picks, group.task, cfg, cache, metric=grads.metric)
-        spent = features_s + picks.summary["select_s"] + made.summary["synth_s"]
+        made = synthesise(group.base, group.expert, start, group.task, cfg, cache, metric=grads.metric)
+        spent = features_s + start.summary["select_s"] + made.summary["synth_s"]
         extra = {**arm(group, made, spent), "synthesised": made.summary["synthesised"]}
-        rows.append(score(group, f"SELECT+{method}", as_split(made), extra))
+        rows.append(score(group, f"{start_name}+{method}", as_split(made), extra))
     if args.generate:
         t0 = time.time()
         gen = GenerateConfig(docs=args.generate, seed=group.seed)
