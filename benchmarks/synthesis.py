@@ -2,8 +2,8 @@
 
 For each seed, the AG News expert of quality.py (NAME_<train-rows>, --scope, lr by scope,
 --expert-epochs). From its weights: SELECT (greedy) picks k corpus documents; GCG and ADMM refine
-those picks, GCGA grows k documents from them one at a time (`w2d run --opt`; with --init random all start
-from the random row's passages instead, rows named random+METHOD); SELECT also picks
+those picks, GCGA grows k documents from them one at a time (`w2d run --opt`; with --init random
+they start from the random row's passages instead, rows named random+METHOD); SELECT also picks
 from the corpus with --generate contrastive documents appended (`w2d run --generate`). Every set is
 trained and scored as quality.py's rows are (best-epoch and honest accuracy, closure against k random
 corpus documents), beside what it reached on the proxy, cos(ΣG, Δ) after re-tokenisation, the
