@@ -182,12 +182,14 @@ def test_fluent_tokens_are_the_base_models_likeliest_after_each_prefix(pair, tas
 
 FLUENT_MULTI = {"fluent_tokens": 8, "swaps_per_step": 2}
 PUBLISHED = {"fluent_tokens": 0, "swaps_per_step": 1}  # Zou et al.'s GCG: any token, the best swap
+BY_DOCUMENT = {"admm_keep": "documents"}
 
 
 @pytest.mark.parametrize(("method", "precondition", "options"), [
     ("GCG", "none", PUBLISHED), ("GCGA", "none", PUBLISHED), ("ADMM", "none", PUBLISHED),
     ("GCG", "adam", PUBLISHED), ("ADMM", "adam", PUBLISHED), ("GCG", "adam", {}),
     ("GCG", "adam", FLUENT_MULTI), ("GCGA", "adam", FLUENT_MULTI), ("ADMM", "adam", FLUENT_MULTI),
+    ("ADMM", "adam", PUBLISHED | BY_DOCUMENT), ("ADMM", "none", FLUENT_MULTI | BY_DOCUMENT),
 ])  # fmt: skip
 def test_never_worse_than_select(
     pair, task: Task, method: str, precondition: str, options: dict, tmp_path
@@ -252,6 +254,41 @@ def test_gcg_step_keeps_several_swaps_on_distinct_documents(pair, task: Task) ->
         ends[per_step] = value, int(docs.changed.sum())
     # the same swaps: the single best is the first one kept, and every further one adds
     assert ends[len(start.texts)][0] > ends[1][0] and ends[len(start.texts)][1] > 1
+
+
+@pytest.mark.parametrize("keep", ["set", "documents"])
+def test_admm_keeps_a_good_rewrite_beside_a_bad_one_only_by_documents(
+    pair, task: Task, keep: str, monkeypatch
+) -> None:
+    init, _ = select_init(pair, task)
+    problem = make_problem(*pair, task)
+    start = scored(problem, init.texts)
+
+    def rewritten(docs, row: int, scale: float):
+        out = docs.clone()  # document `row` rewritten: other tokens, its gradient scaled
+        out.ids[row], out.errors[row] = out.ids[row].roll(1), scale * out.errors[row]
+        out.texts[row], out.changed[row] = f"rewrite of {row}", True
+        return out
+
+    # a small rescaling of document 0's gradient raises the objective one way or the other
+    improved = max(
+        (rewritten(start, 0, scale) for scale in (0.5, 1.5)), key=lambda d: d.objective(problem.delta)
+    )
+    projected = rewritten(improved, 1, -10.0)  # one projection: that good rewrite, and a bad one
+    assert (
+        improved.objective(problem.delta)
+        > start.objective(problem.delta)
+        > projected.objective(problem.delta)
+    )
+    monkeypatch.setattr(synthesis, "rebuilt", lambda *_: projected.clone())
+    cfg = SynthConfig(method="ADMM", steps=1, inner_steps=1, admm_keep=keep)
+    out = synthesise(*pair, init, task, cfg, None, progress=False)
+    if keep == "set":  # the whole projected set is worse: nothing changes
+        assert out.texts == init.texts and out.summary["synthesised"] == 0
+    else:  # the good rewrite is kept, the bad one is not
+        assert out.texts == ["rewrite of 0", *init.texts[1:]] and out.summary["synthesised"] == 1
+        assert out.sources[0] == SYNTHESISED
+        assert out.summary["objective_cos"] == pytest.approx(improved.objective(problem.delta), abs=1e-6)
 
 
 def test_gcga_keeps_its_start_when_growth_ends_lower(pair, task: Task, monkeypatch) -> None:

@@ -564,6 +564,12 @@ class SynthConfig:
         0.05, "ADMM: Adam learning rate of the input embeddings (entries of smollm2's are about 0.1)"
     )
     inner_steps: int = opt(10, "ADMM: Adam steps per x-step (the original's --max_iterations_x, 40)")
+    admm_keep: str = opt(
+        "set",
+        "ADMM: what each projection may change in the kept documents: set (the whole projected set "
+        "replaces them when its objective is higher) or documents (each rewritten document replaces "
+        "its predecessor on its own, best first, when that raises the objective)",
+    )
     save_every: int = opt(5, "steps (GCGA: documents) between saved states; a killed run resumes there")
     batch_size: int = opt(32, "documents per forward pass")
     seed: int = opt(0, "seed of the swaps and of the random initial passages")
@@ -572,6 +578,7 @@ class SynthConfig:
         check_types(self)
         _choice("opt", self.method, SYNTH_METHODS)
         _choice("synth_init", self.init, ("select", "random"))
+        _choice("synth_admm_keep", self.admm_keep, ("set", "documents"))
         counts = (self.steps, self.doc_steps, self.topk, self.search_width, self.swaps_per_step)
         counts += (self.inner_steps, self.save_every, self.batch_size)
         if min(counts) < 1 or min(self.swap_docs, self.fluent_tokens) < 0:

@@ -23,7 +23,9 @@ never changed keep their corpus text and source.
   starting set's objective; the starting set is then returned.
 - ADMM: continuous input embeddings X, their projection Z onto token rows, a dual Λ; the x-step
   is Adam on −cos + (ρ/2)‖X − Z + Λ/ρ‖², the z-step Z = Proj(X + Λ/ρ), the dual step
-  Λ += ρ(X − Z). The best projected set seen (the initial one included) is returned.
+  Λ += ρ(X − Z). The best projected set seen (the initial one included) is returned, or with
+  `--synth-admm-keep documents` the set built by keeping each projection's rewritten documents
+  one at a time, each only where it raises the objective (as GCG keeps its swaps).
 
 `--synth-fluent-tokens N` restricts what every synthesiser writes to the base model's N likeliest
 next tokens at each place, given the document's tokens before it: GCG's candidate swaps and
@@ -222,11 +224,16 @@ class Docs:
         }
         return Docs(**tensors, texts=list(self.texts), changed=self.changed.clone())
 
+    def take(self, rows: Tensor) -> Docs:
+        """The documents `rows`, in that order."""
+        tensors = {name: getattr(self, name)[rows] for name in ("ids", "mask", "errors", "hidden", "labels")}
+        return Docs(**tensors, texts=[self.texts[i] for i in rows.tolist()], changed=self.changed[rows])
+
     def put(self, row: int, other: Docs, j: int) -> None:
-        """Row `row` becomes `other`'s row j (a changed document)."""
+        """Row `row` becomes `other`'s row j, changed or not as it is there."""
         for name in ("ids", "mask", "errors", "hidden", "labels"):
             getattr(self, name)[row] = getattr(other, name)[j]
-        self.texts[row], self.changed[row] = other.texts[j], True
+        self.texts[row], self.changed[row] = other.texts[j], other.changed[j]
 
 
 def scored(problem: Problem, texts: list[str], changed: Tensor | None = None) -> Docs:
@@ -290,15 +297,8 @@ def gcg_step(
     problem: Problem, docs: Docs, active: Tensor, rest: Tensor, cfg: SynthConfig, generator: torch.Generator
 ) -> float:
     """One GCG step on the documents `active` against cos(rest + Σ_active g, Δ); returns the
-    objective after it.
-
-    Every swap changes one document's gradient alone, so any set of swaps on distinct documents
-    has an exact objective with no further forward pass: G − Σ old g_i + Σ new g_i. The swaps are
-    tried best first and each is kept when it raises the objective of those kept so far, up to
-    cfg.swaps_per_step of them (1: Zou et al.'s single best swap).
-    """
-    current = rest + docs.total(active)
-    value = float(cosine(current, problem.delta))
+    objective after it. Of cfg.search_width sampled swaps, up to cfg.swaps_per_step are kept (1:
+    Zou et al.'s single best swap), as `keep_swaps` keeps them."""
     grads = token_gradients(problem, docs, active, rest)
     ids, mask = docs.ids[active], docs.mask[active]
     allowed = problem.fluent(ids, mask, cfg.fluent_tokens)
@@ -308,6 +308,18 @@ def gcg_step(
     swapped = docs.ids[rows].clone()
     swapped[torch.arange(len(rows), device=rows.device), pos] = token
     new = retokenised(problem, swapped, docs.mask[rows])
+    return keep_swaps(problem, docs, rest + docs.total(active), rows, new, cfg.swaps_per_step)
+
+
+def keep_swaps(problem: Problem, docs: Docs, current: Tensor, rows: Tensor, new: Docs, limit: int) -> float:
+    """Replace docs' row rows[b] by new's row b in place, the best swap alone first, each kept when
+    it raises cos(current, Δ) of those kept so far, one per document and up to `limit`; returns the
+    objective after. `current` (C, d) is the sum the swaps change.
+
+    Every swap changes one document's gradient alone, so a set of swaps on distinct documents has
+    an exact objective with no further forward pass: G − Σ old g_i + Σ new g_i.
+    """
+    value = float(cosine(current, problem.delta))
     moved = (new.ids != docs.ids[rows]).any(1)  # a swap that tokenising again undid changes nothing
     change = torch.einsum("bc,bd->bcd", new.errors, new.hidden) - torch.einsum(
         "bc,bd->bcd", docs.errors[rows], docs.hidden[rows]
@@ -315,7 +327,7 @@ def gcg_step(
     alone = cosine(current + change, problem.delta).masked_fill(~moved, -torch.inf)
     start, taken = value, set()
     for b in alone.argsort(descending=True).tolist():
-        if float(alone[b]) <= start or len(taken) == cfg.swaps_per_step:
+        if float(alone[b]) <= start or len(taken) == limit:
             break
         row = int(rows[b])
         trial = -torch.inf if row in taken else float(cosine(current + change[b], problem.delta))
@@ -420,10 +432,12 @@ def project(
 
 
 def run_admm(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, start: int) -> Docs:
-    """ADMM from the initial tokens; returns the best projected set seen, the initial one included
-    (`docs`: the best so far, the initial set unless resumed)."""
+    """ADMM from the initial tokens (`docs`: the best so far, the initial set unless resumed).
+    cfg.admm_keep set: returns the best projected set seen, the initial one included; documents:
+    after each projection, every rewritten document is swapped into the kept set on its own when
+    it raises the objective (`keep_swaps`), so one bad rewrite no longer discards the good ones."""
     first = state.start_docs
-    mask, best = first.mask, docs
+    mask, best = first.mask, docs.clone()
     x = state.tensors.get("x", problem.embeddings[first.ids])
     dual = state.tensors.get("dual", torch.zeros_like(x))
     z = state.tensors.get("z", first.ids)
@@ -436,7 +450,10 @@ def run_admm(problem: Problem, docs: Docs, cfg: SynthConfig, state: SavedState, 
         z = project(problem, x + dual / cfg.rho, mask, first.ids, allowed)
         dual = dual + cfg.rho * (x - problem.embeddings[z]) * mask[..., None]
         candidate = rebuilt(problem, first, z)
-        if candidate.objective(problem.delta) > best.objective(problem.delta):
+        if cfg.admm_keep == "documents":
+            rows = (candidate.ids != best.ids).any(1).nonzero().squeeze(1)
+            keep_swaps(problem, best, best.total(), rows, candidate.take(rows), len(rows))
+        elif candidate.objective(problem.delta) > best.objective(problem.delta):
             best = candidate
         bar.set_postfix(objective=f"{best.objective(problem.delta):.4f}", moved=int(candidate.changed.sum()))
         state.save_every(step + 1, cfg.steps, best, {"x": x, "dual": dual, "z": z})
