@@ -19,6 +19,9 @@ Neither directory holds weights2data metadata. Then, through the `w2d` commands 
    (random picks) and the training; the experts are trained once, with seed 0.
 4. `--variants "--grad-at base; --grad-at both"`: extra `w2d select` flags, each measured as one
    more greedy line (with the template) on every seed.
+`--strategies` and `--formats` narrow step 2 (say `--strategies greedy,random --formats template`
+to measure the variants against their baselines alone); `--expert-epochs` trains the experts longer
+(give such a run its own `--work-dir`: an expert directory there is reused as it is).
 
     python benchmarks/foreign_finetune.py --quick   # minutes: tiny-test model, tiny sizes
     python benchmarks/foreign_finetune.py           # smollm2-135m; hours on a 2-core CPU (see README)
@@ -50,7 +53,6 @@ from weights2data.store import cache_dir, write_json
 RESULTS = Path(__file__).resolve().parent / "results"
 TEMPLATE = "Review: {text}\nSentiment:"
 WORDS = ("negative", "positive")  # rotten_tomatoes' labels 0 and 1
-STRATEGIES = ("greedy", "topk", "random")
 FULL = dict(
     model="smollm2-135m",
     dataset="rotten_tomatoes",
@@ -63,6 +65,8 @@ FULL = dict(
     expert_epochs=1,
     eval_epochs=5,
     max_eval_rows=512,
+    strategies="greedy,topk,random",
+    formats="template,plain",
     variants="",
 )
 QUICK = FULL | dict(
@@ -85,6 +89,10 @@ def parse_args() -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if not set(args.formats.split(",")) <= {"template", "plain"}:
+        p.error(f"--formats takes template and/or plain, comma-separated, not {args.formats!r}")
+    if "random" not in args.strategies.split(","):
+        p.error("--strategies must include random: every closure is against that seed's random selection")
     args.out = args.out or str(
         RESULTS / ("foreign_finetune_quick.json" if args.quick else "foreign_finetune.json")
     )
@@ -218,8 +226,8 @@ def measure(args: argparse.Namespace, kind: str, expert: dict, out: dict, save) 
         expert["evaluate"] = read(work / "trainer-eval", "metrics.json")
     save()
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for templated in (True, False):
-            for strategy in STRATEGIES:
+        for templated in [fmt == "template" for fmt in args.formats.split(",")]:
+            for strategy in args.strategies.split(","):
                 select_and_score(args, kind, expert, templated, strategy, seed, "", out)
                 save()
         for variant in filter(None, (v.strip() for v in args.variants.split(";"))):
