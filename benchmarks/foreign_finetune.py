@@ -19,9 +19,10 @@ Neither directory holds weights2data metadata. Then, through the `w2d` commands 
    (random picks) and the training; the experts are trained once, with seed 0.
 4. `--variants "--grad-at base; --grad-at both"`: extra `w2d select` flags, each measured as one
    more greedy line (with the template) on every seed.
-`--strategies` and `--formats` narrow step 2 (say `--strategies greedy,random --formats template`
-to measure the variants against their baselines alone); `--expert-epochs` trains the experts longer
-(give such a run its own `--work-dir`: an expert directory there is reused as it is).
+`--experts`, `--strategies` and `--formats` narrow the run (say `--strategies greedy,random
+--formats template` to measure the variants against their baselines alone); `--expert-epochs` trains
+the experts longer (give such a run its own `--work-dir`: an expert directory there is reused as
+it is).
 
     python benchmarks/foreign_finetune.py --quick   # minutes: tiny-test model, tiny sizes
     python benchmarks/foreign_finetune.py           # smollm2-135m; hours on a 2-core CPU (see README)
@@ -65,6 +66,7 @@ FULL = dict(
     expert_epochs=1,
     eval_epochs=5,
     max_eval_rows=512,
+    experts="trainer,lora",
     strategies="greedy,topk,random",
     formats="template,plain",
     variants="",
@@ -89,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if not set(args.experts.split(",")) <= {"trainer", "lora"}:
+        p.error(f"--experts takes trainer and/or lora, comma-separated, not {args.experts!r}")
     if not set(args.formats.split(",")) <= {"template", "plain"}:
         p.error(f"--formats takes template and/or plain, comma-separated, not {args.formats!r}")
     if "random" not in args.strategies.split(","):
@@ -346,7 +350,7 @@ def main() -> None:
         truth = train_eval(args, f"{args.dataset}_{args.train_rows}", seed, f"truth-{seed}")
         out["truth"].append({"seed": seed, **truth})
         save()
-    for kind in ("trainer", "lora"):
+    for kind in args.experts.split(","):
         out["experts"][kind] = train_expert(args, kind, work / f"expert-{kind}")
         save()
         measure(args, kind, out["experts"][kind], out, save)
