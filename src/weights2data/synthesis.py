@@ -197,6 +197,9 @@ def objective_grad(
 # --- the synthetic set ---------------------------------------------------------------------
 
 
+_DOC_TENSORS = ("ids", "mask", "errors", "hidden", "labels")
+
+
 @dataclass
 class Docs:
     """The synthetic set: token ids as the model reads them, texts, and gradient factors."""
@@ -219,19 +222,17 @@ class Docs:
         return float(cosine(self.total(), delta))
 
     def clone(self) -> Docs:
-        tensors = {
-            name: getattr(self, name).clone() for name in ("ids", "mask", "errors", "hidden", "labels")
-        }
+        tensors = {name: getattr(self, name).clone() for name in _DOC_TENSORS}
         return Docs(**tensors, texts=list(self.texts), changed=self.changed.clone())
 
     def take(self, rows: Tensor) -> Docs:
         """The documents `rows`, in that order."""
-        tensors = {name: getattr(self, name)[rows] for name in ("ids", "mask", "errors", "hidden", "labels")}
+        tensors = {name: getattr(self, name)[rows] for name in _DOC_TENSORS}
         return Docs(**tensors, texts=[self.texts[i] for i in rows.tolist()], changed=self.changed[rows])
 
     def put(self, row: int, other: Docs, j: int) -> None:
         """Row `row` becomes `other`'s row j, changed or not as it is there."""
-        for name in ("ids", "mask", "errors", "hidden", "labels"):
+        for name in _DOC_TENSORS:
             getattr(self, name)[row] = getattr(other, name)[j]
         self.texts[row], self.changed[row] = other.texts[j], other.changed[j]
 
