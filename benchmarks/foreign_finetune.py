@@ -91,10 +91,10 @@ def parse_args() -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if not set(args.experts.split(",")) <= {"trainer", "lora"}:
-        p.error(f"--experts takes trainer and/or lora, comma-separated, not {args.experts!r}")
-    if not set(args.formats.split(",")) <= {"template", "plain"}:
-        p.error(f"--formats takes template and/or plain, comma-separated, not {args.formats!r}")
+    for name, choices in (("experts", ("trainer", "lora")), ("formats", ("template", "plain"))):
+        given = getattr(args, name)
+        if not set(given.split(",")) <= set(choices):
+            p.error(f"--{name} takes {' and/or '.join(choices)}, comma-separated, not {given!r}")
     if "random" not in args.strategies.split(","):
         p.error("--strategies must include random: every closure is against that seed's random selection")
     args.out = args.out or str(
