@@ -267,8 +267,14 @@ def select_and_score(
     out["rows"].append(
         {"expert": kind, "template": templated, "select": variant, "strategy": strategy, "seed": seed,
          "k": args.k, "objective_cos": summary["objective_cos"], "features_s": summary.get("features_s"),
-         "label_distribution": summary["label_distribution"], **scores}
+         "label_distribution": summary["label_distribution"], **confidence(summary), **scores}
     )  # fmt: skip
+
+
+def confidence(summary: dict) -> dict:
+    """The expert's mean probability of the picks' autolabels, and of the corpus's (select's summary)."""
+    reported = summary.get("label_confidence") or {}
+    return {f"{where}_confidence": value for where, value in reported.items()}
 
 
 def train_eval(args: argparse.Namespace, train: str | Path, seed: int, name: str) -> dict:
@@ -284,6 +290,7 @@ def train_eval(args: argparse.Namespace, train: str | Path, seed: int, name: str
 
 FIGURES = ("best_epoch_test", "val_selected_test")
 CLOSURES = tuple(f"closure_{figure}" for figure in FIGURES)
+CONFIDENCES = ("picked_confidence", "corpus_confidence")
 
 
 def summarise(data: dict) -> list[dict]:
@@ -314,7 +321,7 @@ def summarise(data: dict) -> list[dict]:
     for (kind, templated, select, strategy), members in groups.items():
         entry = {"expert": kind, "template": templated, "select": select, "strategy": strategy}
         entry["seeds"] = len(members)
-        summary.append(entry | seed_statistics(members, FIGURES + CLOSURES))
+        summary.append(entry | seed_statistics(members, FIGURES + CLOSURES + CONFIDENCES))
     return summary
 
 

@@ -116,6 +116,7 @@ def test_cli_inspect_then_select_discover(cli_env: Path, capsys: pytest.CaptureF
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert sorted(summary["label_set"]["tokens"]) == [" negative", " positive"]
     assert sum(summary["label_distribution"].values()) == 6
+    assert "probability of the autolabels" in capsys.readouterr().out  # select's report says it
 
 
 def test_inspect_help(capsys: pytest.CaptureFixture) -> None:

@@ -127,6 +127,9 @@ def test_keep_confident_picks_only_each_labels_surest_documents(pair, tmp_path) 
     recovery = recover(grads, TEXTS, label_set, SelectConfig(k=3, keep_confident=0.5), progress=False)
     assert not dropped & set(recovery.rows.tolist())
     assert recovery.summary["unsure_skipped"] == len(dropped)
+    reported = recovery.summary["label_confidence"]  # the autolabel is the argmax: its probability
+    assert reported["picked"] == pytest.approx(confidence[recovery.rows].mean().item())
+    assert reported["corpus"] == pytest.approx(confidence.mean().item())
     assert unsure_rows(grads, 1.0).numel() == 0
     with pytest.raises(W2DError, match="leaves 6 of the 12 documents"):
         recover(grads, TEXTS, label_set, SelectConfig(k=7, keep_confident=0.5), progress=False)

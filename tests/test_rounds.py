@@ -58,6 +58,7 @@ def test_later_rounds_use_the_students_gradients(setting, tmp_path) -> None:
     out = recover_in_rounds(base, finetuned, TEXTS, task, DATA, cfg, STUDENT, "greedy", tmp_path)
     rows = out.rows.tolist()
     assert len(rows) == len(set(rows)) == 6 and [r["k"] for r in out.summary["rounds"]] == [3, 3]
+    assert 0.5 <= out.summary["label_confidence"]["picked"] <= 1  # two labels: the argmax's probability
     # round 2 is greedy over the gradients at a student trained on round 1's picks, against θs − θ1
     first = corpus_gradients(base, finetuned, TEXTS, task.label_set, DATA, cfg, tmp_path)
     student = LoadedModel(copy.deepcopy(base.model), base.tokenizer, "student")

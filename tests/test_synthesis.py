@@ -202,6 +202,7 @@ def test_never_worse_than_select(
     assert out.summary["objective_cos"] >= init.summary["objective_cos"] - 1e-5
     assert out.summary["objective_init"] == pytest.approx(init.summary["objective_cos"], abs=1e-5)
     assert len(out.texts) == 4 and out.labels.shape == (4,)
+    assert "label_confidence" in init.summary and "label_confidence" not in out.summary  # not of rewrites
     # the reported objective is that of the texts, tokenised again
     problem = make_problem(*pair, task, metric=metric)
     assert scored(problem, out.texts).objective(problem.delta) == pytest.approx(

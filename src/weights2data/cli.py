@@ -432,6 +432,7 @@ def select_and_write(
         f"selected {sel.k} of {len(corpus)} documents with {recovery.summary['strategy']}: {parquet}\n"
         f"  objective cos(sum of selected gradients, delta) = {recovery.summary['objective_cos']:.4f}\n"
         f"  labels: {recovery.summary.get('label_distribution')}"
+        + confidence_line(recovery.summary.get("label_confidence"))
         + (f"\n  generated: {recovery.summary['generated_picks']} of the picks" if gen.docs else "")
         + (
             f"\n  synthesised: {recovery.summary['synthesised']} of the documents (objective at the start "
@@ -752,6 +753,16 @@ def open_run(args: argparse.Namespace, rt: RuntimeConfig, command: str, config: 
     run.attach_log()
     log.info("run directory: %s", run.path)
     return run.path
+
+
+def confidence_line(confidence: dict | None) -> str:
+    """The expert's mean confidence in the picks' autolabels against the corpus's, for select's report."""
+    if confidence is None:
+        return ""
+    return (
+        f"\n  expert's mean probability of the autolabels: {confidence['picked']:.3f} on the picks, "
+        f"{confidence['corpus']:.3f} over the corpus"
+    )
 
 
 def finish(run: Path, rt: RuntimeConfig, metrics: dict) -> None:

@@ -548,6 +548,8 @@ def recover(
         summary["unsure_skipped"] = len(unsure)
     if labels is not None:
         summary["label_distribution"] = label_distribution(labels, label_set)
+    if grads.probs is not None and grads.labels is not None:
+        summary["label_confidence"] = label_confidence(grads, rows)
     return Recovery(
         rows, [corpus_texts[i] for i in rows.tolist()], labels, label_set, selection.scores, summary
     )
@@ -597,6 +599,14 @@ def label_distribution(labels: torch.Tensor, label_set: LabelSet) -> dict[str, i
     """How many selected documents carry each label, by label name."""
     counts = torch.bincount(labels, minlength=len(label_set.names)).tolist()
     return dict(zip(label_set.names, counts, strict=True))
+
+
+def label_confidence(grads: CorpusGradients, rows: torch.Tensor) -> dict[str, float]:
+    """The finetuned model's mean probability (over the label set) of each document's autolabel,
+    among the picks and over the whole corpus: whether a strategy favours documents the expert
+    is sure of (picked above corpus) or unsure of (below)."""
+    confidence = grads.probs.gather(1, grads.labels.long()[:, None]).squeeze(1).double()  # (N,)
+    return {"picked": confidence[rows].mean().item(), "corpus": confidence.mean().item()}
 
 
 def label_prior(spec: str, grads: CorpusGradients, label_set: LabelSet | None) -> torch.Tensor | None:

@@ -23,7 +23,14 @@ from weights2data.config import DataConfig, FinetuneConfig, SelectConfig, to_dic
 from weights2data.data import Split
 from weights2data.errors import W2DError
 from weights2data.models import LoadedModel
-from weights2data.recover import CorpusGradients, Recovery, label_distribution, recover, task_gradients
+from weights2data.recover import (
+    CorpusGradients,
+    Recovery,
+    label_confidence,
+    label_distribution,
+    recover,
+    task_gradients,
+)
 from weights2data.selection import objective
 from weights2data.store import read_json, stable_hash, write_json
 from weights2data.train import Task, finetune
@@ -114,6 +121,7 @@ def recover_in_rounds(
     }
     if labels is not None:
         summary["label_distribution"] = label_distribution(labels, task.label_set)
+        summary["label_confidence"] = label_confidence(first, rows)
     return Recovery(
         rows, [corpus_texts[i] for i in picks], labels, task.label_set, torch.cat(scores), summary
     )
