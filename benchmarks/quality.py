@@ -451,6 +451,7 @@ def run_group(
                             "select_s": recovery.summary["select_s"],
                             "objective_cos": recovery.summary["objective_cos"],
                             "label_distribution": recovery.summary.get("label_distribution"),
+                            "label_confidence": recovery.summary.get("label_confidence"),
                         },
                     )
                     add_closures(row, rand, expert_row)

@@ -161,6 +161,7 @@ def arm(group: Group, recovery: Recovery, compute_s: float) -> dict:
         "perplexity_base": base_perplexity(group, recovery.texts),
         "compute_s": round(compute_s, 1),
         "label_distribution": recovery.summary.get("label_distribution"),
+        "label_confidence": recovery.summary.get("label_confidence"),  # absent where texts were rewritten
     }
 
 
