@@ -557,8 +557,9 @@ def recover(
 
 def unsure_rows(grads: CorpusGradients, share: float) -> torch.Tensor:
     """(M,) the corpus rows outside the `share` of each autolabel's documents that the finetuned
-    model gives that label most probability: greedy otherwise favours documents the expert is
-    unsure of, whose head gradients are largest and whose autolabels are least reliable."""
+    model gives that label most probability: greedy may favour documents the expert is unsure
+    of, whose head gradients are largest and whose autolabels are least reliable (the summary's
+    label_confidence shows whether it did)."""
     if share >= 1:
         return torch.empty(0, dtype=torch.long)
     if grads.probs is None:
