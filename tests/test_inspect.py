@@ -13,7 +13,7 @@ from weights2data.adapters import load_adapter
 from weights2data.cli import main
 from weights2data.config import FinetuneConfig
 from weights2data.data import Split, load_dataset, make_label_set
-from weights2data.inspect_model import inspect_finetune, label_count, markdown
+from weights2data.inspect_model import distinct_words, inspect_finetune, label_count, markdown
 from weights2data.models import LoadedModel
 from weights2data.templates import Template
 from weights2data.train import Task, finetune
@@ -68,6 +68,17 @@ def test_inspect_lora(tiny, reviews, make_adapter, tmp_path: Path) -> None:
     assert report["task"]["head_concentration"] is None  # the head did not move
     changed = [row["group"] for row in report["changes"] if row["relative_change"] > 0]
     assert changed == ["block 0", "block 1"]
+
+
+def test_whitespace_variants_are_not_labels() -> None:
+    """The 3-epoch LoRA expert's case: 'positive' after ' positive' would make a third label."""
+    scores = {" positive": 8.9e8, " negative": 2.1e8, "positive": 5.1e7, "negative": 6.8e6, " Positive": 2e6}
+    candidates = [{"token": token, "score": score} for token, score in scores.items()]
+    words = distinct_words(candidates)
+    assert [c["token"] for c in words] == [" positive", " negative", " Positive"]
+    assert label_count([c["score"] for c in words]) == 2
+    assert label_count([c["score"] for c in candidates]) == 3  # counting the variants
+    assert candidates[2]["variant_of"] == " positive" and "variant_of" not in candidates[4]
 
 
 def test_label_count_rule() -> None:

@@ -15,7 +15,8 @@ For a base and a finetuned model (a directory, a merged checkpoint or a LoRA ada
 - whether it looks like a classifier (TASK_RULE): the head's change beyond its median row
   concentrates in a few rows, the candidates hold most of the finetuned model's probability at
   the label position, or they stand far above every other token;
-- a label set: the top candidates, as many as come before the largest drop in score (LABEL_RULE).
+- a label set: the top candidates, one token per word, as many as come before the largest drop
+  in score (LABEL_RULE).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ CONCENTRATED = 0.5  # share of the head's excess change in the top rows that mar
 SEPARATED = 2.0  # the last suggested label's score over the next candidate's that marks a classifier
 LABEL_RULE = (
     "the top candidates before the largest ratio between consecutive scores, s_c / s_(c+1), "
-    f"among the top {CANDIDATES} (at least 2)"
+    f"among the top {CANDIDATES} (at least 2; a token that is a higher one's word with other "
+    "whitespace around it is a variant of it, not a label)"
 )
 TASK_RULE = (
     f"classification if the top {TOP_ROWS} head rows hold at least {CONCENTRATED:.0%} of the head's "
@@ -147,6 +149,21 @@ def rank_candidates(
     ]
 
 
+def distinct_words(candidates: list[dict]) -> list[dict]:
+    """The candidates that are each the first of their word: a later token with the same text but
+    for the whitespace around it ('positive' after ' positive') is marked a variant and left out,
+    since no classifier tells such tokens apart as labels; a finetune that trained one of them
+    moves both, and counting both would break the largest-drop rule."""
+    first: dict[str, dict] = {}
+    for candidate in candidates:
+        word = candidate["token"].strip() or candidate["token"]
+        if word in first:
+            candidate["variant_of"] = first[word]["token"]
+        else:
+            first[word] = candidate
+    return list(first.values())
+
+
 def label_count(scores: list[float]) -> int:
     """LABEL_RULE: the c in 2..len−1 with the largest s_c / s_(c+1)."""
     floor = 1e-6 * max(scores[0], 1e-30)
@@ -167,9 +184,10 @@ def inspect_finetune(
     head_rows = head_delta(base, finetuned).row_norms().cpu()
     shift, p_base, p_tuned = next_token_shift(base, finetuned, texts, template, seq_len, cache_root)
     candidates = rank_candidates(head_rows, shift, p_base, p_tuned, finetuned.tokenizer)
-    scores = [c["score"] for c in candidates]
+    words = distinct_words(candidates)
+    scores = [c["score"] for c in words]
     count = label_count(scores)
-    labels = candidates[:count]
+    labels = words[:count]
     squared = excess(head_rows).double().square()
     concentration = float(squared.topk(TOP_ROWS).values.sum() / squared.sum()) if squared.sum() > 0 else None
     mass = {"base": sum(c["p_base"] for c in labels), "finetuned": sum(c["p_finetuned"] for c in labels)}
@@ -179,7 +197,7 @@ def inspect_finetune(
         or (mass["finetuned"] >= 0.5 and mass["finetuned"] >= 2 * mass["base"])
         or separation >= SEPARATED
     )
-    words = [label_word(c["token"], template) for c in labels]
+    label_words = [label_word(c["token"], template) for c in labels]
     return {
         "base": base.spec,
         "finetuned": finetuned.spec,
@@ -196,9 +214,10 @@ def inspect_finetune(
         "template": template.describe(),
         "docs": len(texts),
         "candidates": candidates,
+        "labels": labels,
         "label_count": count,
         "label_rule": LABEL_RULE,
-        "label_set": ",".join(words) if all(words) else None,
+        "label_set": ",".join(label_words) if all(label_words) else None,
     }
 
 
@@ -219,9 +238,8 @@ def discover_label_set(
 ) -> LabelSet:
     """`--label-set discover`: the label tokens inspect suggests, named by their text."""
     report = inspect_finetune(base, finetuned, texts, template, seq_len, cache_root)
-    labels = report["candidates"][: report["label_count"]]
-    tokens = [c["token"] for c in labels]
-    return LabelSet([t.strip() or t for t in tokens], tokens, [c["token_id"] for c in labels])
+    tokens = [c["token"] for c in report["labels"]]
+    return LabelSet([t.strip() or t for t in tokens], tokens, [c["token_id"] for c in report["labels"]])
 
 
 def markdown(report: dict) -> str:
@@ -253,7 +271,9 @@ def markdown(report: dict) -> str:
     lines += ["", "| token | score | head row excess change | distribution shift | p base | p finetuned |"]
     lines += ["| --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [
-        f"| {c['token']!r} | {c['score']:.3f} | {c['head_change']:.3f} | {c['shift']:.3f} | "
+        f"| {c['token']!r}"
+        + (f" (variant of {c['variant_of']!r})" if "variant_of" in c else "")
+        + f" | {c['score']:.3f} | {c['head_change']:.3f} | {c['shift']:.3f} | "
         f"{c['p_base']:.4f} | {c['p_finetuned']:.4f} |"
         for c in report["candidates"]
     ]
