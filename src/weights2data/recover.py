@@ -567,7 +567,7 @@ def unsure_rows(grads: CorpusGradients, share: float) -> torch.Tensor:
             "--keep-confident needs a classification task: it ranks documents by the "
             "finetuned model's probability of their label"
         )
-    confidence = grads.probs.gather(1, grads.labels.long()[:, None]).squeeze(1)  # (N,)
+    confidence = autolabel_probs(grads)
     dropped = []
     for label in grads.labels.unique():
         rows = (grads.labels == label).nonzero().squeeze(1)
@@ -602,11 +602,15 @@ def label_distribution(labels: torch.Tensor, label_set: LabelSet) -> dict[str, i
     return dict(zip(label_set.names, counts, strict=True))
 
 
+def autolabel_probs(grads: CorpusGradients) -> torch.Tensor:
+    """(N,) the finetuned model's probability (over the label set) of each document's label."""
+    return grads.probs.gather(1, grads.labels.long()[:, None]).squeeze(1)
+
+
 def label_confidence(grads: CorpusGradients, rows: torch.Tensor) -> dict[str, float]:
-    """The finetuned model's mean probability (over the label set) of each document's autolabel,
-    among the picks and over the whole corpus: whether a strategy favours documents the expert
-    is sure of (picked above corpus) or unsure of (below)."""
-    confidence = grads.probs.gather(1, grads.labels.long()[:, None]).squeeze(1).double()  # (N,)
+    """The mean of autolabel_probs among the picks and over the whole corpus: whether a strategy
+    favours documents the expert is sure of (picked above corpus) or unsure of (below)."""
+    confidence = autolabel_probs(grads).double()
     return {"picked": confidence[rows].mean().item(), "corpus": confidence.mean().item()}
 
 

@@ -620,8 +620,7 @@ def as_recovery(problem: Problem, docs: Docs, init: Recovery, cfg: SynthConfig, 
     norms = (docs.errors.square().sum(1) * docs.hidden.square().sum(1) * problem.delta.square().sum()).sqrt()
     scores = ((docs.hidden @ problem.delta.T) * docs.errors).sum(1) / norms.clamp_min(_TINY)  # cos(g_i, Δ)
     summary = {
-        **{key: value for key, value in init.summary.items() if key != "label_confidence"},  # the
-        # expert's confidence was measured on the corpus texts, not on their rewrites
+        **init.summary,
         "strategy": cfg.method,
         "init": cfg.init,
         "init_strategy": init.summary.get("strategy"),
@@ -632,6 +631,7 @@ def as_recovery(problem: Problem, docs: Docs, init: Recovery, cfg: SynthConfig, 
         "synth_config": to_dict(cfg),
         "label_distribution": label_distribution(labels, init.label_set),
     }
+    summary.pop("label_confidence", None)  # measured on the corpus texts, not on their rewrites
     return Recovery(
         init.rows,
         list(docs.texts),
