@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from weights2data.cli import main
+from weights2data.cli import main, sparse_label_line
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -223,3 +223,12 @@ def test_demo_copies_its_results(
     assert copied == (cli_env / "runs" / "demo" / "results.json").read_text()
     table = json.loads(copied)["table"]
     assert [row["model"] for row in table] == ["expert", "greedy", "greedy_balanced", "topk", "random"]
+
+
+def test_select_hints_at_quotas_when_a_label_has_few_picks() -> None:
+    skewed = {"negative": 4, "positive": 96}
+    hint = sparse_label_line({"strategy": "greedy", "label_distribution": skewed})
+    assert "few picks carry negative" in hint and "--strategy greedy_balanced" in hint
+    assert sparse_label_line({"strategy": "greedy_balanced", "label_distribution": skewed}) == ""
+    assert sparse_label_line({"strategy": "greedy", "label_distribution": {"a": 40, "b": 60}}) == ""
+    assert sparse_label_line({"strategy": "greedy"}) == ""  # a language-model selection: no labels

@@ -14,7 +14,14 @@ from weights2data.data import encode_classification, make_label_set
 from weights2data.errors import W2DError
 from weights2data.features import forward_hidden, hidden_states
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
-from weights2data.recover import check_pair, corpus_gradients, recover, unsure_rows, write_recovery
+from weights2data.recover import (
+    check_pair,
+    corpus_gradients,
+    recover,
+    sparse_labels,
+    unsure_rows,
+    write_recovery,
+)
 from weights2data.selection import DenseFeatures, select
 
 TEXTS = [
@@ -135,6 +142,14 @@ def test_keep_confident_picks_only_each_labels_surest_documents(pair, tmp_path) 
         recover(grads, TEXTS, label_set, SelectConfig(k=7, keep_confident=0.5), progress=False)
     with pytest.raises(W2DError, match="keep_confident"):
         SelectConfig(keep_confident=0.0)
+
+
+def test_sparse_labels_hold_under_half_an_equal_share() -> None:
+    assert sparse_labels({"negative": 5, "positive": 95}) == ["negative"]
+    assert sparse_labels({"negative": 30, "positive": 70}) == []  # 0.30 of 2 labels: over 0.25
+    four = {"World": 194, "Sports": 34, "Business": 34, "Sci/Tech": 38}  # 37.5 is half of 300 / 4
+    assert sparse_labels(four) == ["Sports", "Business"]
+    assert sparse_labels({}) == [] and sparse_labels({"a": 0, "b": 0}) == []
 
 
 def test_projection_approximates_exact_cosines(pair, tmp_path) -> None:

@@ -433,6 +433,7 @@ def select_and_write(
         f"  objective cos(sum of selected gradients, delta) = {recovery.summary['objective_cos']:.4f}\n"
         f"  labels: {recovery.summary.get('label_distribution')}"
         + confidence_line(recovery.summary.get("label_confidence"))
+        + sparse_label_line(recovery.summary)
         + (f"\n  generated: {recovery.summary['generated_picks']} of the picks" if gen.docs else "")
         + (
             f"\n  synthesised: {recovery.summary['synthesised']} of the documents (objective at the start "
@@ -762,6 +763,21 @@ def confidence_line(confidence: dict | None) -> str:
     return (
         f"\n  expert's mean probability of the autolabels: {confidence['picked']:.3f} on the picks, "
         f"{confidence['corpus']:.3f} over the corpus"
+    )
+
+
+def sparse_label_line(summary: dict) -> str:
+    """A hint, under select's report, when an unbalanced strategy left a label with few picks."""
+    from weights2data.recover import sparse_labels
+    from weights2data.selection import BALANCED
+
+    sparse = sparse_labels(summary.get("label_distribution") or {})
+    if not sparse or summary["strategy"] in BALANCED:
+        return ""
+    return (
+        f"\n  few picks carry {', '.join(sparse)}: unless the finetuning data is known to be this "
+        "skewed, --strategy greedy_balanced (a quota per label) may recover more; it did on "
+        "finetunes whose autolabels lean to one label"
     )
 
 
