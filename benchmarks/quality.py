@@ -524,7 +524,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     """Mean ± std over seeds for each (dataset, scope, k, labels, projection, training set)."""
     groups: dict[tuple, dict[int, dict]] = {}
     for row in rows:  # one row per seed: random is trained once and recorded beside every variant
-        groups.setdefault(table_key(row), {}).setdefault(row["seed"], row)
+        groups.setdefault(table_key(row), {}).setdefault(row["seed"], with_confidence(row))
     summary = []
     for key, by_seed in groups.items():
         members = list(by_seed.values())
@@ -537,8 +537,16 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 FIGURES = (
     "best_epoch_test", "val_selected_test", "closure_best_epoch_test", "closure_val_selected_test",
-    "agreement",
+    "agreement", "picked_confidence", "corpus_confidence",
 )  # fmt: skip
+
+
+def with_confidence(row: dict) -> dict:
+    """The row with its label_confidence (select's summary) as two figures that average over seeds."""
+    confidence = row.get("label_confidence")
+    if not confidence:
+        return row
+    return row | {"picked_confidence": confidence["picked"], "corpus_confidence": confidence["corpus"]}
 
 
 def seed_statistics(members: list[dict], figures: tuple[str, ...]) -> dict:
