@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from quality import format_figure, seed_statistics
+from quality import confidence_figures, format_figure, seed_statistics
 from weights2data.cli import main as w2d
 from weights2data.data import data_dir, load_dataset
 from weights2data.errors import exit_on_error
@@ -267,14 +267,8 @@ def select_and_score(
     out["rows"].append(
         {"expert": kind, "template": templated, "select": variant, "strategy": strategy, "seed": seed,
          "k": args.k, "objective_cos": summary["objective_cos"], "features_s": summary.get("features_s"),
-         "label_distribution": summary["label_distribution"], **confidence(summary), **scores}
+         "label_distribution": summary["label_distribution"], **confidence_figures(summary), **scores}
     )  # fmt: skip
-
-
-def confidence(summary: dict) -> dict:
-    """The expert's mean probability of the picks' autolabels, and of the corpus's (select's summary)."""
-    reported = summary.get("label_confidence") or {}
-    return {f"{where}_confidence": value for where, value in reported.items()}
 
 
 def train_eval(args: argparse.Namespace, train: str | Path, seed: int, name: str) -> dict:

@@ -524,7 +524,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     """Mean ± std over seeds for each (dataset, scope, k, labels, projection, training set)."""
     groups: dict[tuple, dict[int, dict]] = {}
     for row in rows:  # one row per seed: random is trained once and recorded beside every variant
-        groups.setdefault(table_key(row), {}).setdefault(row["seed"], with_confidence(row))
+        groups.setdefault(table_key(row), {}).setdefault(row["seed"], row | confidence_figures(row))
     summary = []
     for key, by_seed in groups.items():
         members = list(by_seed.values())
@@ -541,12 +541,10 @@ FIGURES = (
 )  # fmt: skip
 
 
-def with_confidence(row: dict) -> dict:
-    """The row with its label_confidence (select's summary) as two figures that average over seeds."""
-    confidence = row.get("label_confidence")
-    if not confidence:
-        return row
-    return row | {"picked_confidence": confidence["picked"], "corpus_confidence": confidence["corpus"]}
+def confidence_figures(summary: dict) -> dict:
+    """select's label_confidence as two figures that average over seeds: picked_ and corpus_confidence."""
+    reported = summary.get("label_confidence") or {}
+    return {f"{where}_confidence": value for where, value in reported.items()}
 
 
 def seed_statistics(members: list[dict], figures: tuple[str, ...]) -> dict:
