@@ -49,7 +49,7 @@ from weights2data.data import data_dir, load_dataset
 from weights2data.errors import exit_on_error
 from weights2data.experiment import closure
 from weights2data.models import decoder_layers, load_model, untie_head
-from weights2data.store import cache_dir, write_json
+from weights2data.store import cache_dir, read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -138,9 +138,12 @@ def collate(pad_id: int):
 
 def train_expert(args: argparse.Namespace, kind: str, path: Path) -> dict:
     """Finetune the base with transformers.Trainer and save it (`trainer`: a model directory with its
-    tokenizer; `lora`: an adapter directory alone)."""
+    tokenizer; `lora`: an adapter directory alone). An expert already saved is reused, with the
+    training time and loss recorded beside it when it was made."""
+    record = path.parent / f"{path.name}-training.json"
     if (path / ("adapter_config.json" if kind == "lora" else "config.json")).exists():
-        return {"path": str(path), "reused": True}
+        made = read_json(record) if record.exists() else {}
+        return {"path": str(path), **made, "reused": True}
     base = load_model(args.model, cache=cache_dir())
     model, tokenizer = copy.deepcopy(base.model), base.tokenizer
     train = load_dataset(f"{args.dataset}_{args.train_rows}", data_dir=data_dir()).train
@@ -170,11 +173,9 @@ def train_expert(args: argparse.Namespace, kind: str, path: Path) -> dict:
     model.save_pretrained(path)
     if kind != "lora":  # an adapter directory usually holds no tokenizer: weights2data lends the base's
         tokenizer.save_pretrained(path)
-    return {
-        "path": str(path),
-        "train_s": round(time.time() - started, 1),
-        "train_loss": history.training_loss,
-    }
+    made = {"train_s": round(time.time() - started, 1), "train_loss": history.training_loss}
+    write_json(record, made)
+    return {"path": str(path), **made}
 
 
 # ---------------------------------------------------------------- the w2d commands

@@ -154,6 +154,18 @@ def test_the_foreign_finetune_summary_closes_each_seed_against_its_own_random_an
     assert check_results.first_difference(stored["summary"], recomputed, "summary")
 
 
+def test_a_reused_foreign_expert_keeps_the_training_time_recorded_when_it_was_made(tmp_path: Path) -> None:
+    import foreign_finetune
+
+    expert = tmp_path / "trainer"
+    expert.mkdir()
+    (expert / "config.json").write_text("{}")
+    assert foreign_finetune.train_expert(None, "trainer", expert) == {"path": str(expert), "reused": True}
+    (tmp_path / "trainer-training.json").write_text(json.dumps({"train_s": 12.5, "train_loss": 0.4}))
+    reused = foreign_finetune.train_expert(None, "trainer", expert)
+    assert reused == {"path": str(expert), "train_s": 12.5, "train_loss": 0.4, "reused": True}
+
+
 def rewritten(tmp_path: Path, name: str, summary: list[dict], marker: str, header: str) -> str:
     """`name` holding `summary`, a doc with one table `marker` under `header`: the doc once rewritten."""
     folder = tmp_path / "results"
