@@ -27,6 +27,7 @@ from weights2data.selection import (
     SummedFeatures,
     cosines,
     select,
+    unit_weights,
 )
 from weights2data.store import read_json
 
@@ -95,6 +96,10 @@ def engine_worker(rank: int, port: int, out: str) -> None:
                 shard, strategy, local, 24, labels=labels, losses=losses, batch_size=5, progress=False
             )
             results[name, strategy] = (sel.indices, sel.scores, sel.objective)
+        unit = sharded_select(
+            shard, "greedy", local, 24, weights=unit_weights(local), batch_size=5, progress=False
+        )
+        results[name, "greedy unit"] = (unit.indices, unit.scores, unit.objective)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -111,6 +116,12 @@ def test_sharded_strategies_pick_what_one_process_picks(tmp_path: Path) -> None:
                 assert indices.tolist() == one.indices.tolist(), (name, strategy)
                 assert torch.equal(scores, one.scores) or strategy == "random", (name, strategy)
                 assert value == pytest.approx(one.objective, abs=1e-5)
+        one = select("greedy", features, 24, weights=unit_weights(features), progress=False)
+        for result in ranks:
+            indices, scores, value = result[name, "greedy unit"]
+            assert indices.tolist() == one.indices.tolist(), name
+            torch.testing.assert_close(scores, one.scores)
+            assert value == pytest.approx(one.objective, abs=1e-5)
     factored = problems()["factored"]
     cos = cosines(factored)
     tied = (cos == cos.max()).nonzero().squeeze(1).tolist()

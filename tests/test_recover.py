@@ -22,7 +22,7 @@ from weights2data.recover import (
     unsure_rows,
     write_recovery,
 )
-from weights2data.selection import DenseFeatures, select
+from weights2data.selection import DenseFeatures, objective, select, unit_weights
 
 TEXTS = [
     "The team won the championship after a dramatic overtime goal.",
@@ -142,6 +142,22 @@ def test_keep_confident_picks_only_each_labels_surest_documents(pair, tmp_path) 
         recover(grads, TEXTS, label_set, SelectConfig(k=7, keep_confident=0.5), progress=False)
     with pytest.raises(W2DError, match="keep_confident"):
         SelectConfig(keep_confident=0.0)
+
+
+def test_normalize_unit_runs_greedy_over_unit_length_gradients(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
+    cfg = SelectConfig(k=4, normalize="unit")
+    grads = corpus_gradients(base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), cfg, tmp_path)
+    for strategy in ("greedy", "greedy_balanced", "topk"):
+        recovery = recover(grads, TEXTS, label_set, cfg, strategy, progress=False)
+        weights = unit_weights(grads.features)
+        expected = select(strategy, grads.features, 4, labels=grads.labels, weights=weights, progress=False)
+        assert recovery.rows.tolist() == expected.indices.tolist(), strategy
+        assert recovery.summary["config"]["normalize"] == "unit"
+        assert recovery.summary["objective_cos"] == pytest.approx(objective(grads.features, recovery.rows))
+    with pytest.raises(W2DError, match="normalize"):
+        SelectConfig(normalize="l2")
 
 
 def test_sparse_labels_hold_under_half_an_equal_share() -> None:

@@ -15,6 +15,7 @@ from weights2data.selection import (
     label_quotas,
     objective,
     select,
+    unit_weights,
 )
 
 
@@ -270,3 +271,29 @@ def test_excluded_rows_are_never_picked_and_the_rest_is_as_without_them(strategy
     assert not set(sel.indices.tolist()) & set(exclude.tolist())
     if strategy != "random" and strategy != "p_min":
         assert sel.objective == pytest.approx(alone.objective, abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "greedy_batched", "greedy_balanced"])
+def test_unit_weights_make_greedy_pick_as_over_unit_length_gradients(strategy):
+    gen = torch.Generator().manual_seed(4)
+    n, c, d = 60, 3, 10
+    errors = torch.randn(n, c, generator=gen) * torch.rand(n, 1, generator=gen) * 5  # norms spread wide
+    errors[17] = 0  # a zero gradient: weight 0, never NaN
+    hidden, delta = torch.randn(n, d, generator=gen) + 0.3, torch.randn(c, d, generator=gen)
+    factored = FactoredFeatures(errors, hidden, delta)
+    grads = torch.einsum("nc,nd->ncd", errors, hidden).reshape(n, c * d)
+    norms = grads.norm(dim=1, keepdim=True)
+    unit = DenseFeatures(torch.where(norms > 0, grads / norms, grads), delta.reshape(-1))
+    weights = unit_weights(factored)
+    assert weights[17] == 0 and torch.isfinite(weights).all()
+    labels = torch.arange(n) % c
+    kw = dict(batch_size=6, labels=labels, progress=False)
+    weighted = select(strategy, factored, 20, weights=weights, **kw)
+    assert weighted.indices.tolist() == select(strategy, unit, 20, **kw).indices.tolist()
+    assert weighted.indices.tolist() != select(strategy, factored, 20, **kw).indices.tolist()
+    assert weighted.objective == pytest.approx(objective(factored, weighted.indices), abs=1e-7)  # the raw one
+    exclude = torch.tensor([0, 5, 9])
+    kept = select(strategy, factored, 20, weights=weights, exclude=exclude, **kw)
+    assert kept.indices.tolist() == select(strategy, unit, 20, exclude=exclude, **kw).indices.tolist()
+    with pytest.raises(W2DError, match="weights must be one per document"):
+        select(strategy, factored, 5, weights=weights[:-1], **kw)

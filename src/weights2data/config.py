@@ -22,6 +22,7 @@ LABEL_LOSSES = ("restricted", "full")
 DTYPES = ("float32", "bfloat16", "float16")  # model weights (RuntimeConfig.dtype)
 GRAD_AT = ("finetuned", "base", "both")  # where a path segment's gradients are taken
 PATHS = ("linear", "distill")  # pseudo-expert paths from the base to the finetuned weights
+NORMALIZE = ("none", "unit")  # how greedy weighs each document's gradient in its sum
 HONEST_BY = ("validation", "agreement")  # what picks the honest train-eval figure's epoch
 DEFAULT_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-3}  # measured on smollm2-135m / AG News
 # a head-only LM finetune at 1e-3 overshoots within one epoch: its weight change carries no signal
@@ -325,6 +326,13 @@ class SelectConfig:
         "S in (0, 1]: pick only among the share S of each autolabel's documents the finetuned model is "
         "surest of (its probability of that label); 1 keeps every document (the original)",
     )
+    normalize: str = opt(
+        "none",
+        "unit: the greedy strategies sum each document's gradient scaled to length 1, so documents the "
+        "finetuned model is already sure of (small gradients there) cannot steer the sum and fill the "
+        "selection; none: the raw gradients (the original). Top-k and the others rank by cosine, "
+        "which this leaves alone",
+    )
     projection_dim: int = opt(
         0,
         "0: exact factored gradients (default); D > 0: random JL projection to D "
@@ -352,6 +360,7 @@ class SelectConfig:
         _choice("path", self.path, PATHS)
         _choice("path_combine", self.path_combine, ("concat", "sum"))
         _choice("precondition", self.precondition, PRECONDITIONERS)
+        _choice("normalize", self.normalize, NORMALIZE)
         if self.k < 1:
             raise W2DError(f"k must be at least 1 (got {self.k})")
         if self.rounds < 1 or self.rounds > self.k:

@@ -42,6 +42,7 @@ from weights2data.selection import (
     greedy_scores,
     objective,
     ranked,
+    weighted,
 )
 
 if TYPE_CHECKING:
@@ -176,11 +177,12 @@ def sharded_greedy(
     *,
     batch_size: int | None = None,
     quotas: tuple[Tensor, Tensor] | None = None,
+    weights: Tensor | None = None,
     progress: bool = True,
 ) -> tuple[Tensor, Tensor, dict]:
-    """selection.greedy over the rows of every rank, `features` holding this rank's; the same
-    (indices, scores) on every rank. `quotas` = (labels (N,) of the whole corpus, quota (C,))."""
-    t, sq = features.target_dots, features.sq_norms
+    """selection.greedy over the rows of every rank, `features` and `weights` holding this rank's;
+    the same (indices, scores) on every rank. `quotas` = (labels (N,) of the whole corpus, quota (C,))."""
+    t, sq, w = weighted(features, weights)
     start = shard.rows.start
     chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)  # also: label quota filled
     labels = torch.zeros(len(features), dtype=torch.long, device=t.device)
@@ -195,8 +197,9 @@ def sharded_greedy(
             r_dot, r_sq, c = 0.0, 0.0, torch.zeros_like(t)
         rank = greedy_scores(t, sq, c, r_dot, r_sq, chosen)
         j = int(rank.argmax())
-        mine = [float(rank[j]), start + j, float(t[j]), float(c[j]), float(sq[j]), int(labels[j])]
-        value, row, t_j, c_j, sq_j, label = shard.best(torch.tensor(mine, dtype=torch.float64)).tolist()
+        w_j = 1.0 if w is None else float(w[j])
+        mine = [float(rank[j]), start + j, float(t[j]), float(c[j]), float(sq[j]), int(labels[j]), w_j]
+        value, row, t_j, c_j, sq_j, label, w_j = shard.best(torch.tensor(mine, dtype=torch.float64)).tolist()
         row, label, owner = int(row), int(label), shard.owner(int(row))
         if owner == shard.layout.rank:
             factors = shard.broadcast(features.row_factors(torch.tensor([row - start])), owner)
@@ -212,7 +215,8 @@ def sharded_greedy(
                 chosen |= labels == label
         r_dot += t_j
         r_sq += 2 * c_j + sq_j
-        c += features.dots_with_factors(factors)
+        dots = features.dots_with_factors(factors)
+        c += dots if w is None else w * (w_j * dots)
     stats = {"engine": "float32 step, sharded", "ranks": len(shard.sizes)}
     return torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float32), stats
 
@@ -242,10 +246,11 @@ def sharded_select(
     num_labels: int | None = None,
     label_prior: Tensor | None = None,
     exclude: Tensor | None = None,
+    weights: Tensor | None = None,
     progress: bool = True,
 ) -> Selection:
-    """selection.select with `features` holding this rank's rows (`labels`, `losses`: the whole
-    corpus's); every rank returns the selection one process would make."""
+    """selection.select with `features` and `weights` holding this rank's rows (`labels`, `losses`:
+    the whole corpus's); every rank returns the selection one process would make."""
     if exclude is not None and len(exclude):
         raise W2DError("excluding rows is not supported across ranks: run in one process")
     n = sum(shard.sizes)
@@ -254,7 +259,7 @@ def sharded_select(
     if strategy in GREEDY:
         size = batch_size if strategy == "greedy_batched" else None
         indices, scores, engine = sharded_greedy(
-            shard, features, k, batch_size=size, quotas=quotas, progress=progress
+            shard, features, k, batch_size=size, quotas=quotas, weights=weights, progress=progress
         )
     else:
         cos = shard.gather(cosines(features)) if strategy in ("topk", "bottomk", "topk_balanced") else None

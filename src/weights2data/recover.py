@@ -32,7 +32,7 @@ from weights2data.gradients import (
 from weights2data.lm_features import head_delta, head_view
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.precondition import Metric, fit_metric, resolve
-from weights2data.selection import BALANCED, GradientFeatures, Selection, SummedFeatures, select
+from weights2data.selection import BALANCED, GradientFeatures, Selection, SummedFeatures, select, unit_weights
 from weights2data.store import atomic_path, stable_hash, write_json
 from weights2data.templates import PLAIN, Template, encode, resolve_template
 from weights2data.train import Task, label_loss_of, lm_loss_sum
@@ -528,6 +528,7 @@ def recover(
         num_labels=None if label_set is None else len(label_set.names),
         label_prior=label_prior(cfg.label_prior, grads, label_set),
         exclude=exclude,
+        weights=unit_weights(grads.features) if cfg.normalize == "unit" else None,
         progress=progress,
     )
     rows = selection.indices

@@ -324,18 +324,25 @@ def greedy(
     *,
     batch_size: int | None = None,
     quotas: tuple[Tensor, Tensor] | None = None,
+    weights: Tensor | None = None,
     progress: bool = True,
 ) -> tuple[Tensor, Tensor, dict]:
     """SELECT: (indices, cos at pick time, engine stats); R restarts from 0 every `batch_size` picks.
 
     `quotas` = (labels (N,), quota (C,)): a label whose quota is filled takes no more picks.
+    `weights` (N,): greedy over w_i g_i instead of g_i (`unit_weights`: every gradient of length 1).
 
     State: r_dot = ⟨R, Δ⟩ and r_sq = ‖R‖² as float64 scalars, c = ⟨g_i, R⟩ as a float32
     (N,) vector, so ‖R + g_i‖² = r_sq + 2 c_i + ‖g_i‖² and each pick costs one Gram row
     ⟨g_i, g_j⟩ (`dots_with`), an N × D matrix-vector product bound by memory bandwidth.
     Large dense problems on a CPU take the same picks through an int8 screen (`screening`).
     """
-    if quotas is None and isinstance(features, DenseFeatures) and use_screen(features.grads):
+    if (
+        quotas is None
+        and weights is None
+        and isinstance(features, DenseFeatures)
+        and use_screen(features.grads)
+    ):
         return screened_greedy(
             features.grads,
             features.target_dots,
@@ -345,7 +352,7 @@ def greedy(
             batch_size=batch_size,
             progress=progress,
         )
-    t, sq = features.target_dots, features.sq_norms
+    t, sq, w = weighted(features, weights)
     chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)  # also: label quota filled
     if quotas is not None:
         labels, left = quotas[0].to(t.device), quotas[1].clone().to(t.device)
@@ -365,9 +372,27 @@ def greedy(
                 chosen |= labels == labels[j]
         r_dot += float(t[j])
         r_sq += 2 * float(c[j]) + float(sq[j])
-        c += features.dots_with(j)
+        c += features.dots_with(j) if w is None else w * (w[j] * features.dots_with(j))
     stats = {"engine": "float32 step"}
     return torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float32), stats
+
+
+def weighted(features: GradientFeatures, weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(⟨w_i g_i, Δ⟩, ‖w_i g_i‖², w) (N,): greedy's per-document state for weighted gradients."""
+    if weights is None:
+        return features.target_dots, features.sq_norms, None
+    w = weights.to(features.target_dots.device, torch.float32)
+    if w.shape != features.target_dots.shape:
+        raise W2DError(f"weights must be one per document ({len(features)}), got shape {tuple(w.shape)}")
+    return features.target_dots * w, features.sq_norms * w.square(), w
+
+
+def unit_weights(features: GradientFeatures) -> Tensor:
+    """(N,) 1 / ‖g_i‖ (0 for a zero gradient): every document's gradient weighs the same in greedy's
+    sum. At the finetuned weights a document the model is already sure of has a small gradient,
+    which raw greedy uses to steer the sum's direction; scaled to unit length it cannot."""
+    norms = features.sq_norms.sqrt()
+    return torch.where(norms > 0, 1 / norms.clamp_min(_TINY), torch.zeros_like(norms))
 
 
 def greedy_scores(t: Tensor, sq: Tensor, c: Tensor, r_dot: float, r_sq: float, chosen: Tensor) -> Tensor:
@@ -395,6 +420,7 @@ def select(
     num_labels: int | None = None,
     label_prior: Tensor | None = None,
     exclude: Tensor | None = None,
+    weights: Tensor | None = None,
     progress: bool = True,
 ) -> Selection:
     """Pick k documents with `strategy` (one of STRATEGIES), none of the rows in `exclude`.
@@ -402,7 +428,8 @@ def select(
     `features` may be None only for p_min, p_max and random (then objective is NaN);
     the balanced strategies need `labels` (N,) and take `num_labels` (the label set's size;
     default: the largest label + 1) and `label_prior` (C,) (default: uniform); p_min / p_max
-    need `losses` (N,).
+    need `losses` (N,). `weights` (N,): the greedy strategies sum w_i g_i (the objective reported
+    stays the raw one, cos(Σ_chosen g, Δ)); the others rank by cosines, which weights leave alone.
     """
     engine: dict = {}
     if strategy not in STRATEGIES:
@@ -422,13 +449,16 @@ def select(
             batch_size=batch_size,
             num_labels=num_labels,
             label_prior=label_prior,
+            weights=None if weights is None else weights[rows.to(weights.device)],
             progress=progress,
         )
         return replace(sub, indices=rows[sub.indices])
     quotas = check_selection(strategy, features, k, n, labels, batch_size, num_labels, label_prior)
     if strategy in GREEDY:
         size = batch_size if strategy == "greedy_batched" else None
-        indices, scores, engine = greedy(features, k, batch_size=size, quotas=quotas, progress=progress)
+        indices, scores, engine = greedy(
+            features, k, batch_size=size, quotas=quotas, weights=weights, progress=progress
+        )
     else:
         cos = cosines(features) if strategy in ("topk", "bottomk", "topk_balanced") else None
         indices, scores = ranked(strategy, k, n, cos=cos, losses=losses, quotas=quotas, seed=seed)
