@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +23,7 @@ from weights2data.recover import (
     unsure_rows,
     write_recovery,
 )
-from weights2data.selection import DenseFeatures, objective, select, unit_weights
+from weights2data.selection import DenseFeatures, cosines, objective, select, unit_weights
 
 TEXTS = [
     "The team won the championship after a dramatic overtime goal.",
@@ -158,6 +159,34 @@ def test_normalize_unit_runs_greedy_over_unit_length_gradients(pair, tmp_path) -
         assert recovery.summary["objective_cos"] == pytest.approx(objective(grads.features, recovery.rows))
     with pytest.raises(W2DError, match="normalize"):
         SelectConfig(normalize="l2")
+
+
+def test_pool_lets_greedy_pick_only_among_the_documents_most_aligned_on_their_own(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
+    cfg = SelectConfig(k=4, precondition="none")
+    grads = corpus_gradients(base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), cfg, tmp_path)
+    cos, labels = cosines(grads.features), grads.labels
+    best = cos.argsort(descending=True)
+    picks = recover(grads, TEXTS, label_set, replace(cfg, pool=1.5), "greedy", progress=False).rows
+    assert set(picks.tolist()) <= set(best[:6].tolist())  # ⌈1.5 · 4⌉ = 6
+    top = recover(grads, TEXTS, label_set, cfg, "topk", progress=False).rows
+    one = recover(grads, TEXTS, label_set, replace(cfg, pool=1), "greedy", progress=False).rows
+    assert set(one.tolist()) == set(top.tolist())
+    balanced = recover(grads, TEXTS, label_set, replace(cfg, pool=2), "greedy_balanced", progress=False).rows
+    for label in labels.unique():  # each label's quota is 2: its 4 best documents form its pool
+        mine = (labels == label).nonzero().squeeze(1)
+        pool = set(mine[cos[mine].argsort(descending=True)[:4]].tolist())
+        chosen = [r for r in balanced.tolist() if labels[r] == label]
+        assert len(chosen) == 2 and set(chosen) <= pool
+    tkb = recover(grads, TEXTS, label_set, cfg, "topk_balanced", progress=False).rows
+    same = recover(grads, TEXTS, label_set, replace(cfg, pool=1), "greedy_balanced", progress=False).rows
+    assert set(same.tolist()) == set(tkb.tolist())
+    confident = replace(cfg, pool=1, keep_confident=0.5)  # the pool is taken among the kept documents
+    kept = set(range(len(TEXTS))) - set(unsure_rows(grads, 0.5).tolist())
+    assert set(recover(grads, TEXTS, label_set, confident, "greedy", progress=False).rows.tolist()) <= kept
+    with pytest.raises(W2DError, match="pool must be 0"):
+        SelectConfig(pool=0.5)
 
 
 def test_sparse_labels_hold_under_half_an_equal_share() -> None:

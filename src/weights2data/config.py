@@ -326,6 +326,13 @@ class SelectConfig:
         "S in (0, 1]: pick only among the share S of each autolabel's documents the finetuned model is "
         "surest of (its probability of that label); 1 keeps every document (the original)",
     )
+    pool: float = opt(
+        0.0,
+        "F ≥ 1: greedy picks only among the F·k documents whose own gradient is most aligned with the "
+        "weight change (cos(g_i, Δ); F·quota per label for the balanced strategies), so the sum cannot "
+        "be built from documents that each point elsewhere and cancel; F = 1 makes greedy top-k. "
+        "0: the whole corpus (the original)",
+    )
     normalize: str = opt(
         "none",
         "unit: the greedy strategies sum each document's gradient scaled to length 1, so documents the "
@@ -371,6 +378,8 @@ class SelectConfig:
             )
         if not 0 < self.keep_confident <= 1:
             raise W2DError(f"keep_confident must be in (0, 1] (got {self.keep_confident})")
+        if self.pool != 0 and self.pool < 1:
+            raise W2DError(f"pool must be 0 (off) or at least 1, a multiple of k (got {self.pool})")
         if self.pseudo_experts < 1:
             raise W2DError(f"pseudo_experts must be at least 1 (got {self.pseudo_experts})")
         if self.label_prior not in ("uniform", "predicted") and not re.fullmatch(

@@ -32,7 +32,16 @@ from weights2data.gradients import (
 from weights2data.lm_features import head_delta, head_view
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.precondition import Metric, fit_metric, resolve
-from weights2data.selection import BALANCED, GradientFeatures, Selection, SummedFeatures, select, unit_weights
+from weights2data.selection import (
+    BALANCED,
+    GradientFeatures,
+    Selection,
+    SummedFeatures,
+    cosines,
+    label_quotas,
+    select,
+    unit_weights,
+)
 from weights2data.store import atomic_path, stable_hash, write_json
 from weights2data.templates import PLAIN, Template, encode, resolve_template
 from weights2data.train import Task, label_loss_of, lm_loss_sum
@@ -516,6 +525,10 @@ def recover(
                 f"--keep-confident {cfg.keep_confident} leaves {left} of the {len(grads.labels)} "
                 f"documents to pick from, fewer than k = {cfg.k}: raise it or lower --k"
             )
+    prior = label_prior(cfg.label_prior, grads, label_set)
+    if cfg.pool and strategy not in ("p_min", "p_max", "random"):
+        outside = outside_pool(grads, cfg, strategy, prior, label_set, exclude)
+        exclude = outside if exclude is None else torch.cat([exclude, outside]).unique()
     started = time.time()
     selection = selector(
         strategy,
@@ -526,7 +539,7 @@ def recover(
         seed=cfg.seed,
         batch_size=cfg.batch_reset,
         num_labels=None if label_set is None else len(label_set.names),
-        label_prior=label_prior(cfg.label_prior, grads, label_set),
+        label_prior=prior,
         exclude=exclude,
         weights=unit_weights(grads.features) if cfg.normalize == "unit" else None,
         progress=progress,
@@ -575,6 +588,37 @@ def unsure_rows(grads: CorpusGradients, share: float) -> torch.Tensor:
         order = confidence[rows].argsort(descending=True)
         dropped.append(rows[order[math.ceil(share * len(rows)) :]])
     return torch.cat(dropped).sort().values
+
+
+def outside_pool(
+    grads: CorpusGradients,
+    cfg: SelectConfig,
+    strategy: str,
+    prior: torch.Tensor | None,
+    label_set: LabelSet | None,
+    exclude: torch.Tensor | None,
+) -> torch.Tensor:
+    """(M,) the rows outside --pool: all but the ⌈F·k⌉ documents of highest cos(g_i, Δ) among those
+    not excluded (for a balanced strategy ⌈F·quota_c⌉ of each label c)."""
+    cos = cosines(grads.features).cpu().clone()  # (N,)
+    if exclude is not None and len(exclude):
+        cos[exclude] = -math.inf
+    order = cos.argsort(descending=True, stable=True)
+    if strategy in BALANCED:
+        num_labels = None if label_set is None else len(label_set.names)
+        quota = label_quotas(grads.labels, cfg.k, num_labels, prior)
+        ranked = grads.labels[order].long()
+        within = torch.zeros_like(order)  # rank of each document within its label, best first
+        for label in ranked.unique():
+            hit = ranked == label
+            within[hit] = torch.arange(int(hit.sum()))
+        keep = order[within < torch.ceil(cfg.pool * quota.double()).long()[ranked]]
+    else:
+        keep = order[: math.ceil(cfg.pool * cfg.k)]
+    inside = torch.zeros(len(cos), dtype=torch.bool)
+    inside[keep] = True
+    inside &= cos > -math.inf
+    return (~inside).nonzero().squeeze(1)
 
 
 def zero_delta_message(grads: CorpusGradients, cfg: SelectConfig) -> str:
