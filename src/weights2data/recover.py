@@ -39,6 +39,7 @@ from weights2data.selection import (
     SummedFeatures,
     cosines,
     label_quotas,
+    ranks_within_labels,
     select,
     unit_weights,
 )
@@ -608,11 +609,7 @@ def outside_pool(
         num_labels = None if label_set is None else len(label_set.names)
         quota = label_quotas(grads.labels, cfg.k, num_labels, prior)
         ranked = grads.labels[order].long()
-        within = torch.zeros_like(order)  # rank of each document within its label, best first
-        for label in ranked.unique():
-            hit = ranked == label
-            within[hit] = torch.arange(int(hit.sum()))
-        keep = order[within < torch.ceil(cfg.pool * quota.double()).long()[ranked]]
+        keep = order[ranks_within_labels(ranked) < torch.ceil(cfg.pool * quota.double()).long()[ranked]]
     else:
         keep = order[: math.ceil(cfg.pool * cfg.k)]
     inside = torch.zeros(len(cos), dtype=torch.bool)

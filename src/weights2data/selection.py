@@ -572,10 +572,14 @@ def topk_balanced(cos: Tensor, quotas: tuple[Tensor, Tensor], k: int) -> tuple[T
     labels, quota = quotas[0].to(cos.device), quotas[1].to(cos.device)
     order = cos.argsort(descending=True, stable=True)  # (N,)
     ranked = labels[order]
-    # rank of each document within its own label, in descending-cosine order
-    within = torch.zeros_like(order)
+    picks = order[ranks_within_labels(ranked) < quota[ranked]][:k]
+    return picks, cos[picks]
+
+
+def ranks_within_labels(ranked: Tensor) -> Tensor:
+    """(N,) for labels listed in some order, each one's position among those of its own label."""
+    within = torch.zeros_like(ranked)
     for c in ranked.unique():
         hit = ranked == c
-        within[hit] = torch.arange(int(hit.sum()), device=cos.device)
-    picks = order[within < quota[ranked]][:k]
-    return picks, cos[picks]
+        within[hit] = torch.arange(int(hit.sum()), device=ranked.device)
+    return within
