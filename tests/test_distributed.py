@@ -237,6 +237,8 @@ def test_only_select_runs_under_torchrun(monkeypatch: pytest.MonkeyPatch, capsys
     argv = [*SELECT.split(), "--corpus", CORPUS, "--labels", "random"]
     assert main(argv) == 2
     assert "--labels random is not supported across ranks" in capsys.readouterr().err
+    assert main([*SELECT.split(), "--corpus", CORPUS, "--pool", "2"]) == 2
+    assert "--pool 2 is not supported across ranks" in capsys.readouterr().err
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     assert main([*SELECT.split(), "--corpus", CORPUS]) == 2
     assert "MASTER_ADDR / MASTER_PORT are unset: launch with torchrun" in capsys.readouterr().err

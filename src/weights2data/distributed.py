@@ -280,6 +280,7 @@ def check_shardable(cfg: SelectConfig, generated: int = 0, device_map: str | Non
         f"--precondition {cfg.precondition}": cfg.precondition != "none",  # corpus-wide moments
         "--path distill": cfg.path == "distill",  # a walk trained on the whole corpus
         f"--rounds {cfg.rounds}": cfg.rounds > 1,
+        f"--pool {cfg.pool:g}": cfg.pool > 0,  # a corpus-wide ranking by cosine
         "--generate": generated > 0,
     }
     for option, used in whole.items():
