@@ -45,7 +45,7 @@ from weights2data.data import Split, encode_classification
 from weights2data.errors import exit_on_error
 from weights2data.experiment import as_split, closure
 from weights2data.generate import mark_sources, with_generated
-from weights2data.recover import Recovery, corpus_gradients, recover
+from weights2data.recover import Recovery, corpus_gradients, generation_labeller, label_distribution, recover
 from weights2data.store import write_json
 from weights2data.synthesis import synthesise
 from weights2data.train import Task, evaluate
@@ -88,6 +88,12 @@ def parse_args() -> argparse.Namespace:
         default=1000,
         help="contrastive documents appended to the corpus for the SELECT+generated row (0: no such row)",
     )
+    p.add_argument(
+        "--generate-per-label",
+        action="store_true",
+        help="generate in equal shares per label of the expert (by rejection; w2d's --generate-per-label); "
+        "the row is then SELECT+generated per label",
+    )
     for f in SYNTH_FLAGS:
         kind = {"int": int, "float": float}.get(f.type, str)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"])
@@ -125,15 +131,20 @@ def run_seed(group: Group, args: argparse.Namespace) -> None:
         rows.append(score(group, f"{start_name}+{method}", as_split(made), extra))
     if args.generate:
         t0 = time.time()
-        gen = GenerateConfig(docs=args.generate, seed=group.seed)
-        pool, sources = with_generated(group.corpus, group.base, group.expert, gen, group.task.seq_len, cache)
+        gen = GenerateConfig(docs=args.generate, seed=group.seed, per_label=args.generate_per_label)
+        labeller = generation_labeller(group.base, group.expert, labels, group.data)
+        pool, sources = with_generated(
+            group.corpus, group.base, group.expert, gen, group.task.seq_len, cache, labeller
+        )
         pool_grads = corpus_gradients(group.base, group.expert, pool.texts, labels, group.data, sel, cache)
         mixed = mark_sources(recover(pool_grads, pool.texts, labels, sel, progress=False), sources)
         extra = {
             **arm(group, mixed, features_s + time.time() - t0),
             "generated_picks": mixed.summary["generated_picks"],
+            "generated_labels": label_distribution(pool_grads.labels[len(texts) :], labels),
         }
-        rows.append(score(group, "SELECT+generated", as_split(mixed), extra))
+        name = "SELECT+generated per label" if gen.per_label else "SELECT+generated"
+        rows.append(score(group, name, as_split(mixed), extra))
     for row in rows:
         for figure in ("best_epoch_test", "val_selected_test"):
             row[f"closure_{figure}"] = closure(row[figure], rand[figure], expert_row[figure])

@@ -268,6 +268,10 @@ CASES = {
         "--precondition adam rescales classification head gradients",
     ),
     "label set in LM mode": ([*SEL_LM, "--label-set", "A,B"], "--label-set A,B labels the picks"),
+    "generation per label in LM mode": (
+        [*SEL_LM, "--generate", "2", "--generate-per-label"],
+        "--generate-per-label needs a classifier's label set",
+    ),
     "no strategy": ([*RUN, "--strategies", ""], "strategies names no strategy"),
     "label set for w2d run": ([*RUN, "--config", "label_set.toml"], "--label-set is for w2d select"),
     "generate nothing": ([*GEN, "{models}/lm", "-n", "0"], "w2d generate needs -n N"),

@@ -18,9 +18,12 @@ from weights2data.data import Split
 from weights2data.errors import W2DError
 from weights2data.generate import (
     OPENINGS,
+    Labeller,
     contrastive_logits,
     decode,
     generate,
+    generate_cached,
+    generate_per_label,
     next_tokens,
     nucleus,
     openings,
@@ -131,6 +134,47 @@ def test_with_generated_appends_and_caches(pair, tmp_path: Path) -> None:
     assert with_generated(corpus, base, tuned, None, 5, tmp_path) == (corpus, ["corpus", "corpus"])
 
 
+def by_length(texts: list[str]) -> torch.Tensor:
+    """A stand-in classifier: label = the text's length mod 2."""
+    return torch.tensor([len(text) % 2 for text in texts])
+
+
+def test_per_label_keeps_equal_shares_of_the_labels_drawn(pair) -> None:
+    base, tuned = pair
+    cfg = GenerateConfig(docs=7, batch_size=4, prefixes="The,A", seed=3, per_label=True, max_draws=200)
+    texts = generate_per_label(base, tuned, cfg, 8, Labeller(by_length, 2, "len"), progress=False)
+    assert by_length(texts).tolist() == [0] * 4 + [1] * 3  # grouped by label, the first one more
+    first_round = generate(base, tuned, replace(cfg, per_label=False), 8, progress=False)
+    for label, kept in ((0, texts[:4]), (1, texts[4:])):  # round 0 is generate's own draw, kept in order
+        firsts = [text for text in first_round if len(text) % 2 == label][: len(kept)]
+        assert firsts and kept[: len(firsts)] == firsts
+
+
+def test_per_label_stops_at_max_draws_and_says_which_label_is_short(pair, caplog) -> None:
+    base, tuned = pair
+    drawn = []
+
+    def all_zero(texts: list[str]) -> torch.Tensor:
+        drawn.extend(texts)
+        return torch.zeros(len(texts), dtype=torch.long)
+
+    cfg = GenerateConfig(docs=4, batch_size=2, prefixes="The", per_label=True, max_draws=10)
+    texts = generate_per_label(base, tuned, cfg, 6, Labeller(all_zero, 2, "zero"), progress=False)
+    assert len(texts) == 2 and len(drawn) == 10  # label 1 never drawn: its share stays empty
+    assert "short of their shares" in caplog.text and "[1]" in caplog.text
+
+
+def test_per_label_needs_a_labeller_and_caches_by_it(pair, tmp_path: Path) -> None:
+    base, tuned = pair
+    cfg = GenerateConfig(docs=4, prefixes="The", per_label=True, max_draws=40)
+    with pytest.raises(W2DError, match="needs a classifier"):
+        generate_cached(base, tuned, cfg, 6, tmp_path)
+    texts = generate_cached(base, tuned, cfg, 6, tmp_path, Labeller(by_length, 2, "len"))
+    assert generate_cached(base, tuned, cfg, 6, tmp_path, Labeller(by_length, 2, "len")) == texts
+    generate_cached(base, tuned, cfg, 6, tmp_path, Labeller(by_length, 2, "other key"))
+    assert len(list((tmp_path / "generated").glob("*.json"))) == 2  # the labeller's key is in the cache key
+
+
 def test_generate_command(cli_env: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["generate", "--base", "tiny-test", "--finetuned", "tiny-test:1", "-n", "4", "--seq-len", "6",
             "--alpha", "0.8", "--prefixes", "The,A", "--exp-name", "gen"]  # fmt: skip
@@ -159,6 +203,20 @@ def test_select_marks_generated_picks(cli_env: Path, capsys: pytest.CaptureFixtu
     assert summary["generated_candidates"] == 8 and summary["corpus_size"] == 18
     assert summary["generated_picks"] == sources.count("generated")
     assert "generated:" in capsys.readouterr().out
+
+
+def test_select_generates_per_label(cli_env: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["select", "--base", "tiny-test", "--finetuned", "tiny-test:1", "--label-set", "A,B",
+            "--corpus", "wiki_passages_10", "-k", "10", "--generate", "6", "--generate-per-label",
+            "--generate-max-draws", "60", "--seq-len", "8", "--exp-name", "per-label"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((cli_env / "runs" / "per-label" / "summary.json").read_text())
+    assert 0 < summary["generated_candidates"] <= 6
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--base", "tiny-test", "--finetuned", "tiny-test:1", "-n", "4", "--per-label"])
+    assert (
+        exit_info.value.code == 2 and "--per-label" in capsys.readouterr().err
+    )  # w2d generate has no label set to condition on
 
 
 def test_generate_help(capsys: pytest.CaptureFixture) -> None:

@@ -346,6 +346,7 @@ def select_and_write(
         check_lm_selection,
         check_pair,
         corpus_gradients,
+        generation_labeller,
         lm_corpus_gradients,
         recover,
         write_recovery,
@@ -364,7 +365,8 @@ def select_and_write(
         label_set = None
     else:
         label_set = select_label_set(ws, sel, data, base, finetuned, corpus.texts, template)
-    corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache)
+    labeller = None if label_set is None else generation_labeller(base, finetuned, label_set, data)
+    corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache, labeller)
 
     def gradients(texts: list[str]) -> CorpusGradients:
         if label_set is None:
@@ -924,7 +926,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", required=True, help="base model (before finetuning)")
     p.add_argument("--finetuned", required=True, help="finetuned model (any directory transformers can load)")
-    add_config_args(p, GenerateConfig, {"docs": ["-n"]})
+    add_config_args(p, GenerateConfig, {"docs": ["-n"]}, skip=("per_label", "max_draws"))  # need a label set
     add_config_args(p, RuntimeConfig)
 
     p = command(

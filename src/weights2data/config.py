@@ -467,12 +467,22 @@ class GenerateConfig:
         None, "tokens per document, its opening included (default: the task's sequence length, 32)"
     )
     batch_size: int = opt(32, "documents generated together")
+    per_label: bool = opt(
+        False,
+        "classifiers (select / run): generation conditioned on the label, by rejection: draw round "
+        "after round and keep a document only while the finetuned model's label for it has not filled "
+        "its equal share of docs (the label token follows the text, so it cannot lead the sampling)",
+    )
+    max_draws: int = opt(
+        0,
+        "with per_label: documents drawn at most, then labels short of their share stay short (0: 4 × docs)",
+    )
     seed: int = opt(0, "seed for the openings and the sampling")
 
     def __post_init__(self) -> None:
         check_types(self)
-        if self.docs < 0 or self.alpha < 0 or self.batch_size < 1:
-            raise W2DError("docs and alpha must be >= 0, batch size at least 1")
+        if self.docs < 0 or self.alpha < 0 or self.batch_size < 1 or self.max_draws < 0:
+            raise W2DError("docs, alpha and max_draws must be >= 0, batch size at least 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or not 0 <= self.plausibility <= 1:
             raise W2DError("temperature must be > 0, top_p in (0, 1], plausibility in [0, 1]")
         if self.seq_len is not None and self.seq_len < 2:

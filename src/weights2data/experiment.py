@@ -35,7 +35,9 @@ from weights2data.recover import (
     Recovery,
     check_lm_selection,
     check_pair,
+    generation_labeller,
     recover,
+    task_data,
     task_gradients,
     write_recovery,
 )
@@ -95,7 +97,12 @@ def run_experiment(
         expert, defense_record = defended_expert(
             ws, base, expert, corpus, task, defense, expert_data.test, ev
         )
-    corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache)
+    labeller = (
+        None
+        if task.label_set is None
+        else generation_labeller(base, expert, task.label_set, task_data(data, task))
+    )
+    corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache, labeller)
     grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)
     recoveries = {
         name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))

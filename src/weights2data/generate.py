@@ -7,9 +7,11 @@ the idea of contrastive decoding (Li et al. 2023) and of CDD (Brzozowski et al. 
 recovers finetuning data this way from vague openings. The texts are appended to the corpus
 and re-tokenised, labelled and scored there like any corpus document.
 
-Classifiers: the original's format puts the label token after the text, so a generation
-cannot be conditioned on its label without a template the expert never saw. Documents are
-generated unconditionally and θ1 labels them (autolabels), as it labels corpus documents.
+Classifiers: the original's format puts the label token after the text, so the label cannot
+lead the sampling without a template the expert never saw. Documents are generated
+unconditionally and θ1 labels them (autolabels), as it labels corpus documents; `per_label`
+conditions on the label by rejection instead (`generate_per_label`): drawn round after round,
+a document is kept only while θ1's label for it has room left in that label's equal share.
 A classifier's loss touched only the label position, so its contrast on ordinary text may be
 weak (four samples from a top:4 AG News SmolLM2 classifier read as web and code text, not
 news); language-modelling finetunes are where the contrast is expected to carry the data.
@@ -21,7 +23,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +52,15 @@ CORPUS, GENERATED = "corpus", "generated"
 OPENINGS = ("The", "A", "In", "It", "This", "I", "On", "After")
 
 Pick = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Labeller:
+    """The finetuned model's label for generated texts, for generation conditioned on the label."""
+
+    label: Callable[[list[str]], torch.Tensor]  # texts → (N,) label ids in [0, num_labels)
+    num_labels: int
+    key: str  # what decides the labels besides the two models' weights (label tokens, template)
 
 
 def contrastive_logits(tuned: torch.Tensor, base: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -178,19 +189,85 @@ def generate(
     return texts
 
 
-def generate_cached(
-    base: LoadedModel, finetuned: LoadedModel, cfg: GenerateConfig, seq_len: int, cache_root: Path | None
+def generate_per_label(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    cfg: GenerateConfig,
+    seq_len: int,
+    labeller: Labeller,
+    progress: bool = True,
 ) -> list[str]:
-    """generate(), reused from <cache>/generated/<key>.json when both models and the settings match."""
-    if cache_root is None:
-        return generate(base, finetuned, cfg, seq_len)
+    """Up to `cfg.docs` texts in equal shares per label (the first docs mod C labels one more),
+    grouped by label: samples of the contrastive distribution given θ1's label, by rejection.
+
+    Round r draws `cfg.docs` texts (round 0 is exactly `generate`'s, for the same seed) and keeps
+    each while its label's share is open, until every share is full or `cfg.max_draws` (0: 4 ×
+    docs) texts were drawn; a label the finetuned model rarely assigns may then stay short, which
+    is logged, not padded."""
+    n_labels = labeller.num_labels
+    share = [cfg.docs // n_labels + (c < cfg.docs % n_labels) for c in range(n_labels)]
+    kept: list[list[str]] = [[] for _ in share]
+    seen = [0] * n_labels  # texts drawn so far that θ1 gave each label
+    limit, drawn, round_ = cfg.max_draws or 4 * cfg.docs, 0, 0
+    while drawn < limit and any(len(k) < s for k, s in zip(kept, share, strict=True)):
+        seed = (
+            cfg.seed if round_ == 0 else int(np.random.SeedSequence([cfg.seed, round_]).generate_state(1)[0])
+        )
+        # after round 0, as many as the open shares need at the rates seen so far
+        need = max(
+            math.ceil((s - len(k)) * drawn / max(n, 1)) for k, s, n in zip(kept, share, seen, strict=True)
+        )
+        size = cfg.docs if round_ == 0 else min(cfg.docs, max(need, cfg.batch_size))
+        texts = generate(
+            base, finetuned, replace(cfg, docs=min(size, limit - drawn), seed=seed), seq_len, progress
+        )
+        for text, label in zip(texts, labeller.label(texts).tolist(), strict=True):
+            seen[label] += 1
+            if len(kept[label]) < share[label]:
+                kept[label].append(text)
+        drawn, round_ = drawn + len(texts), round_ + 1
+    short = {c: s - len(k) for c, (k, s) in enumerate(zip(kept, share, strict=True)) if len(k) < s}
+    if short:
+        log.warning(
+            "--generate-per-label: after %d draws, labels %s are short of their shares by %s documents "
+            "(the finetuned model rarely assigns them; raise --generate-max-draws)",
+            drawn, list(short), list(short.values()),
+        )  # fmt: skip
+    return [text for texts in kept for text in texts]
+
+
+def generate_cached(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    cfg: GenerateConfig,
+    seq_len: int,
+    cache_root: Path | None,
+    labeller: Labeller | None = None,
+) -> list[str]:
+    """generate() (generate_per_label() when `cfg.per_label`, which needs the `labeller`), reused
+    from <cache>/generated/<key>.json when both models and the settings match."""
+    if cfg.per_label and labeller is None:
+        raise W2DError(
+            "--generate-per-label needs a classifier's label set to condition on: use it with "
+            "w2d select / w2d run on a classification finetune"
+        )
     settings = {**to_dict(cfg), "seq_len": seq_len, "prefixes": openings(cfg.prefixes)}
+    if cfg.per_label:
+        settings["labels"] = labeller.key
+
+    def make() -> list[str]:
+        if cfg.per_label:
+            return generate_per_label(base, finetuned, cfg, seq_len, labeller)
+        return generate(base, finetuned, cfg, seq_len)
+
+    if cache_root is None:
+        return make()
     key = stable_hash({"base": base.fingerprint, "finetuned": finetuned.fingerprint, "settings": settings})
     path = Path(cache_root) / "generated" / f"{key}.json"
     if path.exists():
         log.info("reusing %d generated documents from %s", cfg.docs, path)
         return read_json(path)["texts"]
-    texts = generate(base, finetuned, cfg, seq_len)
+    texts = make()
     write_json(path, {"settings": settings, "texts": texts})
     return texts
 
@@ -202,15 +279,17 @@ def with_generated(
     cfg: GenerateConfig | None,
     seq_len: int,
     cache_root: Path | None,
+    labeller: Labeller | None = None,
 ) -> tuple[Split, list[str]]:
     """The corpus with `cfg.docs` generated candidates appended, and each row's source.
 
     The corpus's own labels are dropped with them: selection labels every candidate itself.
-    `seq_len`: the task's, used unless the config sets one.
+    `seq_len`: the task's, used unless the config sets one. `labeller`: a classifier's, for
+    `cfg.per_label`.
     """
     if cfg is None or not cfg.docs:
         return corpus, [CORPUS] * len(corpus)
-    texts = generate_cached(base, finetuned, cfg, cfg.seq_len or seq_len, cache_root)
+    texts = generate_cached(base, finetuned, cfg, cfg.seq_len or seq_len, cache_root, labeller)
     log.info("%d generated candidates appended to the %d corpus documents", len(texts), len(corpus))
     return Split(corpus.texts + texts, None), [CORPUS] * len(corpus) + [GENERATED] * len(texts)
 

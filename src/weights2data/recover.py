@@ -19,6 +19,7 @@ from weights2data.config import DataConfig, SelectConfig, to_dict
 from weights2data.data import Dataset, Encoded, LabelSet, make_label_set
 from weights2data.errors import W2DError
 from weights2data.features import final_hidden_from, hidden_states
+from weights2data.generate import Labeller
 from weights2data.gradients import (
     GradientPoint,
     assign_labels,
@@ -437,10 +438,30 @@ def task_gradients(
         return lm_corpus_gradients(
             base, finetuned, texts, task.seq_len, task.lm_loss, cfg, cache_root, task.template
         )
-    data = replace(
+    return corpus_gradients(base, finetuned, texts, task.label_set, task_data(data, task), cfg, cache_root)
+
+
+def task_data(data: DataConfig, task: Task) -> DataConfig:
+    """`data` in the template and label loss the expert was finetuned with."""
+    return replace(
         data, template=task.template.text, chat_template=task.template.chat, label_loss=task.label_loss
     )
-    return corpus_gradients(base, finetuned, texts, task.label_set, data, cfg, cache_root)
+
+
+def generation_labeller(
+    base: LoadedModel, finetuned: LoadedModel, label_set: LabelSet, data: DataConfig
+) -> Labeller:
+    """The finetuned model's most likely label for generated texts, in `data`'s template: what
+    --generate-per-label conditions on."""
+    template = resolve_template(data.template, data.chat_template, finetuned.meta)
+    key = stable_hash(
+        {"tokens": label_set.tokens, "template": [template.text, template.chat], "seq_len": data.seq_len}
+    )
+
+    def label(texts: list[str]) -> torch.Tensor:
+        return finetuned_predictions(base, finetuned, texts, label_set, data, None)
+
+    return Labeller(label, len(label_set.names), key)
 
 
 def block_part(
