@@ -246,3 +246,7 @@ def test_run_marks_generated_picks(cli_env: Path, capsys: pytest.CaptureFixture)
         assert summary["generated_candidates"] == 8 and summary["corpus_size"] == 24
         assert table.column("source").to_pylist().count("generated") == summary["generated_picks"]
     assert "generated documents among the 8 picks" in capsys.readouterr().out
+    per_label = ["--generate-per-label", "--generate-max-draws", "64", "--exp-name", "run-per-label"]
+    assert main(args[:-2] + per_label) == 0  # the expert's own labels: 2 of AG News's 4 each, or fewer
+    results = json.loads((cli_env / "runs" / "run-per-label" / "results.json").read_text())
+    assert 0 < results["selections"]["greedy"]["generated_candidates"] <= 8
