@@ -45,7 +45,7 @@ from weights2data.data import Split, encode_classification
 from weights2data.errors import exit_on_error
 from weights2data.experiment import as_split, closure
 from weights2data.generate import mark_sources, with_generated
-from weights2data.recover import Recovery, corpus_gradients, generation_labeller, label_distribution, recover
+from weights2data.recover import Recovery, corpus_gradients, generation_labeller, recover
 from weights2data.store import write_json
 from weights2data.synthesis import synthesise
 from weights2data.train import Task, evaluate
@@ -137,11 +137,12 @@ def run_seed(group: Group, args: argparse.Namespace) -> None:
             group.corpus, group.base, group.expert, gen, group.task.seq_len, cache, labeller
         )
         pool_grads = corpus_gradients(group.base, group.expert, pool.texts, labels, group.data, sel, cache)
-        mixed = mark_sources(recover(pool_grads, pool.texts, labels, sel, progress=False), sources)
+        picks_mixed = recover(pool_grads, pool.texts, labels, sel, progress=False)
+        mixed = mark_sources(picks_mixed, sources, pool_grads.labels, labels.names)
         extra = {
             **arm(group, mixed, features_s + time.time() - t0),
             "generated_picks": mixed.summary["generated_picks"],
-            "generated_labels": label_distribution(pool_grads.labels[len(texts) :], labels),
+            "generated_labels": mixed.summary.get("generated_labels"),
         }
         name = "SELECT+generated per label" if gen.per_label else "SELECT+generated"
         rows.append(score(group, name, as_split(mixed), extra))

@@ -202,6 +202,7 @@ def test_select_marks_generated_picks(cli_env: Path, capsys: pytest.CaptureFixtu
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert summary["generated_candidates"] == 8 and summary["corpus_size"] == 18
     assert summary["generated_picks"] == sources.count("generated")
+    assert sum(summary["generated_labels"].values()) == 8 and set(summary["generated_labels"]) == {"A", "B"}
     assert "generated:" in capsys.readouterr().out
 
 
@@ -249,4 +250,7 @@ def test_run_marks_generated_picks(cli_env: Path, capsys: pytest.CaptureFixture)
     per_label = ["--generate-per-label", "--generate-max-draws", "64", "--exp-name", "run-per-label"]
     assert main(args[:-2] + per_label) == 0  # the expert's own labels: 2 of AG News's 4 each, or fewer
     results = json.loads((cli_env / "runs" / "run-per-label" / "results.json").read_text())
-    assert 0 < results["selections"]["greedy"]["generated_candidates"] <= 8
+    made = results["selections"]["greedy"]
+    assert 0 < made["generated_candidates"] == sum(made["generated_labels"].values()) <= 8
+    assert max(made["generated_labels"].values()) <= 2  # no label above its equal share
+    assert "candidates by label" in capsys.readouterr().out

@@ -414,7 +414,7 @@ def select_and_write(
         recovery = recover(grads, corpus.texts, label_set, sel)
     if run is None:  # a rank other than 0: rank 0 holds the same selection and writes it
         return 0
-    recovery = mark_sources(recovery, sources)
+    recovery = mark_sources(recovery, sources, grads.labels, None if label_set is None else label_set.names)
     if synth.synthesises:
         from weights2data.synthesis import refine_selection
         from weights2data.train import Task, label_loss_of
@@ -437,6 +437,7 @@ def select_and_write(
         + confidence_line(recovery.summary.get("label_confidence"))
         + sparse_label_line(recovery.summary)
         + (f"\n  generated: {recovery.summary['generated_picks']} of the picks" if gen.docs else "")
+        + (f"; candidates by label: {labels}" if (labels := recovery.summary.get("generated_labels")) else "")
         + (
             f"\n  synthesised: {recovery.summary['synthesised']} of the documents (objective at the start "
             f"{recovery.summary['objective_init']:.4f})"
@@ -625,7 +626,12 @@ def run_and_print(
         )
     if gen and gen.docs:
         picks = {name: s["generated_picks"] for name, s in results["selections"].items()}
-        print(f"generated documents among the {sel.k} picks (of {gen.docs} candidates): {picks}")
+        made = next(iter(results["selections"].values()))
+        print(
+            f"generated documents among the {sel.k} picks "
+            f"(of {made['generated_candidates']} candidates): {picks}"
+            + (f"; candidates by label: {made['generated_labels']}" if "generated_labels" in made else "")
+        )
     print(f"results: {run / 'results.json'}")
     if results_json:  # e.g. benchmarks/results/demo_cpu.json, the figures the README quotes
         Path(results_json).parent.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,8 @@ def run_experiment(
         )
         for name in dict.fromkeys([*run.strategy_list, RANDOM])
     }
-    recoveries = {name: mark_sources(recovery, sources) for name, recovery in recoveries.items()}
+    names = None if task.label_set is None else task.label_set.names
+    recoveries = {name: mark_sources(r, sources, grads.labels, names) for name, r in recoveries.items()}
     if synth is not None and synth.synthesises:
         init = recoveries[run.strategy_list[0] if synth.init == "select" else RANDOM]
         made = synthesise(base, expert, init, task, synth, ws.cache, metric=grads.metric)

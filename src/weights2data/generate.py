@@ -294,10 +294,24 @@ def with_generated(
     return Split(corpus.texts + texts, None), [CORPUS] * len(corpus) + [GENERATED] * len(texts)
 
 
-def mark_sources(recovery: Recovery, sources: list[str]) -> Recovery:
-    """The recovery with each pick's source, and the generated counts in its summary."""
+def mark_sources(
+    recovery: Recovery,
+    sources: list[str],
+    labels: torch.Tensor | None = None,
+    label_names: list[str] | None = None,
+) -> Recovery:
+    """The recovery with each pick's source, and the generated counts in its summary; given every
+    row's autolabel (`labels`, (N,)) and the label names, also how many generated candidates the
+    finetuned model gave each label (`generated_labels`)."""
     picked = [sources[i] for i in recovery.rows.tolist()]
-    counts = {"generated_candidates": sources.count(GENERATED), "generated_picks": picked.count(GENERATED)}
+    counts: dict = {
+        "generated_candidates": sources.count(GENERATED),
+        "generated_picks": picked.count(GENERATED),
+    }
+    if labels is not None and label_names and GENERATED in sources:
+        generated = labels.cpu()[torch.tensor([source == GENERATED for source in sources])].long()
+        per_label = torch.bincount(generated, minlength=len(label_names)).tolist()
+        counts["generated_labels"] = dict(zip(label_names, per_label, strict=True))
     return replace(recovery, sources=picked, summary={**recovery.summary, **counts})
 
 
