@@ -200,10 +200,11 @@ def generate_per_label(
     """Up to `cfg.docs` texts in equal shares per label (the first docs mod C labels one more),
     grouped by label: samples of the contrastive distribution given θ1's label, by rejection.
 
-    Round r draws `cfg.docs` texts (round 0 is exactly `generate`'s, for the same seed) and keeps
-    each while its label's share is open, until every share is full or `cfg.max_draws` (0: 4 ×
-    docs) texts were drawn; a label the finetuned model rarely assigns may then stay short, which
-    is logged, not padded."""
+    Round 0 draws `cfg.docs` texts (exactly `generate`'s, for the same seed), later rounds as many
+    as the open shares need at the label rates seen so far (at most `cfg.docs`); each text is kept
+    while its label's share is open, until every share is full or `cfg.max_draws` (0: 4 × docs)
+    texts were drawn. A label the finetuned model rarely assigns may then stay short, which is
+    logged, not padded."""
     n_labels = labeller.num_labels
     share = [cfg.docs // n_labels + (c < cfg.docs % n_labels) for c in range(n_labels)]
     kept: list[list[str]] = [[] for _ in share]
@@ -213,7 +214,6 @@ def generate_per_label(
         seed = (
             cfg.seed if round_ == 0 else int(np.random.SeedSequence([cfg.seed, round_]).generate_state(1)[0])
         )
-        # after round 0, as many as the open shares need at the rates seen so far
         need = max(
             math.ceil((s - len(k)) * drawn / max(n, 1)) for k, s, n in zip(kept, share, seen, strict=True)
         )
