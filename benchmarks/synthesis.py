@@ -45,7 +45,13 @@ from weights2data.data import Split, encode_classification
 from weights2data.errors import exit_on_error
 from weights2data.experiment import as_split, closure
 from weights2data.generate import mark_sources, with_generated
-from weights2data.recover import Recovery, corpus_gradients, generation_labeller, recover
+from weights2data.recover import (
+    Recovery,
+    corpus_gradients,
+    generated_label_distribution,
+    generation_labeller,
+    recover,
+)
 from weights2data.store import write_json
 from weights2data.synthesis import synthesise
 from weights2data.train import Task, evaluate
@@ -137,8 +143,10 @@ def run_seed(group: Group, args: argparse.Namespace) -> None:
             group.corpus, group.base, group.expert, gen, group.task.seq_len, cache, labeller
         )
         pool_grads = corpus_gradients(group.base, group.expert, pool.texts, labels, group.data, sel, cache)
-        picks_mixed = recover(pool_grads, pool.texts, labels, sel, progress=False)
-        mixed = mark_sources(picks_mixed, sources, pool_grads.labels, labels.names)
+        generated_labels = generated_label_distribution(pool_grads, sources, labels)
+        mixed = mark_sources(
+            recover(pool_grads, pool.texts, labels, sel, progress=False), sources, generated_labels
+        )
         extra = {
             **arm(group, mixed, features_s + time.time() - t0),
             "generated_picks": mixed.summary["generated_picks"],

@@ -346,6 +346,7 @@ def select_and_write(
         check_lm_selection,
         check_pair,
         corpus_gradients,
+        generated_label_distribution,
         generation_labeller,
         lm_corpus_gradients,
         recover,
@@ -414,7 +415,7 @@ def select_and_write(
         recovery = recover(grads, corpus.texts, label_set, sel)
     if run is None:  # a rank other than 0: rank 0 holds the same selection and writes it
         return 0
-    recovery = mark_sources(recovery, sources, grads.labels, None if label_set is None else label_set.names)
+    recovery = mark_sources(recovery, sources, generated_label_distribution(grads, sources, label_set))
     if synth.synthesises:
         from weights2data.synthesis import refine_selection
         from weights2data.train import Task, label_loss_of

@@ -35,6 +35,7 @@ from weights2data.recover import (
     Recovery,
     check_lm_selection,
     check_pair,
+    generated_label_distribution,
     generation_labeller,
     recover,
     task_data,
@@ -121,8 +122,8 @@ def run_experiment(
         )
         for name in dict.fromkeys([*run.strategy_list, RANDOM])
     }
-    names = None if task.label_set is None else task.label_set.names
-    recoveries = {name: mark_sources(r, sources, grads.labels, names) for name, r in recoveries.items()}
+    generated_labels = generated_label_distribution(grads, sources, task.label_set)
+    recoveries = {name: mark_sources(r, sources, generated_labels) for name, r in recoveries.items()}
     if synth is not None and synth.synthesises:
         init = recoveries[run.strategy_list[0] if synth.init == "select" else RANDOM]
         made = synthesise(base, expert, init, task, synth, ws.cache, metric=grads.metric)

@@ -295,23 +295,17 @@ def with_generated(
 
 
 def mark_sources(
-    recovery: Recovery,
-    sources: list[str],
-    labels: torch.Tensor | None = None,
-    label_names: list[str] | None = None,
+    recovery: Recovery, sources: list[str], generated_labels: dict[str, int] | None = None
 ) -> Recovery:
-    """The recovery with each pick's source, and the generated counts in its summary; given every
-    row's autolabel (`labels`, (N,)) and the label names, also how many generated candidates the
-    finetuned model gave each label (`generated_labels`)."""
+    """The recovery with each pick's source, and the generated counts in its summary, with
+    `generated_labels` (recover.generated_label_distribution) when given."""
     picked = [sources[i] for i in recovery.rows.tolist()]
     counts: dict = {
         "generated_candidates": sources.count(GENERATED),
         "generated_picks": picked.count(GENERATED),
     }
-    if labels is not None and label_names and GENERATED in sources:
-        generated = labels.cpu()[torch.tensor([source == GENERATED for source in sources])].long()
-        per_label = torch.bincount(generated, minlength=len(label_names)).tolist()
-        counts["generated_labels"] = dict(zip(label_names, per_label, strict=True))
+    if generated_labels is not None:
+        counts["generated_labels"] = generated_labels
     return replace(recovery, sources=picked, summary={**recovery.summary, **counts})
 
 

@@ -19,7 +19,7 @@ from weights2data.config import DataConfig, SelectConfig, to_dict
 from weights2data.data import Dataset, Encoded, LabelSet, make_label_set
 from weights2data.errors import W2DError
 from weights2data.features import final_hidden_from, hidden_states
-from weights2data.generate import Labeller
+from weights2data.generate import GENERATED, Labeller
 from weights2data.gradients import (
     GradientPoint,
     assign_labels,
@@ -663,6 +663,17 @@ def label_distribution(labels: torch.Tensor, label_set: LabelSet) -> dict[str, i
     """How many selected documents carry each label, by label name."""
     counts = torch.bincount(labels, minlength=len(label_set.names)).tolist()
     return dict(zip(label_set.names, counts, strict=True))
+
+
+def generated_label_distribution(
+    grads: CorpusGradients, sources: list[str], label_set: LabelSet | None
+) -> dict[str, int] | None:
+    """How many generated candidates the finetuned model gave each label (None: no label set, or
+    nothing generated)."""
+    if label_set is None or GENERATED not in sources:
+        return None
+    generated = torch.tensor([source == GENERATED for source in sources])
+    return label_distribution(grads.labels.cpu()[generated].long(), label_set)
 
 
 def sparse_labels(distribution: dict[str, int]) -> list[str]:
