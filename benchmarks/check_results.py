@@ -33,7 +33,9 @@ is not committed yet.
 
 An expression is PATH[*SCALE][:FORMAT][±], several joined by "/" (shown as "a / b"). PATH is
 dotted keys, list indices and KEY=VALUE&KEY=VALUE selectors (the one list element with those
-fields); FORMAT a Python format spec such as .1f or ,d; ± adds a summary entry's std over seeds.
+fields); keys and values are percent-decoded, so `%2F` stands for "/", `%2E` for "." and `%20`
+for a space (generated_labels.Sci%2FTech, select=pool=1%2E5); FORMAT a Python format spec such
+as .1f or ,d; ± adds a summary entry's std over seeds.
 A figure in prose: <!-- value FILE EXPRESSION [partial|pending] -->199<!-- /value -->.
 
     python benchmarks/check_results.py          # `make results`: exit 1 naming each figure that differs
@@ -354,7 +356,8 @@ def one(entries: list[dict], by: str, value: str, key: tuple) -> dict | None:
 
 
 def lookup(obj: Any, path: str) -> Any:
-    """The value at a dotted path: keys, list indices, KEY=VALUE&... selectors (one list element)."""
+    """The value at a dotted path: keys (percent-decoded), list indices, KEY=VALUE&... selectors
+    (one list element)."""
     for part in path.split(".") if path else []:
         if "=" in part:
             found = matching(obj, part)
@@ -362,7 +365,7 @@ def lookup(obj: Any, path: str) -> Any:
                 raise SpecError(f"{len(found)} elements match {part}, not one")
             obj = found[0]
         else:
-            obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+            obj = obj[int(part)] if isinstance(obj, list) else obj[unquote(part)]
     return obj
 
 
@@ -399,7 +402,7 @@ def term(obj: Any, text: str) -> str:
         raise SpecError(f"'{text}' is not PATH[*SCALE][:FORMAT][±]")
     parent_path, _, key = match["path"].rpartition(".")
     parent = lookup(obj, parent_path)
-    if isinstance(parent, dict) and key not in parent:  # "n/a": no seed defines it
+    if isinstance(parent, dict) and unquote(key) not in parent:  # "n/a": no seed defines it
         return "n/a" if parent.get(key + "_seeds") == 0 else ""
     value, scale, form = lookup(parent, key), float(match["scale"] or 1), match["format"]
     if value is None:

@@ -215,6 +215,12 @@ def test_a_selector_value_may_hold_a_percent_encoded_space() -> None:
     assert check_results.matching(entries, "select=") == entries[1:]
 
 
+def test_keys_and_selector_values_may_hold_percent_encoded_slashes_and_dots() -> None:
+    data = {"labels": {"Sci/Tech": 26}, "summary": [{"select": "pool=1.5", "closure": 0.561}]}
+    assert check_results.render(data, "labels.Sci%2FTech:.0f") == "26"
+    assert check_results.render(data, "summary.select=pool=1%2E5.closure:.2f") == "0.56"
+
+
 def test_quality_files_with_different_templates_or_losses_do_not_merge(tmp_path: Path) -> None:
     settings = {"model": "m", "train_rows": 500, "corpus": "c", "corpus_seed": 0, "expert_epochs": 2}
     settings |= {"eval_epochs": 3, "patience": 3, "max_eval_rows": 500, "batch_size": 16}
