@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import weights2data.generate as generate_module
 from conftest import nudged
 from weights2data.cli import main
 from weights2data.config import GenerateConfig
@@ -172,7 +173,26 @@ def test_per_label_needs_a_labeller_and_caches_by_it(pair, tmp_path: Path) -> No
     texts = generate_cached(base, tuned, cfg, 6, tmp_path, Labeller(by_length, 2, "len"))
     assert generate_cached(base, tuned, cfg, 6, tmp_path, Labeller(by_length, 2, "len")) == texts
     generate_cached(base, tuned, cfg, 6, tmp_path, Labeller(by_length, 2, "other key"))
-    assert len(list((tmp_path / "generated").glob("*.json"))) == 2  # the labeller's key is in the cache key
+    saved = [json.loads(path.read_text())["settings"] for path in (tmp_path / "generated").glob("*.json")]
+    assert sorted(s.get("labels", "") for s in saved if s["per_label"]) == ["len", "other key"]
+
+
+def test_a_killed_per_label_run_resumes_from_its_finished_rounds(pair, tmp_path: Path, monkeypatch) -> None:
+    base, tuned = pair
+    cfg = GenerateConfig(docs=6, batch_size=2, prefixes="The", seed=1, per_label=True, max_draws=60)
+    labeller = Labeller(by_length, 2, "len")
+    texts = generate_cached(base, tuned, cfg, 8, tmp_path, labeller)
+    saved = {p: json.loads(p.read_text())["settings"] for p in (tmp_path / "generated").glob("*.json")}
+    (final,) = [path for path, settings in saved.items() if settings["per_label"]]
+    assert len(saved) > 1  # the result and each round, cached as an unconditional draw
+    plain = GenerateConfig(docs=6, batch_size=2, prefixes="The", seed=1)
+    assert generate_cached(base, tuned, plain, 8, tmp_path) == generate(base, tuned, plain, 8, progress=False)
+    assert len(list((tmp_path / "generated").glob("*.json"))) == len(saved)  # --generate reuses round 0
+    final.unlink()  # killed after its last round, before the result was written
+    monkeypatch.setattr(
+        generate_module, "generate", lambda *a, **k: pytest.fail("a finished round was redrawn")
+    )
+    assert generate_cached(base, tuned, cfg, 8, tmp_path, labeller) == texts
 
 
 def test_generate_command(cli_env: Path, capsys: pytest.CaptureFixture) -> None:

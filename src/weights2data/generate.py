@@ -195,6 +195,7 @@ def generate_per_label(
     cfg: GenerateConfig,
     seq_len: int,
     labeller: Labeller,
+    cache_root: Path | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Up to `cfg.docs` texts in equal shares per label (the first docs mod C labels one more),
@@ -204,7 +205,9 @@ def generate_per_label(
     as the open shares need at the label rates seen so far (at most `cfg.docs`); each text is kept
     while its label's share is open, until every share is full or `cfg.max_draws` (0: 4 × docs)
     texts were drawn. A label the finetuned model rarely assigns may then stay short, which is
-    logged, not padded."""
+    logged, not padded. Each round is an unconditional draw cached under `cache_root` like
+    `--generate`'s, so a killed run resumes after its last finished round (and round 0 reuses a
+    `--generate` run of the same seed)."""
     n_labels = labeller.num_labels
     share = [cfg.docs // n_labels + (c < cfg.docs % n_labels) for c in range(n_labels)]
     kept: list[list[str]] = [[] for _ in share]
@@ -218,9 +221,8 @@ def generate_per_label(
             math.ceil((s - len(k)) * drawn / max(n, 1)) for k, s, n in zip(kept, share, seen, strict=True)
         )
         size = cfg.docs if round_ == 0 else min(cfg.docs, max(need, cfg.batch_size))
-        texts = generate(
-            base, finetuned, replace(cfg, docs=min(size, limit - drawn), seed=seed), seq_len, progress
-        )
+        draw = replace(cfg, docs=min(size, limit - drawn), seed=seed, per_label=False, max_draws=0)
+        texts = generate_cached(base, finetuned, draw, seq_len, cache_root, progress=progress)
         for text, label in zip(texts, labeller.label(texts).tolist(), strict=True):
             seen[label] += 1
             if len(kept[label]) < share[label]:
@@ -243,6 +245,7 @@ def generate_cached(
     seq_len: int,
     cache_root: Path | None,
     labeller: Labeller | None = None,
+    progress: bool = True,
 ) -> list[str]:
     """generate() (generate_per_label() when `cfg.per_label`, which needs the `labeller`), reused
     from <cache>/generated/<key>.json when both models and the settings match."""
@@ -257,8 +260,8 @@ def generate_cached(
 
     def make() -> list[str]:
         if cfg.per_label:
-            return generate_per_label(base, finetuned, cfg, seq_len, labeller)
-        return generate(base, finetuned, cfg, seq_len)
+            return generate_per_label(base, finetuned, cfg, seq_len, labeller, cache_root, progress)
+        return generate(base, finetuned, cfg, seq_len, progress)
 
     if cache_root is None:
         return make()
