@@ -403,7 +403,7 @@ def term(obj: Any, text: str) -> str:
     parent_path, _, key = match["path"].rpartition(".")
     parent = lookup(obj, parent_path)
     if isinstance(parent, dict) and unquote(key) not in parent:  # "n/a": no seed defines it
-        return "n/a" if parent.get(key + "_seeds") == 0 else ""
+        return "n/a" if parent.get(unquote(key) + "_seeds") == 0 else ""
     value, scale, form = lookup(parent, key), float(match["scale"] or 1), match["format"]
     if value is None:
         return "n/a"
