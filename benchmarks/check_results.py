@@ -402,8 +402,9 @@ def term(obj: Any, text: str) -> str:
         raise SpecError(f"'{text}' is not PATH[*SCALE][:FORMAT][±]")
     parent_path, _, key = match["path"].rpartition(".")
     parent = lookup(obj, parent_path)
-    if isinstance(parent, dict) and unquote(key) not in parent:  # "n/a": no seed defines it
-        return "n/a" if parent.get(unquote(key) + "_seeds") == 0 else ""
+    name = unquote(key)
+    if isinstance(parent, dict) and name not in parent:  # "n/a": no seed defines it
+        return "n/a" if parent.get(name + "_seeds") == 0 else ""
     value, scale, form = lookup(parent, key), float(match["scale"] or 1), match["format"]
     if value is None:
         return "n/a"
