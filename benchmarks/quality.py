@@ -181,6 +181,13 @@ def add_common_args(p: argparse.ArgumentParser, out: str, quick: dict) -> None:
         "split of each training set, or agreement with the expert's labels on 500 held-out corpus "
         "documents (each row then records its agreement)",
     )
+    p.add_argument(
+        "--record-agreement",
+        action="store_true",
+        help="under --honest-by validation, also record each row's agreement (plain and per-label "
+        "balanced) with the expert's labels on the same held-out corpus documents, at the epoch the "
+        "validation split chose (could agreement choose between strategies without the test set?)",
+    )
     p.add_argument("--max-eval-rows", type=int, default=2048, help="test rows scored per epoch")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
     p.add_argument("--time-budget", type=float, default=3600, help="seconds; stops cleanly after this")
@@ -345,7 +352,7 @@ def expert_group(
     task = Task.from_dict(meta["task"])
     test_ft = selection_training(expert_ft)
     reference = None
-    if ev.honest_by == "agreement":
+    if ev.honest_by == "agreement" or args.record_agreement:
         predicted = finetuned_predictions(base, expert, corpus.texts, task.label_set, data, ws.cache)
         reference = agreement_reference(corpus, predicted, ev, seed)
     return Group(ws, args, dataset, scope, seed, data, expert_data, corpus, task,
@@ -378,7 +385,7 @@ def score(group: Group, name: str, split: Split, extra: dict) -> dict:
         **extra,
         "best_epoch_test": result["best_epoch_test"],
         "val_selected_test": result["val_selected_test"],
-        **({"agreement": result["agreement"]} if "agreement" in result else {}),
+        **{key: result[key] for key in ("agreement", "balanced_agreement") if key in result},
         "epochs_run": len(result["epochs"]),
         "seconds": round(time.time() - t0, 1),
     }
@@ -537,7 +544,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 FIGURES = (
     "best_epoch_test", "val_selected_test", "closure_best_epoch_test", "closure_val_selected_test",
-    "agreement", "picked_confidence", "corpus_confidence",
+    "agreement", "balanced_agreement", "picked_confidence", "corpus_confidence",
 )  # fmt: skip
 
 

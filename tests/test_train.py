@@ -18,6 +18,7 @@ from weights2data.models import LoadedModel, load_model
 from weights2data.train import (
     ScopedModel,
     Task,
+    balanced_accuracy,
     batch_loss,
     evaluate,
     finetune,
@@ -75,7 +76,7 @@ def test_classification_loss_matches_a_hand_computation(tiny) -> None:
         scoped = ScopedModel(tiny, scope, task, training=False)
         with torch.no_grad():
             loss, n, right = batch_loss(scoped, scoped.frozen_outputs(enc, None), enc, targets)
-        assert n == 5 and right == correct
+        assert n == 5 and int(right.sum()) == correct
         assert torch.allclose(loss, expected, atol=1e-5), scope
 
 
@@ -354,7 +355,7 @@ def test_honest_by_agreement_trains_on_every_row_and_picks_the_epoch_by_agreemen
     ev = EvalConfig(max_eval_rows=40, eval_epochs=4, patience=4, honest_by="agreement")
     result = train_eval(tiny, ds.train, ds.test, cls_task(tiny), ft, ev, reference=reference)
     assert (result["train_rows"], result["val_rows"]) == (120, 60)  # no hold-out; its own rows dropped
-    agreement = [e["val"]["accuracy"] for e in result["epochs"]]
+    agreement = [e["reference"]["accuracy"] for e in result["epochs"]]
     assert result["val_selected_epoch"] == int(np.argmax(agreement)) + 1
     assert result["agreement"] == max(agreement)
     assert result["honest_rule"] == "best agreement with the finetuned model on 60 corpus documents"
@@ -362,6 +363,40 @@ def test_honest_by_agreement_trains_on_every_row_and_picks_the_epoch_by_agreemen
         train_eval(tiny, ds.train, ds.test, cls_task(tiny), ft, ev)
     with pytest.raises(W2DError, match="unknown honest_by"):
         EvalConfig(honest_by="test")
+
+
+def test_a_reference_under_the_validation_protocol_is_scored_but_chooses_nothing(
+    tiny, data_dir: Path
+) -> None:
+    ds = load_dataset("ag_news_120", data_dir=data_dir)
+    corpus = load_dataset("wiki_passages_60", data_dir=data_dir).train
+    reference = Split(corpus.texts, np.arange(60) % 4)
+    ft = FinetuneConfig(train_scope="head", lr=1e-2, batch_size=16)
+    ev = EvalConfig(max_eval_rows=40, eval_epochs=4, patience=4, val_fraction=0.2)
+    plain, scored = (
+        train_eval(
+            LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny"),
+            ds.train,
+            ds.test,
+            cls_task(tiny),
+            ft,
+            ev,
+            reference=ref,
+        )  # fmt: skip
+        for ref in (None, reference)
+    )
+    for key in ("val_selected_test", "val_selected_epoch", "best_epoch_test", "honest_rule", "val_rows"):
+        assert scored[key] == plain[key], key  # the same run: the reference is only looked at
+    chosen = scored["epochs"][scored["val_selected_epoch"] - 1]["reference"]
+    assert scored["agreement"] == chosen["accuracy"]
+    assert scored["balanced_agreement"] == chosen["balanced_accuracy"]
+    assert "agreement" not in plain
+
+
+def test_balanced_accuracy_weighs_every_label_alike() -> None:
+    targets = torch.tensor([0, 0, 0, 0, 1, 1, 3])  # label 2 absent: not counted
+    correct = torch.tensor([True, True, True, True, False, True, False])
+    assert balanced_accuracy(correct, targets) == pytest.approx((1.0 + 0.5 + 0.0) / 3)
 
 
 def test_train_eval_reuses_the_scores_of_an_identical_run(

@@ -216,8 +216,9 @@ class ScopedModel:
 
 def batch_loss(
     scoped: ScopedModel, frozen: torch.Tensor | None, batch: Encoded, targets: torch.Tensor | None
-) -> tuple[torch.Tensor, int, int]:
-    """Summed loss over scored tokens, number of scored tokens, and correct predictions."""
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Summed loss over scored tokens, number of scored tokens, and whether each scored token
+    (each example, in classification) was predicted right: a bool tensor."""
     if scoped.task.kind == "lm":
         return lm_loss_sum(scoped.logits(frozen, batch), batch, scoped.task.lm_loss)
     last = last_position(scoped.final_hidden(frozen, batch))
@@ -226,10 +227,10 @@ def batch_loss(
         ids = scoped._label_ids()
         logits = scoped.head(last)
         loss = F.cross_entropy(logits, ids[targets], reduction="sum")
-        return loss, len(targets), int((logits[:, ids].argmax(-1) == targets).sum())
+        return loss, len(targets), logits[:, ids].argmax(-1) == targets
     logits = scoped.label_logits(last)
     loss = F.cross_entropy(logits, targets, reduction="sum")
-    return loss, len(targets), int((logits.argmax(-1) == targets).sum())
+    return loss, len(targets), logits.argmax(-1) == targets
 
 
 def last_position(hidden: torch.Tensor) -> torch.Tensor:
@@ -244,7 +245,7 @@ def lm_loss_sum(logits: torch.Tensor, batch: Encoded, mode: str) -> tuple[torch.
     scored = scored_positions(batch.attention_mask, mode, batch.target_mask)[:, :-1].to(logits.device)
     pred, target = logits[:, :-1][scored], ids[:, 1:][scored]
     loss = F.cross_entropy(pred, target, reduction="sum")
-    return loss, int(scored.sum()), int((pred.argmax(-1) == target).sum())
+    return loss, int(scored.sum()), pred.argmax(-1) == target
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -316,16 +317,34 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate_prepared(scoped: ScopedModel, data: Prepared, batch_size: int = 64) -> dict:
-    """Mean loss and accuracy (classification) or loss and perplexity (LM) over `data`."""
-    total, count, correct = 0.0, 0, 0
+    """Mean loss and accuracy (classification, with the mean of the per-label accuracies) or loss
+    and perplexity (LM) over `data`."""
+    total, count, right = 0.0, 0, []
     batches = torch.arange(len(data)).split(batch_size)
     for index in tqdm(batches, desc="evaluate", unit="batch", leave=False, disable=len(batches) < 20):
-        loss_sum, n, right = batch_loss(scoped, *data.batch(index))
-        total, count, correct = total + loss_sum.item(), count + n, correct + right
+        loss_sum, n, correct = batch_loss(scoped, *data.batch(index))
+        total, count = total + loss_sum.item(), count + n
+        if scoped.task.kind == "classification":
+            right.append(correct.cpu())
     loss = total / max(count, 1)
     if scoped.task.kind == "classification":
-        return {"loss": loss, "accuracy": correct / max(count, 1), "n": count}
+        correct = torch.cat(right)  # (n,) bool, in the order of data.targets
+        return {
+            "loss": loss,
+            "accuracy": int(correct.sum()) / max(count, 1),
+            "balanced_accuracy": balanced_accuracy(correct, data.targets),
+            "n": count,
+        }
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def balanced_accuracy(correct: torch.Tensor, targets: torch.Tensor) -> float:
+    """The mean over the labels present in `targets` of the share of their examples predicted
+    right: accuracy as if every label were equally common."""
+    per_label = torch.bincount(targets, minlength=1).float()
+    hits = torch.bincount(targets[correct], minlength=len(per_label)).float()
+    present = per_label > 0
+    return float((hits[present] / per_label[present]).mean())
 
 
 def finetune(
@@ -395,6 +414,8 @@ def train_eval(
       chosen instead on the accuracy against `reference` — corpus documents labelled by the
       finetuned model, less any `train` holds — and every row of `train` is trained on. The
       test metric never enters its choices.
+    A `reference` given under the validation protocol is only scored: the result then records
+    the agreement (plain and per-label balanced) of the epoch the validation split chose.
     Training goes on until both have stopped; epochs past a protocol's own stop do not change
     its figure, so each equals what a run with that protocol alone would report.
     """
@@ -408,19 +429,20 @@ def train_eval(
         log.info("reusing the scores of an identical training run: %s", saved)
         return read_scores(saved, run_key)
     torch.manual_seed(ft.seed)
-    fit_split, val_split = (
-        (train, reference) if reference is not None else hold_out(train, ev.val_fraction, ft.seed)
-    )
+    by_agreement = ev.honest_by == "agreement"
+    fit_split, val_split = (train, None) if by_agreement else hold_out(train, ev.val_fraction, ft.seed)
     scoped = ScopedModel(loaded, ft.train_scope, task)
     fit = prepare(scoped, fit_split, cache_root)
     val = prepare(scoped, val_split, cache_root) if val_split is not None else None
+    agree = prepare(scoped, reference, cache_root) if reference is not None else None
     test_data = prepare(scoped, eval_rows(test, ev.max_eval_rows), cache_root)
     optimizer = make_optimizer(scoped.parameters(), ft)
     generator = torch.Generator().manual_seed(ft.seed)
     key = "accuracy" if task.kind == "classification" else "loss"
     sign = 1.0 if key == "accuracy" else -1.0  # the original's test metric: higher is better
     original = EarlyStopping(ev.patience)  # reads the test metric
-    honest = EarlyStopping(ev.patience if val is not None else ev.eval_epochs)  # reads validation only
+    chooses = val is not None or by_agreement
+    honest = EarlyStopping(ev.patience if chooses else ev.eval_epochs)  # never reads the test split
     epochs = []
     for epoch in range(1, ev.eval_epochs + 1):
         record = train_epoch(
@@ -430,10 +452,12 @@ def train_eval(
         record.update({"epoch": epoch, "test": evaluate_prepared(scoped, test_data, ev.eval_batch_size)})
         if val is not None:
             record["val"] = evaluate_prepared(scoped, val, ev.eval_batch_size)
+        if agree is not None:
+            record["reference"] = evaluate_prepared(scoped, agree, ev.eval_batch_size)
         epochs.append(record)
         log.info("epoch %d: test %s %.4f", epoch, key, record["test"][key])
         original.update(record, sign * record["test"][key])
-        honest.update(record, honest_score(record, reference is not None))
+        honest.update(record, honest_score(record, by_agreement))
         if original.stopped and honest.stopped:
             break
     result = {
@@ -444,22 +468,24 @@ def train_eval(
         "val_selected_test": honest.best["test"][key],
         "val_selected_epoch": honest.best["epoch"],
         "honest_stop": honest.last_epoch,
-        "honest_rule": honest_rule(val_split, reference is not None),
+        "honest_rule": honest_rule(reference if by_agreement else val_split, by_agreement),
         "epochs": epochs,
         "train_rows": len(fit_split),
-        "val_rows": 0 if val_split is None else len(val_split),
+        "val_rows": len(reference if by_agreement else val_split if val_split is not None else []),
     }
     if reference is not None:
-        result["agreement"] = honest.best["val"]["accuracy"]
+        result["agreement"] = honest.best["reference"]["accuracy"]
+        result["balanced_agreement"] = honest.best["reference"]["balanced_accuracy"]
     if saved is not None:
         write_json(saved, {"key": run_key, "scores": result})
     return result
 
 
 def agreement_split(reference: Split | None, train: Split, ev: EvalConfig, task: Task) -> Split | None:
-    """The reference documents `--honest-by agreement` scores on, less those `train` holds (a
-    model's agreement on its own training rows says nothing of what it learned); None otherwise."""
-    if ev.honest_by != "agreement":
+    """The reference documents agreement is scored on (`--honest-by agreement` chooses by it), less
+    those `train` holds (a model's agreement on its own training rows says nothing of what it
+    learned); None without a reference under the validation protocol."""
+    if reference is None and ev.honest_by != "agreement":
         return None
     if task.kind != "classification" or reference is None or reference.labels is None:
         raise W2DError(
@@ -476,15 +502,15 @@ def agreement_split(reference: Split | None, train: Split, ev: EvalConfig, task:
 def honest_score(record: dict, by_agreement: bool) -> float:
     """What the honest protocol maximises; with no validation split every epoch counts as the
     best, so the budget's last one is chosen."""
-    if "val" not in record:
-        return float(record["epoch"])
-    return record["val"]["accuracy"] if by_agreement else -record["val"]["loss"]
-
-
-def honest_rule(val_split: Split | None, by_agreement: bool) -> str:
     if by_agreement:
-        return f"best agreement with the finetuned model on {len(val_split)} corpus documents"
-    return "best validation loss" if val_split is not None else "last epoch"
+        return record["reference"]["accuracy"]
+    return -record["val"]["loss"] if "val" in record else float(record["epoch"])
+
+
+def honest_rule(chosen_on: Split | None, by_agreement: bool) -> str:
+    if by_agreement:
+        return f"best agreement with the finetuned model on {len(chosen_on)} corpus documents"
+    return "best validation loss" if chosen_on is not None else "last epoch"
 
 
 class EarlyStopping:
@@ -520,10 +546,13 @@ def scores_key(
 ) -> dict:
     """What the scores of a train-eval run depend on: weights, rows, task, settings, protocol,
     the agreement reference, and the versions and device kind that train."""
-    # the reference stands for --honest-by and --agreement-rows (so validation runs keep their keys)
+    # the reference stands for --agreement-rows and, alone, for --honest-by agreement (so runs
+    # without one, and earlier agreement runs, keep their keys)
     eval_settings = {k: v for k, v in to_dict(ev).items() if k not in ("honest_by", "agreement_rows")}
     if reference is not None:
         eval_settings["reference"] = reference.fingerprint
+        if ev.honest_by != "agreement":
+            eval_settings["honest_by"] = ev.honest_by
     return cache_key(
         next(model.model.parameters()).device,
         model=model.fingerprint,

@@ -1,0 +1,118 @@
+"""Can agreement with the expert choose the recovery strategy, without the test set?
+
+No strategy wins in every regime (greedy on sentiment labels, balanced greedy in a pool on topic
+labels, top-k balanced in some full finetunes), and an auditor has no test split to tell which
+one won. What they do have is the finetuned model itself: train the base model on each
+candidate's documents and keep the one whose student agrees best with the expert's labels on
+held-out corpus passages. This script replays that choice on quality.py results measured with
+--record-agreement (each row then holds the student's agreement at the epoch its validation
+split chose) and scores it against every candidate kept fixed, per dataset and regime, 3 seeds:
+
+    python benchmarks/quality.py ... --record-agreement \
+        --strategies random,greedy,greedy_balanced,topk_balanced \
+        --select-options "precondition=auto; pool=2" --out benchmarks/results/quality_X.json
+    python benchmarks/agreement_choice.py benchmarks/results/quality_X.json ... \
+        --out benchmarks/results/choice_agreement_cpu.json
+
+Rules: each candidate alone; `by agreement` (the candidate with the highest share of held-out
+passages given the expert's label); `by balanced agreement` (the same share averaged over the
+expert's labels, so a student that copies the expert's most common label on the corpus gains
+nothing from it); and `oracle`, the candidate with the best test accuracy, which reads the test
+split and only bounds what any choice could reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from quality import seed_statistics
+from weights2data.store import write_json
+
+# the candidates, as `train@select` of quality.py rows: the settings the README tells users to try
+CANDIDATES = (
+    "greedy@precondition=auto",
+    "greedy_balanced@precondition=auto",
+    "topk_balanced@precondition=auto",
+    "greedy_balanced@pool=2",
+)
+CHOOSERS = {  # rule → the figure it maximises over the candidates
+    "by agreement": "agreement",
+    "by balanced agreement": "balanced_agreement",
+    "oracle": "val_selected_test",
+}
+FIGURES = ("val_selected_test", "closure_val_selected_test")
+
+
+def candidate_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(dataset, scope, k, seed) → candidate name → its row, for every candidate measured there."""
+    found: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        name = f"{row['train']}@{row.get('select', '')}"
+        if name in CANDIDATES:
+            found.setdefault((row["dataset"], row["scope"], row["k"], row["seed"]), {})[name] = row
+    return found
+
+
+def choices(rows: list[dict]) -> list[dict]:
+    """One row per (dataset, scope, k, seed, rule): what the rule chose and how it scored."""
+    out = []
+    for (dataset, scope, k, seed), by_name in sorted(candidate_rows(rows).items()):
+        missing = [name for name in CANDIDATES if name not in by_name]
+        if missing:
+            raise SystemExit(f"{dataset} {scope} seed {seed}: no row for {', '.join(missing)}")
+        if any("balanced_agreement" not in row for row in by_name.values()):
+            raise SystemExit(f"{dataset} {scope} seed {seed}: measured without --record-agreement")
+        rules = {name: name for name in CANDIDATES}
+        for rule, figure in CHOOSERS.items():
+            rules[rule] = max(CANDIDATES, key=lambda name: by_name[name][figure])  # ties: the list's order
+        for rule, name in rules.items():
+            row = by_name[name]
+            out.append(
+                {"dataset": dataset, "scope": scope, "k": k, "seed": seed, "rule": rule, "chose": name}
+                | {figure: row[figure] for figure in FIGURES}
+            )
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds of each rule's figures, per (dataset, scope, k), and how often each
+    candidate was chosen; then each rule over every regime at once."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["scope"], row["k"], row["rule"]), []).append(row)
+        groups.setdefault(("all", "all", "all", row["rule"]), []).append(row)
+    summary = []
+    for (dataset, scope, k, rule), members in groups.items():
+        chosen: dict[str, int] = {}
+        for m in members:
+            chosen[m["chose"]] = chosen.get(m["chose"], 0) + 1
+        entry = {"dataset": dataset, "scope": scope, "k": k, "rule": rule, "seeds": len(members)}
+        summary.append(entry | {"chosen": chosen} | seed_statistics(members, FIGURES))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="quality.py results files measured with --record-agreement")
+    p.add_argument("--out", default=None, help="results JSON (written atomically); none: print only")
+    args = p.parse_args(argv)
+    rows = [row for path in args.files for row in json.loads(Path(path).read_text())["rows"]]
+    chosen = choices(rows)
+    summary = summarise(chosen)
+    for entry in summary:
+        print(
+            f"{entry['dataset']:>16} {entry['scope']:>6} {entry['rule']:>34}: "
+            f"{entry['val_selected_test'] * 100:5.1f} ± {entry['val_selected_test_std'] * 100:4.1f}  "
+            f"closure {entry.get('closure_val_selected_test', float('nan')):5.2f}  {entry['chosen']}"
+        )
+    if args.out:
+        sources = [str(Path(path)) for path in args.files]
+        out = {"sources": sources, "candidates": list(CANDIDATES), "rows": chosen, "summary": summary}
+        write_json(args.out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""benchmarks/agreement_choice.py on synthetic quality rows: each rule picks what it says."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import agreement_choice  # noqa: E402
+
+
+def row(seed: int, name: str, agreement: float, balanced: float, test: float) -> dict:
+    train, select = name.split("@")
+    return {
+        "dataset": "ag_news", "scope": "top:2", "k": 300, "seed": seed, "train": train, "select": select,
+        "agreement": agreement, "balanced_agreement": balanced,
+        "val_selected_test": test, "closure_val_selected_test": test - 0.5,
+    }  # fmt: skip
+
+
+def rows_of_seed(seed: int) -> list[dict]:
+    greedy, balanced, topk, pool = agreement_choice.CANDIDATES
+    return [
+        row(seed, greedy, 0.90, 0.70, 0.60),  # copies the expert's commonest label: most agreement
+        row(seed, balanced, 0.80, 0.75, 0.62),
+        row(seed, topk, 0.60, 0.60, 0.50 + seed / 10),  # the test's best in seed 2
+        row(seed, pool, 0.85, 0.80, 0.66),  # most balanced agreement
+        row(seed, "random@precondition=auto", 0.95, 0.95, 0.99),  # not a candidate
+    ]
+
+
+def test_each_rule_picks_by_its_own_figure_and_the_summary_averages_seeds() -> None:
+    chosen = agreement_choice.choices([r for seed in range(3) for r in rows_of_seed(seed)])
+    by = {(r["seed"], r["rule"]): r["chose"] for r in chosen}
+    greedy, _, topk, pool = agreement_choice.CANDIDATES
+    assert {by[s, "by agreement"] for s in range(3)} == {greedy}
+    assert {by[s, "by balanced agreement"] for s in range(3)} == {pool}
+    assert [by[s, "oracle"] for s in range(3)] == [pool, pool, topk]
+    summary = {(e["dataset"], e["rule"]): e for e in agreement_choice.summarise(chosen)}
+    oracle = summary["ag_news", "oracle"]
+    assert oracle["val_selected_test"] == pytest.approx((0.66 + 0.66 + 0.70) / 3)
+    assert oracle["chosen"] == {pool: 2, topk: 1} and oracle["seeds"] == 3
+    assert summary["all", "by balanced agreement"]["closure_val_selected_test"] == pytest.approx(0.16)
+
+
+def test_a_file_without_recorded_agreement_is_refused() -> None:
+    rows = rows_of_seed(0)
+    del rows[0]["balanced_agreement"]
+    with pytest.raises(SystemExit, match="--record-agreement"):
+        agreement_choice.choices(rows)
