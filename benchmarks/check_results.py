@@ -43,7 +43,7 @@ A figure in prose: <!-- value FILE EXPRESSION [partial|pending] -->199<!-- /valu
 
 Every results file is checked too: strict JSON (NaN or Infinity must be null), and a stored
 `summary` equal to summarise(rows) (quality.py's, leakage.py's, defences.py's, synthesis.py's,
-agreement_choice.py's or foreign_finetune.py's, which also reads the true rows' scores).
+strategy_choice.py's or foreign_finetune.py's, which also reads the true rows' scores).
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import agreement_choice
 import defences
 import foreign_finetune
 import leakage
 import quality
+import strategy_choice
 import synthesis
 from weights2data.store import write_json
 
@@ -80,7 +80,7 @@ SUMMARISERS = {  # by the file name's first word: the stored summary from the wh
     "defences": lambda data: defences.summarise(data["rows"]),
     "foreign": foreign_finetune.summarise,
     "synthesis": lambda data: synthesis.summarise(data["rows"]),
-    "choice": lambda data: agreement_choice.summarise(data["rows"]),
+    "choice": lambda data: strategy_choice.summarise(data["rows"]),
 }
 FLAGS = {"partial", "pending"}
 NAMES = {  # how a value in the JSON reads in the docs

@@ -182,11 +182,12 @@ def add_common_args(p: argparse.ArgumentParser, out: str, quick: dict) -> None:
         "documents (each row then records its agreement)",
     )
     p.add_argument(
-        "--record-agreement",
+        "--record-proxies",
         action="store_true",
-        help="under --honest-by validation, also record each row's agreement (plain and per-label "
-        "balanced) with the expert's labels on the same held-out corpus documents, at the epoch the "
-        "validation split chose (could agreement choose between strategies without the test set?)",
+        help="also record, at the epoch the honest protocol chose, what could rank training sets "
+        "without the test set: agreement (plain and per-label balanced) with the expert's labels on "
+        "the held-out corpus documents, and weight_cos, the cosine between the weight change of "
+        "training on the set and the expert's (see benchmarks/strategy_choice.py)",
     )
     p.add_argument("--max-eval-rows", type=int, default=2048, help="test rows scored per epoch")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
@@ -352,7 +353,7 @@ def expert_group(
     task = Task.from_dict(meta["task"])
     test_ft = selection_training(expert_ft)
     reference = None
-    if ev.honest_by == "agreement" or args.record_agreement:
+    if ev.honest_by == "agreement" or args.record_proxies:
         predicted = finetuned_predictions(base, expert, corpus.texts, task.label_set, data, ws.cache)
         reference = agreement_reference(corpus, predicted, ev, seed)
     return Group(ws, args, dataset, scope, seed, data, expert_data, corpus, task,
@@ -376,6 +377,7 @@ def score(group: Group, name: str, split: Split, extra: dict) -> dict:
         group.ev,
         ws.cache,
         group.reference,
+        group.expert if args.record_proxies else None,
     )
     row = {
         "dataset": group.dataset,
@@ -385,7 +387,7 @@ def score(group: Group, name: str, split: Split, extra: dict) -> dict:
         **extra,
         "best_epoch_test": result["best_epoch_test"],
         "val_selected_test": result["val_selected_test"],
-        **{key: result[key] for key in ("agreement", "balanced_agreement") if key in result},
+        **{key: result[key] for key in ("agreement", "balanced_agreement", "weight_cos") if key in result},
         "epochs_run": len(result["epochs"]),
         "seconds": round(time.time() - t0, 1),
     }
@@ -544,7 +546,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 FIGURES = (
     "best_epoch_test", "val_selected_test", "closure_best_epoch_test", "closure_val_selected_test",
-    "agreement", "balanced_agreement", "picked_confidence", "corpus_confidence",
+    "agreement", "balanced_agreement", "weight_cos", "picked_confidence", "corpus_confidence",
 )  # fmt: skip
 
 

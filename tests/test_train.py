@@ -393,6 +393,21 @@ def test_a_reference_under_the_validation_protocol_is_scored_but_chooses_nothing
     assert "agreement" not in plain
 
 
+@pytest.mark.parametrize("scope", ["head", "top:1"])
+def test_weight_cos_is_one_where_training_retraces_the_finetune(tiny, data_dir: Path, scope: str) -> None:
+    ds = load_dataset("ag_news_40", data_dir=data_dir)
+    ft = FinetuneConfig(train_scope=scope, lr=1e-2, batch_size=8, epochs=3)
+    fresh = lambda: LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny")  # noqa: E731
+    finetuned = fresh()
+    finetune(finetuned, ds.train, cls_task(tiny), ft)
+    ev = EvalConfig(max_eval_rows=20, eval_epochs=3, patience=3, val_fraction=0.0)  # no hold-out
+    result = train_eval(fresh(), ds.train, ds.test, cls_task(tiny), ft, ev, finetuned=finetuned)
+    cosines = [e["weight_cos"] for e in result["epochs"]]
+    assert cosines[-1] == pytest.approx(1.0, abs=1e-6)  # the same steps: the same weight change
+    assert cosines[0] < 0.999 and result["weight_cos"] == cosines[result["val_selected_epoch"] - 1]
+    assert "weight_cos" not in train_eval(fresh(), ds.train, ds.test, cls_task(tiny), ft, ev)
+
+
 def test_balanced_accuracy_weighs_every_label_alike() -> None:
     targets = torch.tensor([0, 0, 0, 0, 1, 1, 3])  # label 2 absent: not counted
     correct = torch.tensor([True, True, True, True, False, True, False])

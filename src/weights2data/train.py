@@ -167,6 +167,16 @@ class ScopedModel:
         body = [p for p in self.loaded.model.parameters() if p.requires_grad]
         return body + ([self.label_rows] if self.label_rows is not None else [])
 
+    def values_in(self, other: LoadedModel) -> list[torch.Tensor]:
+        """`other`'s value of every trained weight, in `parameters()` order (same architecture)."""
+        weights = dict(other.model.named_parameters())
+        names = [name for name, p in self.loaded.model.named_parameters() if p.requires_grad]
+        out = [weights[name].detach() for name in names]
+        if self.label_rows is not None:
+            head = other.model.get_output_embeddings().weight
+            out.append(head[torch.tensor(self.task.label_set.token_ids, device=head.device)].detach())
+        return out
+
     def frozen_outputs(self, encoded: Encoded, cache_root: Path | None) -> torch.Tensor | None:
         """What the trained part reads, computed once: None for full (it reads token ids)."""
         if self.kind == "full":
@@ -402,6 +412,7 @@ def train_eval(
     ev: EvalConfig,
     cache_root: Path | None = None,
     reference: Split | None = None,
+    finetuned: LoadedModel | None = None,
 ) -> dict:
     """Finetune on `train` epoch by epoch, scoring the test split after each epoch.
 
@@ -416,12 +427,15 @@ def train_eval(
       test metric never enters its choices.
     A `reference` given under the validation protocol is only scored: the result then records
     the agreement (plain and per-label balanced) of the epoch the validation split chose.
+    With `finetuned` (a model `loaded` was finetuned into) each epoch also records `weight_cos`,
+    the cosine between the weight change training made so far and the finetune's, over the
+    trained weights; the result holds the chosen epoch's. Neither protocol reads it.
     Training goes on until both have stopped; epochs past a protocol's own stop do not change
     its figure, so each equals what a run with that protocol alone would report.
     """
     ft = ft.for_task(task.kind)
     reference = agreement_split(reference, train, ev, task)
-    run_key = scores_key(loaded, train, test, task, ft, ev, reference)
+    run_key = scores_key(loaded, train, test, task, ft, ev, reference, finetuned)
     saved = (
         None if cache_root is None else Path(cache_root) / "train-eval" / f"{stable_hash(run_key, 20)}.json"
     )
@@ -435,6 +449,7 @@ def train_eval(
     fit = prepare(scoped, fit_split, cache_root)
     val = prepare(scoped, val_split, cache_root) if val_split is not None else None
     agree = prepare(scoped, reference, cache_root) if reference is not None else None
+    change = WeightChange(scoped, finetuned) if finetuned is not None else None
     test_data = prepare(scoped, eval_rows(test, ev.max_eval_rows), cache_root)
     optimizer = make_optimizer(scoped.parameters(), ft)
     generator = torch.Generator().manual_seed(ft.seed)
@@ -454,6 +469,8 @@ def train_eval(
             record["val"] = evaluate_prepared(scoped, val, ev.eval_batch_size)
         if agree is not None:
             record["reference"] = evaluate_prepared(scoped, agree, ev.eval_batch_size)
+        if change is not None:
+            record["weight_cos"] = change.cosine()
         epochs.append(record)
         log.info("epoch %d: test %s %.4f", epoch, key, record["test"][key])
         original.update(record, sign * record["test"][key])
@@ -476,9 +493,31 @@ def train_eval(
     if reference is not None:
         result["agreement"] = honest.best["reference"]["accuracy"]
         result["balanced_agreement"] = honest.best["reference"]["balanced_accuracy"]
+    if change is not None:
+        result["weight_cos"] = honest.best["weight_cos"]
     if saved is not None:
         write_json(saved, {"key": run_key, "scores": result})
     return result
+
+
+class WeightChange:
+    """cos(θ − θ0, θ1 − θ0) over the weights `scoped` trains: how closely training so far moved
+    them the way the finetune did. θ0 is their value now."""
+
+    def __init__(self, scoped: ScopedModel, finetuned: LoadedModel) -> None:
+        self.scoped = scoped
+        self.start = [p.detach().clone() for p in scoped.parameters()]
+        self.target = [t - s for t, s in zip(scoped.values_in(finetuned), self.start, strict=True)]
+
+    @torch.no_grad()
+    def cosine(self) -> float:
+        dot, norm, target_norm = 0.0, 0.0, 0.0
+        for p, s, t in zip(self.scoped.parameters(), self.start, self.target, strict=True):
+            d = (p - s).double()
+            dot += float((d * t.double()).sum())
+            norm += float(d.square().sum())
+            target_norm += float(t.double().square().sum())
+        return dot / max(math.sqrt(norm * target_norm), 1e-30)
 
 
 def agreement_split(reference: Split | None, train: Split, ev: EvalConfig, task: Task) -> Split | None:
@@ -543,9 +582,11 @@ def scores_key(
     ft: FinetuneConfig,
     ev: EvalConfig,
     reference: Split | None = None,
+    finetuned: LoadedModel | None = None,
 ) -> dict:
     """What the scores of a train-eval run depend on: weights, rows, task, settings, protocol,
-    the agreement reference, and the versions and device kind that train."""
+    the agreement reference, the finetune whose weight change is compared, and the versions and
+    device kind that train."""
     # the reference stands for --agreement-rows and, alone, for --honest-by agreement (so runs
     # without one, and earlier agreement runs, keep their keys)
     eval_settings = {k: v for k, v in to_dict(ev).items() if k not in ("honest_by", "agreement_rows")}
@@ -553,6 +594,8 @@ def scores_key(
         eval_settings["reference"] = reference.fingerprint
         if ev.honest_by != "agreement":
             eval_settings["honest_by"] = ev.honest_by
+    if finetuned is not None:
+        eval_settings["weight_cos_against"] = finetuned.fingerprint
     return cache_key(
         next(model.model.parameters()).device,
         model=model.fingerprint,

@@ -133,7 +133,7 @@ def distill(base: LoadedModel, finetuned: LoadedModel, walk: Walk, snapshots: in
     scoped = ScopedModel(student, changed_scope(base, finetuned), walk.task)
     data = prepare(scoped, Split(walk.texts, walk.target_probs.argmax(-1).numpy()), walk.cache_root)
     params = scoped.parameters()
-    targets = targets_in(finetuned, scoped)
+    targets = scoped.values_in(finetuned)
     optimizer = make_optimizer(params, walk.settings)
     generator = torch.Generator().manual_seed(walk.settings.seed)
     steps = walk.settings.steps or 100
@@ -156,14 +156,3 @@ def distill(base: LoadedModel, finetuned: LoadedModel, walk: Walk, snapshots: in
                 LoadedModel(copy.deepcopy(student.model), base.tokenizer, f"{base.spec}+walk{step + 1}")
             )
     return points
-
-
-def targets_in(finetuned: LoadedModel, scoped: ScopedModel) -> list[torch.Tensor]:
-    """θ1's value of every weight the walk trains, in `scoped.parameters()` order."""
-    tuned = dict(finetuned.model.named_parameters())
-    names = [name for name, p in scoped.loaded.model.named_parameters() if p.requires_grad]
-    out = [tuned[name].detach() for name in names]
-    if scoped.label_rows is not None:
-        head = finetuned.model.get_output_embeddings().weight
-        out.append(head[torch.tensor(scoped.task.label_set.token_ids, device=head.device)].detach())
-    return out

@@ -1,24 +1,25 @@
-"""Can agreement with the expert choose the recovery strategy, without the test set?
+"""Can the finetuned model itself choose the recovery strategy, without the test set?
 
 No strategy wins in every regime (greedy on sentiment labels, balanced greedy in a pool on topic
 labels, top-k balanced in some full finetunes), and an auditor has no test split to tell which
-one won. What they do have is the finetuned model itself: train the base model on each
-candidate's documents and keep the one whose student agrees best with the expert's labels on
-held-out corpus passages. This script replays that choice on quality.py results measured with
---record-agreement (each row then holds the student's agreement at the epoch its validation
-split chose) and scores it against every candidate kept fixed, per dataset and regime, 3 seeds:
+one won. What they do have is the finetuned model: train the base model on each candidate's
+documents and keep the one whose student is most like it. This script replays that choice on
+quality.py results measured with --record-proxies (each row then holds, at the epoch its
+validation split chose, the student's agreement with the expert's labels on held-out corpus
+passages and the cosine between the student's weight change and the expert's) and scores it
+against every candidate kept fixed, per dataset and regime:
 
-    python benchmarks/quality.py ... --record-agreement \
+    python benchmarks/quality.py ... --record-proxies \
         --strategies random,greedy,greedy_balanced,topk_balanced \
         --select-options "precondition=auto; pool=2" --out benchmarks/results/quality_X.json
-    python benchmarks/agreement_choice.py benchmarks/results/quality_X.json ... \
-        --out benchmarks/results/choice_agreement_cpu.json
+    python benchmarks/strategy_choice.py benchmarks/results/quality_X.json ... \
+        --out benchmarks/results/choice_strategy_cpu.json
 
-Rules: each candidate alone; `by agreement` (the candidate with the highest share of held-out
-passages given the expert's label); `by balanced agreement` (the same share averaged over the
-expert's labels, so a student that copies the expert's most common label on the corpus gains
-nothing from it); and `oracle`, the candidate with the best test accuracy, which reads the test
-split and only bounds what any choice could reach.
+Rules: each candidate alone; `by agreement` (the candidate whose student gives the most held-out
+passages the expert's label); `by balanced agreement` (the same share averaged over the expert's
+labels, so copying the expert's commonest label on the corpus gains nothing); `by weight change`
+(the largest cos(θs − θ0, θ1 − θ0)); and `oracle`, the candidate with the best test accuracy,
+which reads the test split and only bounds what any choice could reach.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ CANDIDATES = (
 CHOOSERS = {  # rule → the figure it maximises over the candidates
     "by agreement": "agreement",
     "by balanced agreement": "balanced_agreement",
+    "by weight change": "weight_cos",
     "oracle": "val_selected_test",
 }
 FIGURES = ("val_selected_test", "closure_val_selected_test")
@@ -62,8 +64,8 @@ def choices(rows: list[dict]) -> list[dict]:
         missing = [name for name in CANDIDATES if name not in by_name]
         if missing:
             raise SystemExit(f"{dataset} {scope} seed {seed}: no row for {', '.join(missing)}")
-        if any("balanced_agreement" not in row for row in by_name.values()):
-            raise SystemExit(f"{dataset} {scope} seed {seed}: measured without --record-agreement")
+        if any("weight_cos" not in row for row in by_name.values()):
+            raise SystemExit(f"{dataset} {scope} seed {seed}: measured without --record-proxies")
         rules = {name: name for name in CANDIDATES}
         for rule, figure in CHOOSERS.items():
             rules[rule] = max(CANDIDATES, key=lambda name: by_name[name][figure])  # ties: the list's order
@@ -95,7 +97,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+", help="quality.py results files measured with --record-agreement")
+    p.add_argument("files", nargs="+", help="quality.py results files measured with --record-proxies")
     p.add_argument("--out", default=None, help="results JSON (written atomically); none: print only")
     args = p.parse_args(argv)
     rows = [row for path in args.files for row in json.loads(Path(path).read_text())["rows"]]

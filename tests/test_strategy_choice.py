@@ -1,4 +1,4 @@
-"""benchmarks/agreement_choice.py on synthetic quality rows: each rule picks what it says."""
+"""benchmarks/strategy_choice.py on synthetic quality rows: each rule picks what it says."""
 
 import sys
 from pathlib import Path
@@ -7,20 +7,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import agreement_choice  # noqa: E402
+import strategy_choice  # noqa: E402
 
 
 def row(seed: int, name: str, agreement: float, balanced: float, test: float) -> dict:
     train, select = name.split("@")
     return {
         "dataset": "ag_news", "scope": "top:2", "k": 300, "seed": seed, "train": train, "select": select,
-        "agreement": agreement, "balanced_agreement": balanced,
+        "agreement": agreement, "balanced_agreement": balanced, "weight_cos": 1 - agreement,
         "val_selected_test": test, "closure_val_selected_test": test - 0.5,
     }  # fmt: skip
 
 
 def rows_of_seed(seed: int) -> list[dict]:
-    greedy, balanced, topk, pool = agreement_choice.CANDIDATES
+    greedy, balanced, topk, pool = strategy_choice.CANDIDATES
     return [
         row(seed, greedy, 0.90, 0.70, 0.60),  # copies the expert's commonest label: most agreement
         row(seed, balanced, 0.80, 0.75, 0.62),
@@ -31,13 +31,14 @@ def rows_of_seed(seed: int) -> list[dict]:
 
 
 def test_each_rule_picks_by_its_own_figure_and_the_summary_averages_seeds() -> None:
-    chosen = agreement_choice.choices([r for seed in range(3) for r in rows_of_seed(seed)])
+    chosen = strategy_choice.choices([r for seed in range(3) for r in rows_of_seed(seed)])
     by = {(r["seed"], r["rule"]): r["chose"] for r in chosen}
-    greedy, _, topk, pool = agreement_choice.CANDIDATES
+    greedy, _, topk, pool = strategy_choice.CANDIDATES
     assert {by[s, "by agreement"] for s in range(3)} == {greedy}
     assert {by[s, "by balanced agreement"] for s in range(3)} == {pool}
+    assert {by[s, "by weight change"] for s in range(3)} == {topk}
     assert [by[s, "oracle"] for s in range(3)] == [pool, pool, topk]
-    summary = {(e["dataset"], e["rule"]): e for e in agreement_choice.summarise(chosen)}
+    summary = {(e["dataset"], e["rule"]): e for e in strategy_choice.summarise(chosen)}
     oracle = summary["ag_news", "oracle"]
     assert oracle["val_selected_test"] == pytest.approx((0.66 + 0.66 + 0.70) / 3)
     assert oracle["chosen"] == {pool: 2, topk: 1} and oracle["seeds"] == 3
@@ -46,6 +47,6 @@ def test_each_rule_picks_by_its_own_figure_and_the_summary_averages_seeds() -> N
 
 def test_a_file_without_recorded_agreement_is_refused() -> None:
     rows = rows_of_seed(0)
-    del rows[0]["balanced_agreement"]
-    with pytest.raises(SystemExit, match="--record-agreement"):
-        agreement_choice.choices(rows)
+    del rows[0]["weight_cos"]
+    with pytest.raises(SystemExit, match="--record-proxies"):
+        strategy_choice.choices(rows)
