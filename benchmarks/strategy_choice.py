@@ -15,9 +15,9 @@ against every candidate kept fixed, per dataset and regime:
     python benchmarks/strategy_choice.py benchmarks/results/quality_X.json ... \
         --out benchmarks/results/choice_strategy_cpu.json
 
-Rules: each candidate alone; `by agreement` (the candidate whose student gives the most held-out
-passages the expert's label); `by balanced agreement` (the same share averaged over the expert's
-labels, so copying the expert's commonest label on the corpus gains nothing); `by weight change`
+Rules: each candidate alone; `by_agreement` (the candidate whose student gives the most held-out
+passages the expert's label); `by_balanced_agreement` (the same share averaged over the expert's
+labels, so copying the expert's commonest label on the corpus gains nothing); `by_weight_change`
 (the largest cos(θs − θ0, θ1 − θ0)); and `oracle`, the candidate with the best test accuracy,
 which reads the test split and only bounds what any choice could reach.
 """
@@ -31,28 +31,29 @@ from pathlib import Path
 from quality import seed_statistics
 from weights2data.store import write_json
 
-# the candidates, as `train@select` of quality.py rows: the settings the README tells users to try
-CANDIDATES = (
-    "greedy@precondition=auto",
-    "greedy_balanced@precondition=auto",
-    "topk_balanced@precondition=auto",
-    "greedy_balanced@pool=2",
-)
+# the candidates, each a quality.py row's `train@select`: the three settings the README tells users
+# to run beside each other (the default, top-k balanced, balanced greedy in a pool)
+CANDIDATES = {
+    "greedy": "greedy@precondition=auto",
+    "topk_balanced": "topk_balanced@precondition=auto",
+    "pool_balanced": "greedy_balanced@pool=2",
+}
 CHOOSERS = {  # rule → the figure it maximises over the candidates
-    "by agreement": "agreement",
-    "by balanced agreement": "balanced_agreement",
-    "by weight change": "weight_cos",
+    "by_agreement": "agreement",
+    "by_balanced_agreement": "balanced_agreement",
+    "by_weight_change": "weight_cos",
     "oracle": "val_selected_test",
 }
 FIGURES = ("val_selected_test", "closure_val_selected_test")
 
 
 def candidate_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """(dataset, scope, k, seed) → candidate name → its row, for every candidate measured there."""
+    """(dataset, scope, k, seed) → candidate → its row, for every candidate measured there."""
+    names = {measured: name for name, measured in CANDIDATES.items()}
     found: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        name = f"{row['train']}@{row.get('select', '')}"
-        if name in CANDIDATES:
+        name = names.get(f"{row['train']}@{row.get('select', '')}")
+        if name is not None:
             found.setdefault((row["dataset"], row["scope"], row["k"], row["seed"]), {})[name] = row
     return found
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(chosen)
     for entry in summary:
         print(
-            f"{entry['dataset']:>16} {entry['scope']:>6} {entry['rule']:>34}: "
+            f"{entry['dataset']:>16} {entry['scope']:>6} {entry['rule']:>22}: "
             f"{entry['val_selected_test'] * 100:5.1f} ± {entry['val_selected_test_std'] * 100:4.1f}  "
             f"closure {entry.get('closure_val_selected_test', float('nan')):5.2f}  {entry['chosen']}"
         )
