@@ -16,6 +16,7 @@ epochs and the honest one (epoch chosen on a validation split of the training se
     python benchmarks/quality.py --datasets ag_news --scopes top:4 --grad-blocks 0,4   # head vs head + blocks
     python benchmarks/quality.py --datasets ag_news --scopes top:4 \
         --select-options "grad_at=finetuned; grad_at=base; pseudo_experts=4 path_combine=concat"
+    python benchmarks/quality.py --datasets imdb --scopes top:2 --record-proxies   # + agreement, weight_cos
 
 Results go to benchmarks/results/quality.json (rewritten after every trained model, so an
 interrupted run keeps what it measured) and a markdown table on stdout. Every score is also

@@ -85,6 +85,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["scope"], row["k"], row["rule"]), []).append(row)
+    for row in rows:  # after every regime's groups: the overall line comes last
         groups.setdefault(("all", "all", "all", row["rule"]), []).append(row)
     summary = []
     for (dataset, scope, k, rule), members in groups.items():
