@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from quality import seed_statistics
@@ -69,7 +70,7 @@ def choices(rows: list[dict]) -> list[dict]:
             raise SystemExit(f"{dataset} {scope} seed {seed}: measured without --record-proxies")
         rules = {name: name for name in CANDIDATES}
         for rule, figure in CHOOSERS.items():
-            rules[rule] = max(CANDIDATES, key=lambda name: by_name[name][figure])  # ties: the list's order
+            rules[rule] = max(CANDIDATES, key=lambda name: by_name[name][figure])  # ties: CANDIDATES' order
         for rule, name in rules.items():
             row = by_name[name]
             out.append(
@@ -89,9 +90,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault(("all", "all", "all", row["rule"]), []).append(row)
     summary = []
     for (dataset, scope, k, rule), members in groups.items():
-        chosen: dict[str, int] = {}
-        for m in members:
-            chosen[m["chose"]] = chosen.get(m["chose"], 0) + 1
+        chosen = dict(Counter(m["chose"] for m in members))
         entry = {"dataset": dataset, "scope": scope, "k": k, "rule": rule, "seeds": len(members)}
         summary.append(entry | {"chosen": chosen} | seed_statistics(members, FIGURES))
     return summary

@@ -445,6 +445,7 @@ def train_eval(
     torch.manual_seed(ft.seed)
     by_agreement = ev.honest_by == "agreement"
     fit_split, val_split = (train, None) if by_agreement else hold_out(train, ev.val_fraction, ft.seed)
+    chosen_on = reference if by_agreement else val_split  # what the honest protocol reads
     scoped = ScopedModel(loaded, ft.train_scope, task)
     fit = prepare(scoped, fit_split, cache_root)
     val = prepare(scoped, val_split, cache_root) if val_split is not None else None
@@ -456,8 +457,7 @@ def train_eval(
     key = "accuracy" if task.kind == "classification" else "loss"
     sign = 1.0 if key == "accuracy" else -1.0  # the original's test metric: higher is better
     original = EarlyStopping(ev.patience)  # reads the test metric
-    chooses = val is not None or by_agreement
-    honest = EarlyStopping(ev.patience if chooses else ev.eval_epochs)  # never reads the test split
+    honest = EarlyStopping(ev.patience if chosen_on is not None else ev.eval_epochs)  # never reads test
     epochs = []
     for epoch in range(1, ev.eval_epochs + 1):
         record = train_epoch(
@@ -485,10 +485,10 @@ def train_eval(
         "val_selected_test": honest.best["test"][key],
         "val_selected_epoch": honest.best["epoch"],
         "honest_stop": honest.last_epoch,
-        "honest_rule": honest_rule(reference if by_agreement else val_split, by_agreement),
+        "honest_rule": honest_rule(chosen_on, by_agreement),
         "epochs": epochs,
         "train_rows": len(fit_split),
-        "val_rows": len(reference if by_agreement else val_split if val_split is not None else []),
+        "val_rows": 0 if chosen_on is None else len(chosen_on),
     }
     if reference is not None:
         result["agreement"] = honest.best["reference"]["accuracy"]
@@ -508,16 +508,16 @@ class WeightChange:
         self.scoped = scoped
         self.start = [p.detach().clone() for p in scoped.parameters()]
         self.target = [t - s for t, s in zip(scoped.values_in(finetuned), self.start, strict=True)]
+        self.target_norm = math.sqrt(sum(float(t.double().square().sum()) for t in self.target))
 
     @torch.no_grad()
     def cosine(self) -> float:
-        dot, norm, target_norm = 0.0, 0.0, 0.0
+        dot, norm = 0.0, 0.0
         for p, s, t in zip(self.scoped.parameters(), self.start, self.target, strict=True):
             d = (p - s).double()
             dot += float((d * t.double()).sum())
             norm += float(d.square().sum())
-            target_norm += float(t.double().square().sum())
-        return dot / max(math.sqrt(norm * target_norm), 1e-30)
+        return dot / max(math.sqrt(norm) * self.target_norm, 1e-30)
 
 
 def agreement_split(reference: Split | None, train: Split, ev: EvalConfig, task: Task) -> Split | None:
