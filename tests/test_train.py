@@ -408,6 +408,17 @@ def test_weight_cos_is_one_where_training_retraces_the_finetune(tiny, data_dir: 
     assert "weight_cos" not in train_eval(fresh(), ds.train, ds.test, cls_task(tiny), ft, ev)
 
 
+def test_values_in_reads_a_tied_head_for_a_student_that_untied_its_own(tiny) -> None:
+    finetuned = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, "tiny")  # tied, as full keeps it
+    task = replace(cls_task(tiny), label_loss="full")  # the student trains its whole (untied) head
+    scoped = ScopedModel(tiny, "top:1", task)
+    assert scoped.untied and finetuned.model.config.tie_word_embeddings
+    names = [name for name, p in tiny.model.named_parameters() if p.requires_grad]
+    values = dict(zip(names, scoped.values_in(finetuned), strict=True))
+    assert torch.equal(values["lm_head.weight"], finetuned.model.get_input_embeddings().weight)
+    assert torch.equal(values["model.norm.weight"], finetuned.model.model.norm.weight)
+
+
 def test_balanced_accuracy_weighs_every_label_alike() -> None:
     targets = torch.tensor([0, 0, 0, 0, 1, 1, 3])  # label 2 absent: not counted
     correct = torch.tensor([True, True, True, True, False, True, False])

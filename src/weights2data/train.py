@@ -168,8 +168,12 @@ class ScopedModel:
         return body + ([self.label_rows] if self.label_rows is not None else [])
 
     def values_in(self, other: LoadedModel) -> list[torch.Tensor]:
-        """`other`'s value of every trained weight, in `parameters()` order (same architecture)."""
-        weights = dict(other.model.named_parameters())
+        """`other`'s value of every trained weight, in `parameters()` order (same architecture).
+
+        Tied weights are listed under each of their names, so a head this model untied to train it
+        reads `other`'s tied head, which is its embedding matrix.
+        """
+        weights = dict(other.model.named_parameters(remove_duplicate=False))
         names = [name for name, p in self.loaded.model.named_parameters() if p.requires_grad]
         out = [weights[name].detach() for name in names]
         if self.label_rows is not None:
