@@ -11,7 +11,8 @@ against every candidate kept fixed, per dataset and regime:
 
     python benchmarks/quality.py ... --record-proxies \
         --strategies random,greedy,greedy_balanced,topk_balanced \
-        --select-options "precondition=auto; pool=2" --out benchmarks/results/quality_X.json
+        --select-options "precondition=auto; pool=2; precondition=kfac" \
+        --out benchmarks/results/quality_X.json
     python benchmarks/strategy_choice.py benchmarks/results/quality_X.json ... \
         --out benchmarks/results/choice_strategy_cpu.json
 
@@ -27,17 +28,20 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from quality import seed_statistics
 from weights2data.store import write_json
 
-# the candidates, each a quality.py row's `train@select`: the three settings the README tells users
-# to run beside each other (the default, top-k balanced, balanced greedy in a pool)
+# the candidates, each a quality.py row's `train@select`: the settings the README tells users to
+# run beside each other (the default, top-k balanced, balanced greedy in a pool, balanced greedy
+# on whitened gradients)
 CANDIDATES = {
     "greedy": "greedy@precondition=auto",
     "topk_balanced": "topk_balanced@precondition=auto",
     "pool_balanced": "greedy_balanced@pool=2",
+    "kfac_balanced": "greedy_balanced@precondition=kfac",
 }
 CHOOSERS = {  # rule → the figure it maximises over the candidates
     "by_agreement": "agreement",
@@ -48,9 +52,9 @@ CHOOSERS = {  # rule → the figure it maximises over the candidates
 FIGURES = ("val_selected_test", "closure_val_selected_test")
 
 
-def candidate_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+def candidate_rows(rows: list[dict], candidates: Sequence[str]) -> dict[tuple, dict[str, dict]]:
     """(dataset, scope, k, seed) → candidate → its row, for every candidate measured there."""
-    names = {measured: name for name, measured in CANDIDATES.items()}
+    names = {CANDIDATES[name]: name for name in candidates}
     found: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         name = names.get(f"{row['train']}@{row.get('select', '')}")
@@ -59,18 +63,19 @@ def candidate_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     return found
 
 
-def choices(rows: list[dict]) -> list[dict]:
-    """One row per (dataset, scope, k, seed, rule): what the rule chose and how it scored."""
+def choices(rows: list[dict], candidates: Sequence[str] = tuple(CANDIDATES)) -> list[dict]:
+    """One row per (dataset, scope, k, seed, rule): what the rule chose among `candidates` and
+    how it scored."""
     out = []
-    for (dataset, scope, k, seed), by_name in sorted(candidate_rows(rows).items()):
-        missing = [name for name in CANDIDATES if name not in by_name]
+    for (dataset, scope, k, seed), by_name in sorted(candidate_rows(rows, candidates).items()):
+        missing = [name for name in candidates if name not in by_name]
         if missing:
             raise SystemExit(f"{dataset} {scope} seed {seed}: no row for {', '.join(missing)}")
         if any("weight_cos" not in row for row in by_name.values()):
             raise SystemExit(f"{dataset} {scope} seed {seed}: measured without --record-proxies")
-        rules = {name: name for name in CANDIDATES}
+        rules = {name: name for name in candidates}
         for rule, figure in CHOOSERS.items():
-            rules[rule] = max(CANDIDATES, key=lambda name: by_name[name][figure])  # ties: CANDIDATES' order
+            rules[rule] = max(candidates, key=lambda name: by_name[name][figure])  # ties: the first
         for rule, name in rules.items():
             row = by_name[name]
             out.append(
@@ -99,10 +104,19 @@ def summarise(rows: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="quality.py results files measured with --record-proxies")
+    p.add_argument(
+        "--candidates",
+        default=",".join(CANDIDATES),
+        help=f"comma-separated, among {', '.join(f'{k} ({v})' for k, v in CANDIDATES.items())}",
+    )
     p.add_argument("--out", default=None, help="results JSON (written atomically); none: print only")
     args = p.parse_args(argv)
+    candidates = [name.strip() for name in args.candidates.split(",")]
+    unknown = [name for name in candidates if name not in CANDIDATES]
+    if unknown:
+        p.error(f"unknown candidate(s) {', '.join(unknown)}: choose from {', '.join(CANDIDATES)}")
     rows = [row for path in args.files for row in json.loads(Path(path).read_text())["rows"]]
-    chosen = choices(rows)
+    chosen = choices(rows, candidates)
     summary = summarise(chosen)
     for entry in summary:
         print(
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         sources = [str(Path(path)) for path in args.files]
-        out = {"sources": sources, "candidates": list(CANDIDATES), "rows": chosen, "summary": summary}
+        out = {"sources": sources, "candidates": candidates, "rows": chosen, "summary": summary}
         write_json(args.out, out)
     return 0
 

@@ -1,5 +1,6 @@
 """benchmarks/strategy_choice.py on synthetic quality rows: each rule picks what it says."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,8 +20,11 @@ def row(seed: int, name: str, agreement: float, balanced: float, test: float) ->
     }  # fmt: skip
 
 
+THREE = ("greedy", "topk_balanced", "pool_balanced")
+
+
 def rows_of_seed(seed: int) -> list[dict]:
-    greedy, topk, pool = strategy_choice.CANDIDATES.values()
+    greedy, topk, pool = (strategy_choice.CANDIDATES[name] for name in THREE)
     return [
         row(seed, greedy, 0.90, 0.70, 0.60),  # copies the expert's commonest label: most agreement
         row(seed, "greedy_balanced@precondition=auto", 0.80, 0.95, 0.62),  # not a candidate
@@ -31,9 +35,9 @@ def rows_of_seed(seed: int) -> list[dict]:
 
 
 def test_each_rule_picks_by_its_own_figure_and_the_summary_averages_seeds() -> None:
-    chosen = strategy_choice.choices([r for seed in range(3) for r in rows_of_seed(seed)])
+    chosen = strategy_choice.choices([r for seed in range(3) for r in rows_of_seed(seed)], THREE)
     by = {(r["seed"], r["rule"]): r["chose"] for r in chosen}
-    greedy, topk, pool = strategy_choice.CANDIDATES
+    greedy, topk, pool = THREE
     assert {by[s, "by_agreement"] for s in range(3)} == {greedy}
     assert {by[s, "by_balanced_agreement"] for s in range(3)} == {pool}
     assert {by[s, "by_weight_change"] for s in range(3)} == {topk}
@@ -49,4 +53,21 @@ def test_a_file_without_recorded_agreement_is_refused() -> None:
     rows = rows_of_seed(0)
     del rows[0]["weight_cos"]
     with pytest.raises(SystemExit, match="--record-proxies"):
-        strategy_choice.choices(rows)
+        strategy_choice.choices(rows, THREE)
+
+
+def test_every_candidate_asked_for_must_be_measured_and_counts(tmp_path: Path) -> None:
+    rows = rows_of_seed(0)
+    with pytest.raises(SystemExit, match="no row for kfac_balanced"):
+        strategy_choice.choices(rows)  # all four by default
+    rows.append(row(0, strategy_choice.CANDIDATES["kfac_balanced"], 0.5, 0.5, 0.70))
+    by = {r["rule"]: r["chose"] for r in strategy_choice.choices(rows)}
+    assert by["oracle"] == by["kfac_balanced"] == "kfac_balanced" and by["by_agreement"] == "greedy"
+    results = tmp_path / "quality.json"
+    results.write_text(json.dumps({"rows": rows}))
+    with pytest.raises(SystemExit):
+        strategy_choice.main([str(results), "--candidates", "greedy,nonesuch"])
+    out = tmp_path / "choice.json"
+    two = ["--candidates", "greedy,kfac_balanced"]
+    assert strategy_choice.main([str(results), *two, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["candidates"] == ["greedy", "kfac_balanced"]
