@@ -47,6 +47,12 @@ def test_each_rule_picks_by_its_own_figure_and_the_summary_averages_seeds() -> N
     assert oracle["val_selected_test"] == pytest.approx((0.66 + 0.66 + 0.70) / 3)
     assert oracle["chosen"] == {pool: 2, topk: 1} and oracle["seeds"] == 3
     assert summary["all", "by_balanced_agreement"]["closure_val_selected_test"] == pytest.approx(0.16)
+    assert summary["ag_news", "oracle"]["against_greedy"] == {
+        "better": 3, "tied": 0, "worse": 0, "largest_loss": 0.0
+    }  # fmt: skip
+    topk_against = summary["ag_news", topk]["against_greedy"]
+    assert topk_against | {"largest_loss": 0} == {"better": 1, "tied": 1, "worse": 1, "largest_loss": 0}
+    assert topk_against["largest_loss"] == pytest.approx(0.10)  # seed 0: 0.50 against 0.60
 
 
 def test_a_file_without_recorded_agreement_is_refused() -> None:
