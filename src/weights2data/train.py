@@ -178,7 +178,7 @@ class ScopedModel:
         out = [weights[name].detach() for name in names]
         if self.label_rows is not None:
             head = other.model.get_output_embeddings().weight
-            out.append(head[torch.tensor(self.task.label_set.token_ids, device=head.device)].detach())
+            out.append(head[self._label_ids().to(head.device)].detach())
         return out
 
     def frozen_outputs(self, encoded: Encoded, cache_root: Path | None) -> torch.Tensor | None:

@@ -80,13 +80,12 @@ def paired_weights(
 ) -> Iterator[tuple[str, torch.nn.Parameter, torch.Tensor]]:
     """(name, weight, the base model's value of it) for every weight of `model`, a finetune of `base`.
 
-    A head the finetune untied from the embeddings is matched with the base model's (tied)
-    embedding matrix, which is what that head started from.
+    Tied weights are listed under each of their names, so a head the finetune untied from the
+    embeddings is matched with the base model's tied head, the embedding matrix it started from.
     """
-    base_params = dict(base.model.named_parameters())
-    base_head = base.model.get_output_embeddings().weight
+    base_params = dict(base.model.named_parameters(remove_duplicate=False))
     for name, param in model.named_parameters():
-        start = base_params.get(name, base_head if name.startswith("lm_head") else None)
+        start = base_params.get(name)
         if start is None or start.shape != param.shape:
             raise W2DError(f"weight {name}: the base model has no matching weight")
         yield name, param, start.detach().to(param.device, param.dtype)
