@@ -91,6 +91,7 @@ NAMES = {  # how a value in the JSON reads in the docs
     "greedy": "greedy (SELECT)",
     "topk": "top-k",
     "greedy_balanced": "greedy balanced",
+    "greedy_balanced@precondition=kfac": "greedy balanced, whitened",
     "topk_balanced": "top-k balanced",
     "random_confident": "random (kept share)",
     "oracle": "ceiling: the passages nearest the true texts",

@@ -38,12 +38,19 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, SelectConfig, parse_scope
+from weights2data.config import (
+    DataConfig,
+    EvalConfig,
+    FinetuneConfig,
+    SelectConfig,
+    parse_scope,
+    select_overrides,
+)
 from weights2data.data import Dataset, Split, data_dir
 from weights2data.errors import exit_on_error
 from weights2data.experiment import agreement_reference, as_split, closure, selection_training
@@ -221,18 +228,6 @@ def select_variants(text: str) -> list[str]:
     """The --select-options variants, each normalised ("" is the defaults)."""
     variants = [" ".join(sorted(v.split())) for v in text.split(";")]
     return list(dict.fromkeys(variants)) or [""]
-
-
-def select_overrides(variant: str) -> dict:
-    """'grad_at=base pseudo_experts=4' -> {'grad_at': 'base', 'pseudo_experts': 4}, typed by SelectConfig."""
-    types = {f.name: f.type for f in fields(SelectConfig)}
-    out = {}
-    for item in variant.split():
-        key, _, value = item.partition("=")
-        if key not in types or not value:
-            raise SystemExit(f"--select-options: '{item}' is not NAME=VALUE of a select setting")
-        out[key] = {"int": int, "float": float}.get(types[key].replace(" | None", ""), str)(value)
-    return out
 
 
 class Budget(Exception):

@@ -222,7 +222,13 @@ def test_demo_copies_its_results(
     copied = (cli_env / "out" / "demo.json").read_text()
     assert copied == (cli_env / "runs" / "demo" / "results.json").read_text()
     table = json.loads(copied)["table"]
-    assert [row["model"] for row in table] == ["expert", "greedy", "greedy_balanced", "topk", "random"]
+    assert [row["model"] for row in table] == [
+        "expert",
+        "greedy",
+        "greedy_balanced@precondition=kfac",
+        "topk",
+        "random",
+    ]
 
 
 def test_select_hints_at_quotas_when_a_label_has_few_picks() -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from weights2data.cli import build_config, make_parser, read_toml
-from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RuntimeConfig, parse_scope
+from weights2data.config import (
+    DataConfig,
+    EvalConfig,
+    FinetuneConfig,
+    RunConfig,
+    RuntimeConfig,
+    parse_scope,
+    select_overrides,
+)
 from weights2data.errors import W2DError
 
 
@@ -171,3 +179,31 @@ def test_learning_rate_defaults_follow_the_scope_and_task() -> None:
     assert FinetuneConfig(train_scope="top:2").for_task("classification").lr == 1e-4
     assert FinetuneConfig().for_task("lm").lr == 2e-5
     assert FinetuneConfig(train_scope="head", lr=0.5).for_task("lm").lr == 0.5
+
+
+def test_a_strategy_can_carry_its_own_select_settings() -> None:
+    run = RunConfig(strategies="greedy, greedy_balanced@precondition=kfac@pool=2 ,greedy")
+    assert run.strategy_list == ["greedy", "greedy_balanced@precondition=kfac@pool=2"]
+    assert run.strategy_specs == {
+        "greedy": ("greedy", {}),
+        "greedy_balanced@precondition=kfac@pool=2": (
+            "greedy_balanced",
+            {"precondition": "kfac", "pool": 2.0},
+        ),
+    }
+    assert select_overrides("grad_at=base pseudo_experts=4") == {"grad_at": "base", "pseudo_experts": 4}
+
+
+@pytest.mark.parametrize(
+    ("strategies", "message"),
+    [
+        ("greedy@pool=wide", "pool takes a float"),
+        ("greedy@magic=1", "'magic=1' is not SETTING=VALUE"),
+        ("greedy@precondition", "'precondition' is not SETTING=VALUE"),
+        ("greedy@k=10", "k is shared by every strategy"),
+        ("magic@pool=2", "unknown strategy 'magic'"),
+    ],
+)
+def test_bad_strategy_settings_say_what_is_wrong(strategies: str, message: str) -> None:
+    with pytest.raises(W2DError, match=message):
+        RunConfig(strategies=strategies)

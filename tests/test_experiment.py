@@ -43,6 +43,38 @@ def test_run_end_to_end(cli_env) -> None:
     assert (cli_env / "runs" / "tiny" / "metrics.json").exists()
 
 
+def test_a_strategy_with_its_own_settings_picks_as_a_run_with_those_settings(cli_env) -> None:
+    strategies = "greedy,greedy@precondition=kfac"
+    args = [(strategies if a == "greedy,topk" else a) for a in RUN] + [
+        "--train-scope",
+        "top:1",
+        "--lr",
+        "1e-3",
+    ]
+    assert main([*args, "--exp_name", "mixed"]) == 0
+    assert (
+        main([*RUN, "--train-scope", "top:1", "--lr", "1e-3", "--exp_name", "kfac", "--precondition", "kfac"])
+        == 0
+    )
+    mixed, kfac = (json.loads((cli_env / "runs" / n / "results.json").read_text()) for n in ("mixed", "kfac"))
+    assert [row["model"] for row in mixed["table"]] == [
+        "expert",
+        "greedy",
+        "greedy@precondition=kfac",
+        "random",
+    ]
+    assert mixed["selections"]["greedy@precondition=kfac"]["config"]["precondition"] == "kfac"
+    assert mixed["selections"]["greedy"]["config"]["precondition"] == "auto"
+
+    def picks(run: str, name: str) -> list[int]:
+        path = cli_env / "runs" / run / f"selection-{name}" / "selection.parquet"
+        return pq.read_table(path).column("corpus_row").to_pylist()
+
+    assert picks("mixed", "greedy@precondition=kfac") == picks("kfac", "greedy")
+    assert picks("mixed", "greedy") != picks("kfac", "greedy")
+    assert picks("mixed", "random") == picks("kfac", "random")  # the baseline keeps the run's settings
+
+
 def test_run_picks_honest_epochs_by_agreement_with_the_expert(cli_env) -> None:
     args = [*RUN, "--exp_name", "agree", "--honest-by", "agreement", "--agreement-rows", "40"]
     assert main([*args, "--train-scope", "top:1", "--lr", "1e-3"]) == 0
@@ -87,6 +119,7 @@ def test_select_command(cli_env) -> None:
         (["--num_experts", "3"], "only one expert"),
         (["-k", "500"], "larger than the corpus"),
         (["--strategies", "magic"], "unknown strategy"),
+        (["--strategies", "greedy,greedy_balanced@precondition=magic"], "unknown precondition 'magic'"),
     ],
 )
 def test_run_bad_input(cli_env, capsys, extra: list[str], message: str) -> None:

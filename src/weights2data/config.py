@@ -175,6 +175,22 @@ def parse_scope(scope: str) -> tuple[str, int]:
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
+def select_overrides(text: str) -> dict[str, Any]:
+    """'grad_at=base pseudo_experts=4' -> {'grad_at': 'base', 'pseudo_experts': 4}, typed by SelectConfig."""
+    types = {f.name: f.type.replace(" | None", "") for f in fields(SelectConfig)}
+    out: dict[str, Any] = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise W2DError(f"'{item}' is not SETTING=VALUE of a select setting ({', '.join(types)})")
+        kind = types[key]
+        try:
+            out[key] = {"int": int, "float": float}.get(kind, str)(value)
+        except ValueError:
+            raise W2DError(f"'{item}': {key} takes {'an' if kind == 'int' else 'a'} {kind}") from None
+    return out
+
+
 def check_types(config: Any) -> None:
     """Values from TOML files arrive untyped: refuse a string for a number and the like."""
     for f in fields(config):
@@ -420,8 +436,9 @@ class RunConfig:
     corpus: str = opt("wiki_passages_10000", "candidate corpus (the original's --select_seed_dataset)")
     strategies: str = opt(
         "greedy",
-        "comma-separated selection strategies to compare, each trained and "
-        "scored against the random baseline",
+        "comma-separated selection strategies to compare, each trained and scored against the random "
+        "baseline; NAME@SETTING=VALUE gives one strategy its own select settings, e.g. "
+        "greedy,greedy_balanced@precondition=kfac (several: greedy_balanced@precondition=kfac@pool=2)",
     )
     optimizer_test: str | None = opt(None, "optimizer for training on the selections (default: the expert's)")
     skip_similarity: bool = opt(False, "skip the embedding-based dataset similarity metrics")
@@ -432,14 +449,28 @@ class RunConfig:
         check_types(self)
         if not self.strategy_list:
             raise W2DError(f"strategies names no strategy (got {self.strategies!r}): e.g. greedy,topk")
-        for name in self.strategy_list:
-            _choice("strategy", name, STRATEGIES)
+        for strategy, overrides in self.strategy_specs.values():
+            _choice("strategy", strategy, STRATEGIES)
+            fixed = sorted(set(overrides) & {"k", "strategy"})
+            if fixed:
+                raise W2DError(f"strategies: {', '.join(fixed)} is shared by every strategy of a run")
         if self.optimizer_test is not None:
             _choice("optimizer_test", self.optimizer_test, OPTIMIZERS)
 
     @property
     def strategy_list(self) -> list[str]:
-        return [s.strip() for s in self.strategies.split(",") if s.strip()]
+        """Each entry as written, settings included: the names of the run's selections."""
+        return list(dict.fromkeys(s.strip() for s in self.strategies.split(",") if s.strip()))
+
+    @property
+    def strategy_specs(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """name -> (strategy, its own select settings): 'greedy_balanced@precondition=kfac' ->
+        ('greedy_balanced', {'precondition': 'kfac'})."""
+        specs = {}
+        for name in self.strategy_list:
+            strategy, *settings = name.split("@")
+            specs[name] = strategy, select_overrides(" ".join(settings))
+        return specs
 
 
 @dataclass

@@ -32,6 +32,7 @@ from weights2data.errors import W2DError
 from weights2data.generate import GenerateConfig, mark_sources, with_generated
 from weights2data.pipeline import Workspace, finetune_cached
 from weights2data.recover import (
+    CorpusGradients,
     Recovery,
     check_lm_selection,
     check_pair,
@@ -43,7 +44,7 @@ from weights2data.recover import (
     write_recovery,
 )
 from weights2data.rounds import recover_in_rounds
-from weights2data.store import write_json
+from weights2data.store import stable_hash, write_json
 from weights2data.synthesis import check_synthesis, synthesise
 from weights2data.train import Task, train_eval
 from weights2data.trajectory import expert_settings
@@ -79,6 +80,7 @@ def run_experiment(
             "w2d run labels with the expert's own label set (see --verbalizer); --label-set is for w2d select"
         )
     started = time.time()
+    configs = strategy_configs(sel, run)  # checked before any work
     expert_data = ws.dataset(data.dataset, data, expert_ft.seed)
     if expert_data.test is None:
         raise W2DError(f"dataset '{expert_data.name}' has no test split to score the models on")
@@ -88,7 +90,8 @@ def run_experiment(
     base, expert = ws.model(run.base), ws.model(str(expert_path))
     check_pair(base, expert)
     if task.kind == "lm":
-        check_lm_selection(sel, run.strategy_list)
+        for cfg in configs.values():
+            check_lm_selection(cfg, [cfg.strategy])
         if ev.honest_by == "agreement":
             raise W2DError("--honest-by agreement needs a classification task; use --honest-by validation")
     if synth is not None and synth.synthesises:
@@ -104,29 +107,39 @@ def run_experiment(
         else generation_labeller(base, expert, task.label_set, task_data(data, task))
     )
     corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache, labeller)
-    grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)
+    configs.setdefault(RANDOM, replace(sel, strategy=RANDOM))
+    computed: dict[str, CorpusGradients] = {}  # one featurisation per distinct set of select settings
+    grads_of = {}
+    for name, cfg in [(RANDOM, configs[RANDOM]), *configs.items()]:
+        key = stable_hash(to_dict(replace(cfg, strategy=RANDOM)))
+        if key not in computed:
+            computed[key] = task_gradients(base, expert, corpus.texts, task, data, cfg, ws.cache)
+        grads_of[name] = computed[key]
+    grads = grads_of[RANDOM]  # the run's own settings: autolabels, the random baseline
     recoveries = {
-        name: recover(grads, corpus.texts, task.label_set, replace(sel, strategy=name))
-        if sel.rounds == 1 or name == RANDOM
+        name: recover(grads_of[name], corpus.texts, task.label_set, cfg)
+        if cfg.rounds == 1 or cfg.strategy == RANDOM
         else recover_in_rounds(
             base,
             expert,
             corpus.texts,
             task,
             data,
-            sel,
-            expert_settings(base, expert, sel.student_steps),
-            name,
+            cfg,
+            expert_settings(base, expert, cfg.student_steps),
+            cfg.strategy,
             ws.cache,
-            grads,
+            grads_of[name],
         )
-        for name in dict.fromkeys([*run.strategy_list, RANDOM])
+        for name, cfg in configs.items()
     }
     generated_labels = generated_label_distribution(grads, sources, task.label_set)
     recoveries = {name: mark_sources(r, sources, generated_labels) for name, r in recoveries.items()}
     if synth is not None and synth.synthesises:
-        init = recoveries[run.strategy_list[0] if synth.init == "select" else RANDOM]
-        made = synthesise(base, expert, init, task, synth, ws.cache, metric=grads.metric)
+        start = run.strategy_list[0] if synth.init == "select" else RANDOM
+        made = synthesise(
+            base, expert, recoveries[start], task, synth, ws.cache, metric=grads_of[start].metric
+        )
         random_picks = recoveries.pop(RANDOM)  # the baseline stays the table's last row
         recoveries |= {synth.method.lower(): made, RANDOM: random_picks}
     del base, expert
@@ -169,6 +182,14 @@ def run_experiment(
     results["seconds"] = round(time.time() - started, 1)
     write_json(run_dir / "results.json", results)
     return results
+
+
+def strategy_configs(sel: SelectConfig, run: RunConfig) -> dict[str, SelectConfig]:
+    """Each of the run's strategies by name, with `sel` and the settings the name gives it."""
+    return {
+        name: replace(sel, strategy=strategy, **overrides)
+        for name, (strategy, overrides) in run.strategy_specs.items()
+    }
 
 
 def selection_training(expert_ft: FinetuneConfig, optimizer: str | None = None) -> FinetuneConfig:
