@@ -272,7 +272,10 @@ def format_table(results: dict) -> str:
     """A plain-text table of expert / recovered / random scores and closure."""
     metric = results["metric"]
     lm = results.get("task") == "lm"
-    header = f"{'model':<16}{'best-epoch ' + metric:>22}{'honest ' + metric:>20}{'closure (best/honest)':>26}"
+    width = max(16, *(len(row["model"]) + 2 for row in results["table"]))  # names carry their settings
+    header = (
+        f"{'model':<{width}}{'best-epoch ' + metric:>22}{'honest ' + metric:>20}{'closure (best/honest)':>26}"
+    )
     if lm:
         header += f"{'best-epoch ppl':>16}{'honest ppl':>12}{'ppl closure':>16}"
     lines = [header]
@@ -284,7 +287,7 @@ def format_table(results: dict) -> str:
                 for figure in ("best_epoch_test", "val_selected_test")
             )
         line = (
-            f"{row['model']:<16}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
+            f"{row['model']:<{width}}{row['best_epoch_test']:>22.4f}{row['val_selected_test']:>20.4f}"
             f"{closure_text:>26}"
         )
         if lm:
