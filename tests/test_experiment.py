@@ -44,25 +44,12 @@ def test_run_end_to_end(cli_env) -> None:
 
 
 def test_a_strategy_with_its_own_settings_picks_as_a_run_with_those_settings(cli_env) -> None:
-    strategies = "greedy,greedy@precondition=kfac"
-    args = [(strategies if a == "greedy,topk" else a) for a in RUN] + [
-        "--train-scope",
-        "top:1",
-        "--lr",
-        "1e-3",
-    ]
-    assert main([*args, "--exp_name", "mixed"]) == 0
-    assert (
-        main([*RUN, "--train-scope", "top:1", "--lr", "1e-3", "--exp_name", "kfac", "--precondition", "kfac"])
-        == 0
-    )
-    mixed, kfac = (json.loads((cli_env / "runs" / n / "results.json").read_text()) for n in ("mixed", "kfac"))
-    assert [row["model"] for row in mixed["table"]] == [
-        "expert",
-        "greedy",
-        "greedy@precondition=kfac",
-        "random",
-    ]
+    top1 = [(a if a != "greedy,topk" else "greedy") for a in RUN] + ["--train-scope", "top:1", "--lr", "1e-3"]
+    assert main([*top1, "--strategies", "greedy,greedy@precondition=kfac", "--exp_name", "mixed"]) == 0
+    assert main([*top1, "--precondition", "kfac", "--exp_name", "kfac"]) == 0
+    mixed = json.loads((cli_env / "runs" / "mixed" / "results.json").read_text())
+    names = ["expert", "greedy", "greedy@precondition=kfac", "random"]
+    assert [row["model"] for row in mixed["table"]] == names
     assert mixed["selections"]["greedy@precondition=kfac"]["config"]["precondition"] == "kfac"
     assert mixed["selections"]["greedy"]["config"]["precondition"] == "auto"
 
