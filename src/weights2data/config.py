@@ -319,8 +319,8 @@ class SelectConfig:
         "Kronecker-factored second moment (A^-1/2 e hᵀ B^-1/2); none: the raw gradients (the "
         "original's). Head gradients of the label-token loss; exact. auto: adam there (it measured "
         "best on every dataset tried), none for language modelling, --label-loss full and torchrun. "
-        "kfac with --strategy greedy_balanced matched or beat greedy's mean in 7 regimes on 2-4 "
-        "labels and fell below it on 20 Newsgroups (README). "
+        "kfac with --strategy greedy_balanced led greedy's mean in most regimes measured on 2-4 "
+        "labels and fell below it on 20 Newsgroups (README, Recovery options). "
         "--opt GCG|GCGA|ADMM maximise the objective under the same preconditioner",
     )
     rounds: int = opt(

@@ -32,7 +32,6 @@ from weights2data.errors import W2DError
 from weights2data.generate import GenerateConfig, mark_sources, with_generated
 from weights2data.pipeline import Workspace, finetune_cached
 from weights2data.recover import (
-    CorpusGradients,
     Recovery,
     check_lm_selection,
     check_pair,
@@ -107,15 +106,13 @@ def run_experiment(
         else generation_labeller(base, expert, task.label_set, task_data(data, task))
     )
     corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache, labeller)
+    grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)  # autolabels, random
     configs.setdefault(RANDOM, replace(sel, strategy=RANDOM))
-    computed: dict[str, CorpusGradients] = {}  # one featurisation per distinct set of select settings
-    grads_of = {}
-    for name, cfg in [(RANDOM, configs[RANDOM]), *configs.items()]:
-        key = stable_hash(to_dict(replace(cfg, strategy=RANDOM)))
-        if key not in computed:
-            computed[key] = task_gradients(base, expert, corpus.texts, task, data, cfg, ws.cache)
-        grads_of[name] = computed[key]
-    grads = grads_of[RANDOM]  # the run's own settings: autolabels, the random baseline
+    by_settings = {settings_key(sel): grads}  # one featurisation per distinct set of select settings
+    for cfg in configs.values():
+        if (key := settings_key(cfg)) not in by_settings:
+            by_settings[key] = task_gradients(base, expert, corpus.texts, task, data, cfg, ws.cache)
+    grads_of = {name: by_settings[settings_key(cfg)] for name, cfg in configs.items()}
     recoveries = {
         name: recover(grads_of[name], corpus.texts, task.label_set, cfg)
         if cfg.rounds == 1 or cfg.strategy == RANDOM
@@ -190,6 +187,11 @@ def strategy_configs(sel: SelectConfig, run: RunConfig) -> dict[str, SelectConfi
         name: replace(sel, strategy=strategy, **overrides)
         for name, (strategy, overrides) in run.strategy_specs.items()
     }
+
+
+def settings_key(cfg: SelectConfig) -> str:
+    """What a selection's gradients depend on: every select setting but the strategy."""
+    return stable_hash(to_dict(cfg) | {"strategy": None})
 
 
 def selection_training(expert_ft: FinetuneConfig, optimizer: str | None = None) -> FinetuneConfig:
