@@ -110,7 +110,7 @@ def recover_from(
     group: Group, args: argparse.Namespace, model: LoadedModel, extra: dict, utility: dict, expert_row: dict
 ) -> None:
     """Greedy and random rows against `model` (labels from it), each with its utility and closure."""
-    sel = SelectConfig(k=args.k, seed=group.seed)
+    sel = SelectConfig(k=args.k, strategy="greedy", seed=group.seed)
     t0 = time.time()
     grads = corpus_gradients(
         group.base, model, group.corpus.texts, group.task.label_set, group.data, sel, group.ws.cache

@@ -104,7 +104,8 @@ def throughput(sizes: Sizes, device: torch.device, dtype: str, cache: Path) -> d
             loaded.model.base_model(**{name: getattr(batch, name).to(device) for name in names})
 
     def features() -> None:
-        corpus_gradients(loaded, loaded, texts, label_set, DataConfig(), SelectConfig(k=1), None)
+        sel = SelectConfig(k=1, strategy="greedy")
+        corpus_gradients(loaded, loaded, texts, label_set, DataConfig(), sel, None)
 
     forward()  # warm-up
     forward_s, features_s = timed(forward, device), timed(features, device)

@@ -105,13 +105,13 @@ def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, ou
     base, expert = ws.model(args.model), ws.model(str(path))
     check_pair(base, expert)
     for blocks in csv(args.grad_blocks, int):
-        sel = SelectConfig(k=max(csv(args.ks, int)), grad_blocks=blocks, seed=seed)
+        sel = SelectConfig(k=max(csv(args.ks, int)), strategy="greedy", grad_blocks=blocks, seed=seed)
         started = time.time()
         grads = task_gradients(base, expert, texts, task, data, sel, ws.cache)
         features_s = round(time.time() - started, 1)
         for strategy in csv(args.strategies):
             for k in csv(args.ks, int):
-                pick = SelectConfig(k=k, grad_blocks=blocks, seed=seed)
+                pick = SelectConfig(k=k, strategy="greedy", grad_blocks=blocks, seed=seed)
                 picked = recover(grads, texts, task.label_set, pick, strategy, progress=False).rows
                 row = {
                     "dataset": dataset, "task": args.task, "scope": args.scope, "seed": seed,

@@ -415,6 +415,7 @@ def run_group(
         for dim, blocks, variant in variants:
             sel = SelectConfig(
                 k=max(csv(args.ks, int)),
+                strategy="greedy",
                 labels=rule,
                 projection_dim=dim,
                 grad_blocks=blocks,

@@ -62,7 +62,7 @@ def featurise(args: argparse.Namespace) -> dict:
         texts = load_dataset(f"wiki_passages_{args.docs}", data_dir=data_dir(None)).train.texts
         loaded_s = time.perf_counter() - started
         label_set = make_label_set(["A", "B", "C", "D"], base.tokenizer, "A,B,C,D")
-        sel = SelectConfig(k=args.k)
+        sel = SelectConfig(k=args.k, strategy="greedy")
         grads = corpus_gradients(base, tuned, texts, label_set, DataConfig(seq_len=32), sel, Path(cache))
         features_s = time.perf_counter() - started - loaded_s
         recovery = recover(grads, texts, label_set, sel, progress=False)

@@ -115,7 +115,7 @@ def run_seed(group: Group, args: argparse.Namespace) -> None:
     """The expert and random rows, SELECT, each synthesiser from SELECT's picks, SELECT over corpus +
     generated; every row with its closure against this seed's random and expert rows."""
     expert_row = expert_reference(group, args.expert_row)
-    sel = SelectConfig(k=args.k, seed=group.seed, precondition=args.precondition)
+    sel = SelectConfig(k=args.k, strategy="greedy", seed=group.seed, precondition=args.precondition)
     texts, labels, cache = group.corpus.texts, group.task.label_set, group.ws.cache
     t0 = time.time()
     grads = corpus_gradients(group.base, group.expert, texts, labels, group.data, sel, cache)

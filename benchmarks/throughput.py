@@ -130,7 +130,7 @@ def measure(
 
 def classification_rows(loaded, texts: list[str], seq_len: int, repeats: int, device: torch.device) -> dict:
     label_set = make_label_set(CLASS_NAMES, loaded.tokenizer, "letters")
-    data, sel = DataConfig(seq_len=seq_len), SelectConfig(k=1, grad_at="finetuned")
+    data, sel = DataConfig(seq_len=seq_len), SelectConfig(k=1, strategy="greedy", grad_at="finetuned")
     encoded = encode_classification(loaded.tokenizer, texts, seq_len)
     tokenise_s = timed(lambda: encode_classification(loaded.tokenizer, texts, seq_len), 1, device)[0]
 

@@ -210,7 +210,9 @@ def test_select_with_block_gradients(pair, tmp_path) -> None:
     base, finetuned = pair
     label_set = make_label_set(["a", "b", "c", "d"], finetuned.tokenizer, "letters")
     data = DataConfig(seq_len=SEQ_LEN)
-    head = corpus_gradients(base, finetuned, TEXTS, label_set, data, SelectConfig(k=4), tmp_path)
+    head = corpus_gradients(
+        base, finetuned, TEXTS, label_set, data, SelectConfig(k=4, strategy="greedy"), tmp_path
+    )
     both = corpus_gradients(
         base, finetuned, TEXTS, label_set, data, SelectConfig(k=4, grad_blocks=2), tmp_path
     )

@@ -261,7 +261,7 @@ def test_run_marks_generated_picks(cli_env: Path, capsys: pytest.CaptureFixture)
             "--exp-name", "run"]  # fmt: skip
     assert main(args) == 0
     results = json.loads((cli_env / "runs" / "run" / "results.json").read_text())
-    for name in ("greedy", "random"):
+    for name in ("auto", "random"):  # the default strategy, by its name
         summary = results["selections"][name]
         table = pq.read_table(cli_env / "runs" / "run" / f"selection-{name}" / "selection.parquet")
         assert summary["generated_candidates"] == 8 and summary["corpus_size"] == 24
@@ -270,7 +270,7 @@ def test_run_marks_generated_picks(cli_env: Path, capsys: pytest.CaptureFixture)
     per_label = ["--generate-per-label", "--generate-max-draws", "64", "--exp-name", "run-per-label"]
     assert main(args[:-2] + per_label) == 0  # the expert's own labels: 2 of AG News's 4 each, or fewer
     results = json.loads((cli_env / "runs" / "run-per-label" / "results.json").read_text())
-    made = results["selections"]["greedy"]
+    made = results["selections"]["auto"]
     assert 0 < made["generated_candidates"] == sum(made["generated_labels"].values()) <= 8
     assert max(made["generated_labels"].values()) <= 2  # no label above its equal share
     assert "candidates by label" in capsys.readouterr().out

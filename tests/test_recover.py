@@ -19,6 +19,7 @@ from weights2data.recover import (
     check_pair,
     corpus_gradients,
     recover,
+    resolve_strategy,
     sparse_labels,
     unsure_rows,
     write_recovery,
@@ -117,6 +118,29 @@ def test_auto_labels_are_the_finetuned_prediction(pair, tmp_path) -> None:
     assert grads.labels.tolist() == logits.argmax(-1).tolist()
     expected_loss = F.cross_entropy(logits, grads.labels, reduction="none")
     torch.testing.assert_close(grads.losses, expected_loss, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_is_whitened_balanced_greedy_for_a_few_labels_and_greedy_elsewhere(pair, tmp_path) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
+    data, auto = DataConfig(seq_len=16), SelectConfig(k=4)
+    asked = SelectConfig(k=4, strategy="greedy_balanced", precondition="kfac")
+    grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, auto, tmp_path)
+    assert grads.timings["precondition"] == "kfac"
+    chosen = recover(grads, TEXTS, label_set, auto, progress=False)
+    explicit = recover(corpus_gradients(base, finetuned, TEXTS, label_set, data, asked, tmp_path),
+                       TEXTS, label_set, asked, progress=False)  # fmt: skip
+    assert chosen.summary["strategy"] == "greedy_balanced"
+    assert chosen.rows.tolist() == explicit.rows.tolist()
+    assert resolve_strategy(auto, 4, "restricted") == asked
+    greedy = replace(auto, strategy="greedy")
+    assert resolve_strategy(auto, 20, "restricted") == greedy  # the quota lost with 20 labels
+    assert resolve_strategy(auto, None, "restricted") == greedy  # language modelling
+    assert resolve_strategy(auto, 2, "full") == greedy
+    assert resolve_strategy(replace(auto, grad_blocks=2), 2, "restricted") == replace(greedy, grad_blocks=2)
+    adam = replace(auto, precondition="adam")
+    assert resolve_strategy(adam, 2, "restricted") == replace(adam, strategy="greedy")
+    assert resolve_strategy(replace(auto, strategy="topk"), 2, "restricted").strategy == "topk"
 
 
 def test_keep_confident_picks_only_each_labels_surest_documents(pair, tmp_path) -> None:

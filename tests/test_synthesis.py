@@ -323,7 +323,7 @@ RUN = [
     "run", "--model", "tiny-test", "--dataset", "ag_news_32", "--corpus", "wiki_passages_24", "-k", "6",
     "--eval-epochs", "1", "--max-eval-rows", "16", "--skip-similarity", "--train-scope", "head",
     "--lr", "1e-2", "--seq-len", "10", "--steps", "1", "--synth-steps", "2", "--synth-topk", "8",
-    "--search_width", "8", "--results-dir", "runs",
+    "--search_width", "8", "--strategies", "greedy", "--results-dir", "runs",
 ]  # fmt: skip
 
 

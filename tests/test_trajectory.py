@@ -158,7 +158,7 @@ def test_auto_preconditioning_is_adam_for_label_token_head_gradients_and_none_el
     data = DataConfig(seq_len=16)
     auto, adam, none = (
         corpus_gradients(base, finetuned, TEXTS, label_set, data, SelectConfig(k=6, **kind), tmp_path)
-        for kind in ({}, {"precondition": "adam"}, {"precondition": "none"})
+        for kind in ({"strategy": "greedy"}, {"precondition": "adam"}, {"precondition": "none"})
     )
     assert SelectConfig().precondition == "auto"
     assert (auto.timings["precondition"], adam.timings["precondition"], none.timings["precondition"]) == (

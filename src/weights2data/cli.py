@@ -351,9 +351,11 @@ def select_and_write(
         generation_labeller,
         lm_corpus_gradients,
         recover,
+        resolve_strategy,
         write_recovery,
     )
     from weights2data.templates import resolve_template
+    from weights2data.train import label_loss_of
 
     corpus = ws.corpus(args.corpus, data, sel.k, sel.seed)
     base = ws.model(args.base)
@@ -367,6 +369,8 @@ def select_and_write(
         label_set = None
     else:
         label_set = select_label_set(ws, sel, data, base, finetuned, corpus.texts, template)
+    label_loss = data.label_loss or label_loss_of(saved_task)
+    sel = resolve_strategy(sel, None if label_set is None else len(label_set.names), label_loss)
     labeller = None if label_set is None else generation_labeller(base, finetuned, label_set, data)
     corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache, labeller)
 
@@ -387,7 +391,7 @@ def select_and_write(
         recovery = recover(grads, corpus.texts, label_set, sel, progress=layout.rank == 0, selector=selector)
     elif sel.rounds > 1:
         from weights2data.rounds import recover_in_rounds
-        from weights2data.train import Task, label_loss_of
+        from weights2data.train import Task
         from weights2data.trajectory import expert_settings
 
         task = Task(
@@ -419,11 +423,10 @@ def select_and_write(
     recovery = mark_sources(recovery, sources, generated_label_distribution(grads, sources, label_set))
     if synth.synthesises:
         from weights2data.synthesis import refine_selection
-        from weights2data.train import Task, label_loss_of
+        from weights2data.train import Task
 
         if label_set is None:
             raise W2DError(f"--opt {synth.method} synthesises classification documents: use --opt SELECT")
-        label_loss = data.label_loss or label_loss_of(saved_task)
         task = Task("classification", data.seq_len, label_set, template=template, label_loss=label_loss)
         recovery = refine_selection(
             base, finetuned, grads, corpus.texts, recovery, sources, task, sel, synth, ws.cache

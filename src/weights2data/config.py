@@ -277,9 +277,12 @@ class RuntimeConfig:
 class SelectConfig:
     k: int = opt(1000, "number of corpus documents to select (the original's --select_full_dataset_size)")
     strategy: str = opt(
-        "greedy",
+        "auto",
         "greedy (SELECT), greedy_balanced (greedy with a quota per label), greedy_batched, topk, "
-        "topk_balanced, bottomk, p_min, p_max or random",
+        "topk_balanced, bottomk, p_min, p_max, random, or auto: greedy_balanced on K-FAC-whitened "
+        "gradients (--precondition kfac) for 2-4 labels with the label-token loss and head gradients "
+        "(ahead of greedy over the regimes measured there; see README), greedy otherwise (20 labels, "
+        "language modelling, --grad-blocks, --label-loss full, --precondition none or adam)",
     )
     labels: str = opt(
         "auto", "labels for selected documents: auto (the finetuned model's prediction) or random"
@@ -317,10 +320,9 @@ class SelectConfig:
         "adam: match D ∘ g to the weight change, D = 1/√v̂ from a rank-one (Adafactor-style) estimate "
         "of the corpus gradients' second moments, as an Adam-trained expert moved; kfac: whiten by the "
         "Kronecker-factored second moment (A^-1/2 e hᵀ B^-1/2); none: the raw gradients (the "
-        "original's). Head gradients of the label-token loss; exact. auto: adam there (it measured "
-        "best on every dataset tried), none for language modelling, --label-loss full and torchrun. "
-        "kfac with --strategy greedy_balanced led greedy's mean in most regimes measured on 2-4 "
-        "labels and fell below it on 20 Newsgroups (README, Recovery options). "
+        "original's). Head gradients of the label-token loss; exact. auto: kfac where --strategy auto "
+        "chose greedy_balanced, else adam there (it measured best for greedy on every dataset tried); "
+        "none for language modelling, --label-loss full and torchrun. "
         "--opt GCG|GCGA|ADMM maximise the objective under the same preconditioner",
     )
     rounds: int = opt(
@@ -377,9 +379,9 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         from weights2data.precondition import PRECONDITIONERS
-        from weights2data.selection import STRATEGIES
+        from weights2data.selection import AUTO, STRATEGIES
 
-        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("strategy", self.strategy, (AUTO, *STRATEGIES))
         _choice("labels", self.labels, ("auto", "random"))
         check_types(self)
         _choice("grad_at", self.grad_at, GRAD_AT)
@@ -435,8 +437,9 @@ class RunConfig:
     base: str = opt("smollm2-135m", "base model (the original's --model)")
     corpus: str = opt("wiki_passages_10000", "candidate corpus (the original's --select_seed_dataset)")
     strategies: str = opt(
-        "greedy",
-        "comma-separated selection strategies to compare, each trained and scored against the random "
+        "auto",
+        "comma-separated selection strategies to compare (auto: as --strategy auto in w2d select), "
+        "each trained and scored against the random "
         "baseline; NAME@SETTING=VALUE gives one strategy its own select settings, e.g. "
         "greedy,greedy_balanced@precondition=kfac (several: greedy_balanced@precondition=kfac@pool=2)",
     )
@@ -444,13 +447,13 @@ class RunConfig:
     skip_similarity: bool = opt(False, "skip the embedding-based dataset similarity metrics")
 
     def __post_init__(self) -> None:
-        from weights2data.selection import STRATEGIES
+        from weights2data.selection import AUTO, STRATEGIES
 
         check_types(self)
         if not self.strategy_list:
             raise W2DError(f"strategies names no strategy (got {self.strategies!r}): e.g. greedy,topk")
         for strategy, overrides in self.strategy_specs.values():
-            _choice("strategy", strategy, STRATEGIES)
+            _choice("strategy", strategy, (AUTO, *STRATEGIES))
             fixed = sorted(set(overrides) & {"k", "strategy"})
             if fixed:
                 raise W2DError(f"strategies: {', '.join(fixed)} is shared by every strategy of a run")

@@ -38,6 +38,7 @@ from weights2data.recover import (
     generated_label_distribution,
     generation_labeller,
     recover,
+    resolve_strategy,
     task_data,
     task_gradients,
     write_recovery,
@@ -106,12 +107,14 @@ def run_experiment(
         else generation_labeller(base, expert, task.label_set, task_data(data, task))
     )
     corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache, labeller)
-    grads = task_gradients(base, expert, corpus.texts, task, data, sel, ws.cache)  # autolabels, random
-    configs.setdefault(RANDOM, replace(sel, strategy=RANDOM))
-    by_settings = {settings_key(sel): grads}  # one featurisation per distinct set of select settings
-    for cfg in configs.values():
+    num_labels = None if task.label_set is None else len(task.label_set.names)
+    configs = {name: resolve_strategy(cfg, num_labels, task.label_loss) for name, cfg in configs.items()}
+    configs.setdefault(RANDOM, replace(sel, strategy=RANDOM))  # the run's own settings
+    by_settings = {}  # one featurisation per distinct set of select settings, the baseline's first
+    for cfg in (configs[RANDOM], *configs.values()):
         if (key := settings_key(cfg)) not in by_settings:
             by_settings[key] = task_gradients(base, expert, corpus.texts, task, data, cfg, ws.cache)
+    grads = by_settings[settings_key(configs[RANDOM])]  # the autolabels
     grads_of = {name: by_settings[settings_key(cfg)] for name, cfg in configs.items()}
     recoveries = {
         name: recover(grads_of[name], corpus.texts, task.label_set, cfg)

@@ -34,6 +34,7 @@ from weights2data.lm_features import head_delta, head_view
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
 from weights2data.precondition import Metric, fit_metric, resolve
 from weights2data.selection import (
+    AUTO,
     BALANCED,
     GradientFeatures,
     Selection,
@@ -256,6 +257,7 @@ def corpus_gradients(
     """
     started = time.time()
     mode = data.label_loss or label_loss_of(finetuned.meta.get("task"))
+    cfg = resolve_strategy(cfg, len(label_set.names), mode)
     if mode == "full":
         check_full_loss(cfg)
     template, encoded, hidden = finetuned_hidden(base, finetuned, texts, data, cache_root)
@@ -322,6 +324,31 @@ def corpus_gradients(
         adapter=adapter_of(finetuned),
         metric=metric,
     )
+
+
+QUOTA_LABELS = range(2, 5)  # label counts where --strategy auto balances (measured on 2 and 4)
+
+
+def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
+    """`cfg` with `--strategy auto` made one strategy: greedy_balanced on K-FAC-whitened head
+    gradients where it measured ahead of greedy (2-4 labels, the label-token loss, no block
+    gradients, --precondition auto or kfac; benchmarks/RESULTS.md, "Choosing the strategy"),
+    greedy elsewhere (with 20 labels the quota lost; language modelling has no labels)."""
+    if cfg.strategy != AUTO:
+        return cfg
+    quota = (
+        num_labels in QUOTA_LABELS
+        and label_loss == "restricted"
+        and not cfg.grad_blocks
+        and cfg.precondition in ("auto", "kfac")
+    )
+    chosen = (
+        replace(cfg, strategy="greedy_balanced", precondition="kfac")
+        if quota
+        else replace(cfg, strategy="greedy")
+    )
+    log.info("--strategy auto: %s, --precondition %s", chosen.strategy, chosen.precondition)
+    return chosen
 
 
 def check_full_loss(cfg: SelectConfig) -> None:
@@ -534,6 +561,10 @@ def recover(
     `selector`: selection.select, or a function with its signature (distributed.sharded_select over
     the ranks' rows)."""
     strategy = strategy or cfg.strategy
+    if strategy == AUTO:  # as corpus_gradients resolved it, by the preconditioner it applied
+        used = replace(cfg, strategy=AUTO, precondition=grads.timings.get("precondition", "none"))
+        num_labels = None if label_set is None or grads.labels is None else len(label_set.names)
+        strategy = resolve_strategy(used, num_labels, grads.timings.get("label_loss", "restricted")).strategy
     if grads.labels is None:
         check_lm_selection(cfg, [strategy])
     if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:

@@ -36,6 +36,7 @@ STRATEGIES = (
     "p_max",
     "random",
 )
+AUTO = "auto"  # a setting, made one of STRATEGIES where the label count is known (recover.resolve_strategy)
 BALANCED = ("greedy_balanced", "topk_balanced")  # per-label quotas
 GREEDY = ("greedy", "greedy_batched", "greedy_balanced")
 
