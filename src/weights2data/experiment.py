@@ -110,12 +110,15 @@ def run_experiment(
     num_labels = None if task.label_set is None else len(task.label_set.names)
     configs = {name: resolve_strategy(cfg, num_labels, task.label_loss) for name, cfg in configs.items()}
     configs.setdefault(RANDOM, replace(sel, strategy=RANDOM))  # the run's own settings
+    keys = {name: settings_key(cfg) for name, cfg in configs.items()}
     by_settings = {}  # one featurisation per distinct set of select settings, the baseline's first
-    for cfg in (configs[RANDOM], *configs.values()):
-        if (key := settings_key(cfg)) not in by_settings:
-            by_settings[key] = task_gradients(base, expert, corpus.texts, task, data, cfg, ws.cache)
-    grads = by_settings[settings_key(configs[RANDOM])]  # the autolabels
-    grads_of = {name: by_settings[settings_key(cfg)] for name, cfg in configs.items()}
+    for name in (RANDOM, *configs):
+        if keys[name] not in by_settings:
+            by_settings[keys[name]] = task_gradients(
+                base, expert, corpus.texts, task, data, configs[name], ws.cache
+            )
+    grads_of = {name: by_settings[key] for name, key in keys.items()}
+    grads = grads_of[RANDOM]  # the autolabels
     recoveries = {
         name: recover(grads_of[name], corpus.texts, task.label_set, cfg)
         if cfg.rounds == 1 or cfg.strategy == RANDOM
