@@ -1,0 +1,32 @@
+"""benchmarks/coarse_newsgroup.py on the real 20 Newsgroups: six subjects, same rows, a usable data dir."""
+
+import json
+import sys
+from pathlib import Path
+
+from weights2data.data import load_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import coarse_newsgroup  # noqa: E402
+
+
+def test_every_group_maps_to_its_subject_and_the_output_serves_as_a_data_dir(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    groups = json.loads((data_dir / "newsgroup" / "labels.json").read_text())
+    subjects = [list(coarse_newsgroup.SUBJECTS)[coarse_newsgroup.subject_of(g)] for g in groups]
+    assert subjects.count("Computers") == 5 and subjects.count("Forsale") == 1
+    assert subjects[groups.index("talk.religion.misc")] == "Religion"
+    assert subjects[groups.index("talk.politics.guns")] == "Politics"
+
+    out = tmp_path / "data6"
+    coarse_newsgroup.write_coarse(data_dir, out)
+    coarse_newsgroup.write_coarse(data_dir, out)  # rerunning replaces it
+    fine = load_dataset("newsgroup", data_dir=data_dir)
+    six = load_dataset("newsgroup6", data_dir=out)
+    assert six.label_names == list(coarse_newsgroup.SUBJECTS)
+    assert six.train.texts == fine.train.texts and six.test.texts == fine.test.texts
+    assert [subjects[g] for g in fine.train.labels] == [six.label_names[c] for c in six.train.labels]
+    assert len(load_dataset("wiki_passages_10", data_dir=out).train) == 10
+    assert not list(out.glob(".*"))  # no partial folder left
