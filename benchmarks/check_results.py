@@ -87,6 +87,7 @@ NAMES = {  # how a value in the JSON reads in the docs
     "ag_news": "AG News",
     "imdb": "IMDB",
     "newsgroup": "20 Newsgroups",
+    "newsgroup6": "20 Newsgroups, 6 subjects",
     "rotten_tomatoes": "Rotten Tomatoes",
     "greedy": "greedy (SELECT)",
     "topk": "top-k",

@@ -43,7 +43,9 @@ CANDIDATES = {
     "topk_balanced": "topk_balanced@precondition=auto",
     "pool_balanced": "greedy_balanced@pool=2",
     "kfac_balanced": "greedy_balanced@precondition=kfac",
+    "kfac_topk": "topk_balanced@precondition=kfac",  # measured later, on fewer regimes: opt-in
 }
+DEFAULT_CANDIDATES = ("greedy", "topk_balanced", "pool_balanced", "kfac_balanced")
 CHOOSERS = {  # rule → the figure it maximises over the candidates
     "by_agreement": "agreement",
     "by_balanced_agreement": "balanced_agreement",
@@ -64,7 +66,7 @@ def candidate_rows(rows: list[dict], candidates: Sequence[str]) -> dict[tuple, d
     return found
 
 
-def choices(rows: list[dict], candidates: Sequence[str] = tuple(CANDIDATES)) -> list[dict]:
+def choices(rows: list[dict], candidates: Sequence[str] = DEFAULT_CANDIDATES) -> list[dict]:
     """One row per (dataset, scope, k, seed, rule): what the rule chose among `candidates` and
     how it scored."""
     out = []
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+", help="quality.py results files measured with --record-proxies")
     p.add_argument(
         "--candidates",
-        default=",".join(CANDIDATES),
+        default=",".join(DEFAULT_CANDIDATES),
         help=f"comma-separated, among {', '.join(f'{k} ({v})' for k, v in CANDIDATES.items())}",
     )
     p.add_argument("--out", default=None, help="results JSON (written atomically); none: print only")
