@@ -46,8 +46,9 @@ def subject_of(group: str) -> int:
     raise W2DError(f"newsgroup {group!r} belongs to none of the six subjects")
 
 
-def write_coarse(source: Path, out: Path) -> None:
-    """OUT/newsgroup6 from SOURCE/newsgroup, written atomically, and links to SOURCE's other datasets."""
+def write_coarse(source: Path, out: Path) -> list[int]:
+    """OUT/newsgroup6 from SOURCE/newsgroup, written atomically, and links to SOURCE's other datasets;
+    returns the training rows per subject."""
     groups = json.loads((source / "newsgroup" / "labels.json").read_text())
     mapping = pa.array([subject_of(g) for g in groups], pa.int64())
     out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,8 @@ def write_coarse(source: Path, out: Path) -> None:
         table = pq.read_table(source / "newsgroup" / f"{split}.parquet", columns=["text", "label"])
         coarse = pc.take(mapping, table["label"])
         pq.write_table(table.set_column(1, "label", coarse), partial / f"{split}.parquet")
+        if split == "train":
+            counts = [pc.sum(pc.equal(coarse, i)).as_py() or 0 for i in range(len(SUBJECTS))]
     (partial / "labels.json").write_text(json.dumps(list(SUBJECTS)) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
@@ -65,6 +68,7 @@ def write_coarse(source: Path, out: Path) -> None:
         link = out / folder.name
         if folder.is_dir() and not link.exists():
             link.symlink_to(folder.resolve(), target_is_directory=True)
+    return counts
 
 
 def main() -> None:
@@ -75,11 +79,10 @@ def main() -> None:
     source = data_dir(args.data_dir)
     if source is None or not (source / "newsgroup" / "labels.json").exists():
         raise W2DError(f"no newsgroup dataset in the data directory {source} (--data-dir or $W2D_DATA_DIR)")
-    write_coarse(source, Path(args.out))
-    counts = pq.read_table(Path(args.out) / NAME / "train.parquet")["label"].value_counts()
+    counts = write_coarse(source, Path(args.out))
     print(f"wrote {Path(args.out) / NAME}; training rows per subject:")
-    for entry in sorted(counts.to_pylist(), key=lambda e: e["values"]):
-        print(f"  {list(SUBJECTS)[entry['values']]:<11} {entry['counts']}")
+    for subject, count in zip(SUBJECTS, counts, strict=True):
+        print(f"  {subject:<11} {count}")
 
 
 if __name__ == "__main__":
