@@ -120,14 +120,19 @@ def test_auto_labels_are_the_finetuned_prediction(pair, tmp_path) -> None:
     torch.testing.assert_close(grads.losses, expected_loss, atol=1e-5, rtol=1e-4)
 
 
-def test_auto_is_whitened_balanced_greedy_for_a_few_labels_and_greedy_elsewhere(pair, tmp_path) -> None:
+def test_auto_is_whitened_balanced_greedy_for_a_few_labels_and_greedy_elsewhere(
+    pair, tmp_path, caplog
+) -> None:
     base, finetuned = pair
     label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
     data, auto = DataConfig(seq_len=16), SelectConfig(k=4)
     asked = SelectConfig(k=4, strategy="greedy_balanced", precondition="kfac")
-    grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, auto, tmp_path)
+    with caplog.at_level("INFO", logger="weights2data"):
+        grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, auto, tmp_path)
+        chosen = recover(grads, TEXTS, label_set, auto, progress=False)
     assert grads.timings["precondition"] == "kfac"
-    chosen = recover(grads, TEXTS, label_set, auto, progress=False)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--strategy auto")]
+    assert said == ["--strategy auto: greedy_balanced, --precondition kfac"]  # once, for a library caller
     explicit = recover(corpus_gradients(base, finetuned, TEXTS, label_set, data, asked, tmp_path),
                        TEXTS, label_set, asked, progress=False)  # fmt: skip
     assert chosen.summary["strategy"] == "greedy_balanced"

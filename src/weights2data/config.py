@@ -379,9 +379,9 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         from weights2data.precondition import PRECONDITIONERS
-        from weights2data.selection import AUTO, STRATEGIES
+        from weights2data.selection import STRATEGY_SETTINGS
 
-        _choice("strategy", self.strategy, (AUTO, *STRATEGIES))
+        _choice("strategy", self.strategy, STRATEGY_SETTINGS)
         _choice("labels", self.labels, ("auto", "random"))
         check_types(self)
         _choice("grad_at", self.grad_at, GRAD_AT)
@@ -447,13 +447,13 @@ class RunConfig:
     skip_similarity: bool = opt(False, "skip the embedding-based dataset similarity metrics")
 
     def __post_init__(self) -> None:
-        from weights2data.selection import AUTO, STRATEGIES
+        from weights2data.selection import STRATEGY_SETTINGS
 
         check_types(self)
         if not self.strategy_list:
             raise W2DError(f"strategies names no strategy (got {self.strategies!r}): e.g. greedy,topk")
         for strategy, overrides in self.strategy_specs.values():
-            _choice("strategy", strategy, (AUTO, *STRATEGIES))
+            _choice("strategy", strategy, STRATEGY_SETTINGS)
             fixed = sorted(set(overrides) & {"k", "strategy"})
             if fixed:
                 raise W2DError(f"strategies: {', '.join(fixed)} is shared by every strategy of a run")

@@ -330,25 +330,28 @@ QUOTA_LABELS = range(2, 5)  # label counts where --strategy auto balances (measu
 
 
 def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
-    """`cfg` with `--strategy auto` made one strategy: greedy_balanced on K-FAC-whitened head
-    gradients where it measured ahead of greedy (2-4 labels, the label-token loss, no block
-    gradients, --precondition auto or kfac; benchmarks/RESULTS.md, "Choosing the strategy"),
-    greedy elsewhere (with 20 labels the quota lost; language modelling has no labels)."""
+    """`cfg` with `--strategy auto` made one strategy (auto_strategy), saying which in the log."""
     if cfg.strategy != AUTO:
         return cfg
+    chosen = auto_strategy(cfg, num_labels, label_loss)
+    log.info("--strategy auto: %s, --precondition %s", chosen.strategy, chosen.precondition)
+    return chosen
+
+
+def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
+    """What `--strategy auto` runs: greedy_balanced on K-FAC-whitened head gradients where it
+    measured ahead of greedy (2-4 labels, the label-token loss, no block gradients, --precondition
+    auto or kfac; benchmarks/RESULTS.md, "Choosing the strategy"), greedy elsewhere (with 20 labels
+    the quota lost; language modelling has no labels)."""
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
         and not cfg.grad_blocks
         and cfg.precondition in ("auto", "kfac")
     )
-    chosen = (
-        replace(cfg, strategy="greedy_balanced", precondition="kfac")
-        if quota
-        else replace(cfg, strategy="greedy")
-    )
-    log.info("--strategy auto: %s, --precondition %s", chosen.strategy, chosen.precondition)
-    return chosen
+    if quota:
+        return replace(cfg, strategy="greedy_balanced", precondition="kfac")
+    return replace(cfg, strategy="greedy")
 
 
 def check_full_loss(cfg: SelectConfig) -> None:
@@ -564,7 +567,7 @@ def recover(
     if strategy == AUTO:  # as corpus_gradients resolved it, by the preconditioner it applied
         used = replace(cfg, strategy=AUTO, precondition=grads.timings.get("precondition", "none"))
         num_labels = None if label_set is None or grads.labels is None else len(label_set.names)
-        strategy = resolve_strategy(used, num_labels, grads.timings.get("label_loss", "restricted")).strategy
+        strategy = auto_strategy(used, num_labels, grads.timings.get("label_loss", "restricted")).strategy
     if grads.labels is None:
         check_lm_selection(cfg, [strategy])
     if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:

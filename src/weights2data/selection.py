@@ -37,6 +37,7 @@ STRATEGIES = (
     "random",
 )
 AUTO = "auto"  # a setting, made one of STRATEGIES where the label count is known (recover.resolve_strategy)
+STRATEGY_SETTINGS = (AUTO, *STRATEGIES)  # what --strategy accepts
 BALANCED = ("greedy_balanced", "topk_balanced")  # per-label quotas
 GREEDY = ("greedy", "greedy_batched", "greedy_balanced")
 
