@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEFAULT_CANDIDATES),
         help=f"comma-separated, among {', '.join(f'{k} ({v})' for k, v in CANDIDATES.items())}",
     )
+    p.add_argument(
+        "--datasets",
+        default=None,
+        help="comma-separated: replay only these datasets' regimes (default: every one in the files)",
+    )
     p.add_argument("--out", default=None, help="results JSON (written atomically); none: print only")
     args = p.parse_args(argv)
     candidates = [name.strip() for name in args.candidates.split(",")]
@@ -131,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown candidate(s) {', '.join(unknown)}: choose from {', '.join(CANDIDATES)}")
     rows = [row for path in args.files for row in json.loads(Path(path).read_text())["rows"]]
+    datasets = None if args.datasets is None else [d.strip() for d in args.datasets.split(",")]
+    if datasets is not None:
+        absent = sorted(set(datasets) - {row["dataset"] for row in rows})
+        if absent:
+            p.error(f"no rows for dataset(s) {', '.join(absent)} in the files")
+        rows = [row for row in rows if row["dataset"] in datasets]
     chosen = choices(rows, candidates)
     summary = summarise(chosen)
     for entry in summary:
@@ -142,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         sources = [str(Path(path)) for path in args.files]
         out = {"sources": sources, "candidates": candidates, "rows": chosen, "summary": summary}
+        out |= {} if datasets is None else {"datasets": datasets}
         write_json(args.out, out)
     return 0
 

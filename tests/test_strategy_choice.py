@@ -77,3 +77,18 @@ def test_every_candidate_asked_for_must_be_measured_and_counts(tmp_path: Path) -
     two = ["--candidates", "greedy,kfac_balanced"]
     assert strategy_choice.main([str(results), *two, "--out", str(out)]) == 0
     assert json.loads(out.read_text())["candidates"] == ["greedy", "kfac_balanced"]
+
+
+def test_datasets_keeps_the_regimes_of_those_datasets_only(tmp_path: Path) -> None:
+    rows = rows_of_seed(0) + [dict(r, dataset="imdb") for r in rows_of_seed(0)[:2]]  # imdb lacks topk
+    results = tmp_path / "quality.json"
+    results.write_text(json.dumps({"rows": rows}))
+    three = ["--candidates", ",".join(THREE)]
+    with pytest.raises(SystemExit, match="imdb top:2 seed 0: no row for topk_balanced"):
+        strategy_choice.main([str(results), *three])
+    out = tmp_path / "choice.json"
+    assert strategy_choice.main([str(results), *three, "--datasets", "ag_news", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["datasets"] == ["ag_news"] and {r["dataset"] for r in saved["rows"]} == {"ag_news"}
+    with pytest.raises(SystemExit):
+        strategy_choice.main([str(results), *three, "--datasets", "newsgroup"])  # no such rows
