@@ -561,6 +561,10 @@ def recover(
 ) -> Recovery:
     """Run one strategy over precomputed corpus gradients (never picking the rows in `exclude`).
 
+    The gradients are preconditioned as corpus_gradients chose (grads.timings["precondition"]):
+    a `strategy` named here runs on those, e.g. on K-FAC-whitened ones where `--strategy auto`
+    asked for them; compute them with that strategy's own config to get its default preconditioner.
+
     `selector`: selection.select, or a function with its signature (distributed.sharded_select over
     the ranks' rows)."""
     strategy = strategy or cfg.strategy
