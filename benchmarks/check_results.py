@@ -94,6 +94,7 @@ NAMES = {  # how a value in the JSON reads in the docs
     "greedy_balanced": "greedy balanced",
     "greedy_balanced@precondition=kfac": "greedy balanced, whitened",
     "topk_balanced": "top-k balanced",
+    "topk_balanced@precondition=kfac": "top-k balanced, whitened",
     "random_confident": "random (kept share)",
     "oracle": "ceiling: the passages nearest the true texts",
 }

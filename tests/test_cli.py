@@ -225,7 +225,7 @@ def test_demo_copies_its_results(
     assert [row["model"] for row in table] == [
         "expert",
         "greedy",
-        "greedy_balanced@precondition=kfac",
+        "topk_balanced@precondition=kfac",
         "topk",
         "random",
     ]

@@ -45,7 +45,7 @@ def test_run_end_to_end(cli_env) -> None:
 
 def test_a_strategy_with_its_own_settings_picks_as_a_run_with_those_settings(cli_env) -> None:
     top1 = [(a if a != "greedy,topk" else "greedy") for a in RUN] + ["--train-scope", "top:1", "--lr", "1e-3"]
-    entries = "greedy,greedy@precondition=kfac,auto,greedy_balanced@precondition=kfac"
+    entries = "greedy,greedy@precondition=kfac,auto,topk_balanced@precondition=kfac"
     assert main([*top1, "--strategies", entries, "--exp_name", "mixed"]) == 0
     assert main([*top1, "--precondition", "kfac", "--exp_name", "kfac"]) == 0
     mixed = json.loads((cli_env / "runs" / "mixed" / "results.json").read_text())
@@ -53,14 +53,14 @@ def test_a_strategy_with_its_own_settings_picks_as_a_run_with_those_settings(cli
     assert [row["model"] for row in mixed["table"]] == names
     assert mixed["selections"]["greedy@precondition=kfac"]["config"]["precondition"] == "kfac"
     assert mixed["selections"]["greedy"]["config"]["precondition"] == "auto"
-    assert mixed["selections"]["auto"]["strategy"] == "greedy_balanced"  # 4 labels
+    assert mixed["selections"]["auto"]["strategy"] == "topk_balanced"  # 4 labels
 
     def picks(run: str, name: str) -> list[int]:
         path = cli_env / "runs" / run / f"selection-{name}" / "selection.parquet"
         return pq.read_table(path).column("corpus_row").to_pylist()
 
     assert picks("mixed", "greedy@precondition=kfac") == picks("kfac", "greedy")
-    assert picks("mixed", "auto") == picks("mixed", "greedy_balanced@precondition=kfac")
+    assert picks("mixed", "auto") == picks("mixed", "topk_balanced@precondition=kfac")
     assert picks("mixed", "greedy") != picks("kfac", "greedy")
     assert picks("mixed", "random") == picks("kfac", "random")  # the baseline keeps the run's settings
 
@@ -101,8 +101,8 @@ def test_select_command(cli_env) -> None:
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert sum(summary["label_distribution"].values()) == 10
     asked = json.loads((cli_env / "runs" / "sel" / "config.json").read_text())["select"]
-    assert asked["strategy"] == "auto"  # the default, made balanced greedy on whitened gradients: 4 labels
-    assert (summary["strategy"], summary["precondition"]) == ("greedy_balanced", "kfac")
+    assert asked["strategy"] == "auto"  # the default, made balanced top-k on whitened gradients: 4 labels
+    assert (summary["strategy"], summary["precondition"]) == ("topk_balanced", "kfac")
     assert max(summary["label_distribution"].values()) <= 3  # a quota of ⌈10 / 4⌉
 
 

@@ -120,9 +120,7 @@ def test_auto_labels_are_the_finetuned_prediction(pair, tmp_path) -> None:
     torch.testing.assert_close(grads.losses, expected_loss, atol=1e-5, rtol=1e-4)
 
 
-def test_auto_is_whitened_balanced_greedy_for_a_few_labels_and_greedy_elsewhere(
-    pair, tmp_path, caplog
-) -> None:
+def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tmp_path, caplog) -> None:
     base, finetuned = pair
     label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
     data, auto = DataConfig(seq_len=16), SelectConfig(k=4)
@@ -137,8 +135,11 @@ def test_auto_is_whitened_balanced_greedy_for_a_few_labels_and_greedy_elsewhere(
                        TEXTS, label_set, asked, progress=False)  # fmt: skip
     assert chosen.summary["strategy"] == "greedy_balanced"
     assert chosen.rows.tolist() == explicit.rows.tolist()
-    assert resolve_strategy(auto, 4, "restricted") == asked
+    assert resolve_strategy(auto, 3, "restricted") == asked
+    for labels in (4, 6):  # top-k fills the quotas from four labels
+        assert resolve_strategy(auto, labels, "restricted") == replace(asked, strategy="topk_balanced")
     greedy = replace(auto, strategy="greedy")
+    assert resolve_strategy(auto, 7, "restricted") == greedy  # unmeasured from 7 to 19 labels
     assert resolve_strategy(auto, 20, "restricted") == greedy  # the quota lost with 20 labels
     assert resolve_strategy(auto, None, "restricted") == greedy  # language modelling
     assert resolve_strategy(auto, 2, "full") == greedy

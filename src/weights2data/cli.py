@@ -111,10 +111,11 @@ DEMO = {  # sized to finish within 10 minutes on a 2-core CPU; see README for th
     "eval_rows": 500,
     "eval_epochs": 3,
     # at this setting, 3 seeds (benchmarks/results/quality_demo_setting_cpu.json), greedy closed 0.48 of
-    # the gap with Adam preconditioning (the default) against 0.36 without; greedy with a quota per label
-    # on K-FAC-whitened gradients 0.56 (quality_demo_setting_proxies_kfac_top2_cpu.json); top-k shows
-    # what greedy's redundancy term fixes
-    "strategies": "greedy,greedy_balanced@precondition=kfac,topk",
+    # the gap with Adam preconditioning (the default) against 0.36 without; a quota per label on
+    # K-FAC-whitened gradients 0.56 filled by greedy (quality_demo_setting_proxies_kfac_top2_cpu.json),
+    # 0.65 by top-k, what --strategy auto runs for four labels (..._kfac_topk_top2_cpu.json); top-k
+    # alone shows what greedy's redundancy term and the quota fix
+    "strategies": "greedy,topk_balanced@precondition=kfac,topk",
 }
 
 DATASET_HELP = """\

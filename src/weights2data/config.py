@@ -279,9 +279,10 @@ class SelectConfig:
     strategy: str = opt(
         "auto",
         "greedy (SELECT), greedy_balanced (greedy with a quota per label), greedy_batched, topk, "
-        "topk_balanced, bottomk, p_min, p_max, random, or auto: greedy_balanced on K-FAC-whitened "
-        "gradients (--precondition kfac) for 2-4 labels with the label-token loss and head gradients "
-        "(ahead of greedy over the regimes measured there; see README), greedy otherwise (20 labels, "
+        "topk_balanced, bottomk, p_min, p_max, random, or auto: a quota per label on K-FAC-whitened "
+        "gradients (--precondition kfac) for 2-6 labels with the label-token loss and head gradients, "
+        "filled by greedy (greedy_balanced) for 2-3 labels and by top-k (topk_balanced) for 4-6 "
+        "(ahead of greedy over the regimes measured there; see README), greedy otherwise (7+ labels, "
         "language modelling, --grad-blocks, --label-loss full, --precondition none or adam)",
     )
     labels: str = opt(
@@ -321,7 +322,7 @@ class SelectConfig:
         "of the corpus gradients' second moments, as an Adam-trained expert moved; kfac: whiten by the "
         "Kronecker-factored second moment (A^-1/2 e hᵀ B^-1/2); none: the raw gradients (the "
         "original's). Head gradients of the label-token loss; exact. auto: kfac where --strategy auto "
-        "chose greedy_balanced, else adam there (it measured best for greedy on every dataset tried); "
+        "chose a quota per label, else adam there (it measured best for greedy on every dataset tried); "
         "none for language modelling, --label-loss full and torchrun. "
         "--opt GCG|GCGA|ADMM maximise the objective under the same preconditioner",
     )
