@@ -1,15 +1,17 @@
-"""A 6-label task for the benchmarks: 20 Newsgroups with its groups merged into the six top-level
-subjects of the collection's own hierarchy (computers, recreation, science, for sale, politics,
-religion). It fills the gap between the 2–4-label tasks (AG News, IMDB, Rotten Tomatoes) and the
-20-label one, where label quotas inside greedy behave differently.
+"""Tasks of 3 to 6 labels for the benchmarks: 20 Newsgroups with its groups merged into the six
+top-level subjects of the collection's own hierarchy (computers, recreation, science, for sale,
+politics, religion), or into a subset of them. They fill the gap between the 2–4-label tasks
+(AG News, IMDB, Rotten Tomatoes) and the 20-label one, where label quotas inside greedy behave
+differently.
 
     python benchmarks/coarse_newsgroup.py --out /tmp/w2d/data6
-    python benchmarks/quality.py --data-dir /tmp/w2d/data6 --datasets newsgroup6 ...
+    python benchmarks/coarse_newsgroup.py --out /tmp/w2d/data6 --subjects Computers,Recreation,Science
+    python benchmarks/quality.py --data-dir /tmp/w2d/data6 --datasets newsgroup6,newsgroup3 ...
 
-Writes OUT/newsgroup6/{train,test}.parquet and labels.json (the same rows and texts as
-DATA_DIR/newsgroup, only the labels change) and links every other dataset of the data directory
-into OUT, so OUT serves as the data directory of a whole run (the corpus included). The source
-data is not copied into the repository.
+Writes OUT/newsgroup<n>/{train,test}.parquet and labels.json, n the number of subjects kept (the
+rows of DATA_DIR/newsgroup whose subject is kept, texts and splits unchanged, only the labels
+change), and links every other dataset of the data directory into OUT, so OUT serves as the data
+directory of a whole run (the corpus included). The source data is not copied into the repository.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,7 +30,6 @@ import pyarrow.parquet as pq
 from weights2data.data import data_dir
 from weights2data.errors import W2DError, exit_on_error
 
-NAME = "newsgroup6"
 SUBJECTS = {  # subject: the 20 Newsgroups prefixes merged into it
     "Computers": ("comp.",),
     "Recreation": ("rec.",),
@@ -46,22 +48,36 @@ def subject_of(group: str) -> int:
     raise W2DError(f"newsgroup {group!r} belongs to none of the six subjects")
 
 
-def write_coarse(source: Path, out: Path) -> list[int]:
-    """OUT/newsgroup6 from SOURCE/newsgroup, written atomically, and links to SOURCE's other datasets;
-    returns the training rows per subject."""
+def dataset_name(subjects: Sequence[str]) -> str:
+    return f"newsgroup{len(subjects)}"
+
+
+def write_coarse(source: Path, out: Path, subjects: Sequence[str] = tuple(SUBJECTS)) -> list[int]:
+    """OUT/newsgroup<n> from SOURCE/newsgroup, keeping the rows of SUBJECTS (labelled in that
+    order), written atomically, and links to SOURCE's other datasets; returns the training rows per
+    subject."""
+    unknown = sorted(set(subjects) - set(SUBJECTS))
+    if unknown or len(set(subjects)) < 2 or len(set(subjects)) != len(subjects):
+        names, got = ", ".join(SUBJECTS), ", ".join(subjects)
+        raise W2DError(f"--subjects needs two or more distinct names of {names}; got {got}")
     groups = json.loads((source / "newsgroup" / "labels.json").read_text())
-    mapping = pa.array([subject_of(g) for g in groups], pa.int64())
+    every = list(SUBJECTS)
+    kept = [subjects.index(every[subject_of(g)]) if every[subject_of(g)] in subjects else -1 for g in groups]
+    mapping = pa.array(kept, pa.int64())  # group -> kept subject, -1 where dropped
     out.mkdir(parents=True, exist_ok=True)
-    partial, final = out / f".{NAME}.partial", out / NAME
+    name = dataset_name(subjects)
+    partial, final = out / f".{name}.partial", out / name
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     for split in ("train", "test"):
         table = pq.read_table(source / "newsgroup" / f"{split}.parquet", columns=["text", "label"])
         coarse = pc.take(mapping, table["label"])
-        pq.write_table(table.set_column(1, "label", coarse), partial / f"{split}.parquet")
+        keep = pc.greater_equal(coarse, 0)
+        table = table.set_column(1, "label", coarse).filter(keep)
+        pq.write_table(table, partial / f"{split}.parquet")
         if split == "train":
-            counts = [pc.sum(pc.equal(coarse, i)).as_py() or 0 for i in range(len(SUBJECTS))]
-    (partial / "labels.json").write_text(json.dumps(list(SUBJECTS)) + "\n")
+            counts = [pc.sum(pc.equal(table["label"], i)).as_py() or 0 for i in range(len(subjects))]
+    (partial / "labels.json").write_text(json.dumps(list(subjects)) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     for folder in source.iterdir():
@@ -74,14 +90,20 @@ def write_coarse(source: Path, out: Path) -> list[int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="the one holding newsgroup; None: $W2D_DATA_DIR")
-    p.add_argument("--out", required=True, help="the data directory to write (newsgroup6 + links)")
+    p.add_argument("--out", required=True, help="the data directory to write (newsgroup<n> + links)")
+    p.add_argument(
+        "--subjects",
+        default=",".join(SUBJECTS),
+        help="comma-separated subjects to keep, labelled in this order (default: all six)",
+    )
     args = p.parse_args()
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     source = data_dir(args.data_dir)
     if source is None or not (source / "newsgroup" / "labels.json").exists():
         raise W2DError(f"no newsgroup dataset in the data directory {source} (--data-dir or $W2D_DATA_DIR)")
-    counts = write_coarse(source, Path(args.out))
-    print(f"wrote {Path(args.out) / NAME}; training rows per subject:")
-    for subject, count in zip(SUBJECTS, counts, strict=True):
+    counts = write_coarse(source, Path(args.out), subjects)
+    print(f"wrote {Path(args.out) / dataset_name(subjects)}; training rows per subject:")
+    for subject, count in zip(subjects, counts, strict=True):
         print(f"  {subject:<11} {count}")
 
 
