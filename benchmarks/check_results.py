@@ -87,6 +87,8 @@ NAMES = {  # how a value in the JSON reads in the docs
     "ag_news": "AG News",
     "imdb": "IMDB",
     "newsgroup": "20 Newsgroups",
+    "newsgroup3": "20 Newsgroups, 3 subjects",
+    "newsgroup5": "20 Newsgroups, 5 subjects",
     "newsgroup6": "20 Newsgroups, 6 subjects",
     "rotten_tomatoes": "Rotten Tomatoes",
     "greedy": "greedy (SELECT)",

@@ -221,7 +221,7 @@ def parse_quick(p: argparse.ArgumentParser, quick: dict) -> argparse.Namespace:
 
 
 def csv(text: str, kind: type = str) -> list:
-    return [kind(x) for x in str(text).split(",") if x.strip()]
+    return [kind(x.strip()) for x in str(text).split(",") if x.strip()]
 
 
 def select_variants(text: str) -> list[str]:
