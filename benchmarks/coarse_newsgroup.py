@@ -61,8 +61,8 @@ def write_coarse(source: Path, out: Path, subjects: Sequence[str] = tuple(SUBJEC
         names, got = ", ".join(SUBJECTS), ", ".join(subjects)
         raise W2DError(f"--subjects needs two or more distinct names of {names}; got {got}")
     groups = json.loads((source / "newsgroup" / "labels.json").read_text())
-    every = list(SUBJECTS)
-    kept = [subjects.index(every[subject_of(g)]) if every[subject_of(g)] in subjects else -1 for g in groups]
+    names = [list(SUBJECTS)[subject_of(g)] for g in groups]
+    kept = [subjects.index(name) if name in subjects else -1 for name in names]
     mapping = pa.array(kept, pa.int64())  # group -> kept subject, -1 where dropped
     out.mkdir(parents=True, exist_ok=True)
     name = dataset_name(subjects)
