@@ -57,7 +57,7 @@ def write_coarse(source: Path, out: Path, subjects: Sequence[str] = tuple(SUBJEC
     order), written atomically, and links to SOURCE's other datasets; returns the training rows per
     subject."""
     unknown = sorted(set(subjects) - set(SUBJECTS))
-    if unknown or len(set(subjects)) < 2 or len(set(subjects)) != len(subjects):
+    if unknown or len(subjects) < 2 or len(set(subjects)) != len(subjects):
         names, got = ", ".join(SUBJECTS), ", ".join(subjects)
         raise W2DError(f"--subjects needs two or more distinct names of {names}; got {got}")
     groups = json.loads((source / "newsgroup" / "labels.json").read_text())

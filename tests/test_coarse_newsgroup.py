@@ -15,12 +15,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import coarse_newsgroup  # noqa: E402
 
 
+def subject_per_group(data_dir: Path) -> list[str]:
+    """The subject name of each 20 Newsgroups label, in label order."""
+    groups = json.loads((data_dir / "newsgroup" / "labels.json").read_text())
+    return [list(coarse_newsgroup.SUBJECTS)[coarse_newsgroup.subject_of(g)] for g in groups]
+
+
 def test_every_group_maps_to_its_subject_and_the_output_serves_as_a_data_dir(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    groups = json.loads((data_dir / "newsgroup" / "labels.json").read_text())
-    subjects = [list(coarse_newsgroup.SUBJECTS)[coarse_newsgroup.subject_of(g)] for g in groups]
+    subjects = subject_per_group(data_dir)
     assert subjects.count("Computers") == 5 and subjects.count("Forsale") == 1
+    groups = json.loads((data_dir / "newsgroup" / "labels.json").read_text())
     assert subjects[groups.index("talk.religion.misc")] == "Religion"
     assert subjects[groups.index("talk.politics.guns")] == "Politics"
 
@@ -39,8 +45,7 @@ def test_every_group_maps_to_its_subject_and_the_output_serves_as_a_data_dir(
 def test_a_subset_of_subjects_keeps_only_their_rows_labelled_in_the_given_order(
     data_dir: Path, tmp_path: Path
 ) -> None:
-    groups = json.loads((data_dir / "newsgroup" / "labels.json").read_text())
-    subjects = [list(coarse_newsgroup.SUBJECTS)[coarse_newsgroup.subject_of(g)] for g in groups]
+    subjects = subject_per_group(data_dir)
     kept = ("Science", "Computers", "Religion")
     counts = coarse_newsgroup.write_coarse(data_dir, tmp_path, kept)
     fine = load_dataset("newsgroup", data_dir=data_dir)
