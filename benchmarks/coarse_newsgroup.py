@@ -8,25 +8,21 @@ differently.
     python benchmarks/coarse_newsgroup.py --out /tmp/w2d/data6 --subjects Computers,Recreation,Science
     python benchmarks/quality.py --data-dir /tmp/w2d/data6 --datasets newsgroup6,newsgroup3 ...
 
-Writes OUT/newsgroup<n>/{train,test}.parquet and labels.json, n the number of subjects kept (the
-rows of DATA_DIR/newsgroup whose subject is kept, texts and splits unchanged, only the labels
-change), and links every other dataset of the data directory into OUT, so OUT serves as the data
-directory of a whole run (the corpus included). The source data is not copied into the repository.
+Writes OUT/NAME/{train,test}.parquet and labels.json (NAME: --name, default newsgroup<n> with n the
+number of subjects kept; the rows of DATA_DIR/newsgroup whose subject is kept, texts and splits
+unchanged, only the labels change), and links every other dataset of the data directory into OUT,
+so OUT serves as the data directory of a whole run (the corpus included). The source data is not
+copied into the repository.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
+from label_subset import check_kept, write_relabelled
 from weights2data.data import data_dir
 from weights2data.errors import W2DError, exit_on_error
 
@@ -48,43 +44,20 @@ def subject_of(group: str) -> int:
     raise W2DError(f"newsgroup {group!r} belongs to none of the six subjects")
 
 
-def dataset_name(subjects: Sequence[str]) -> str:
-    return f"newsgroup{len(subjects)}"
-
-
-def write_coarse(source: Path, out: Path, subjects: Sequence[str] = tuple(SUBJECTS)) -> list[int]:
-    """OUT/newsgroup<n> from SOURCE/newsgroup, keeping the rows of SUBJECTS (labelled in that
-    order), written atomically, and links to SOURCE's other datasets; returns the training rows per
-    subject."""
-    unknown = sorted(set(subjects) - set(SUBJECTS))
-    if unknown or len(subjects) < 2 or len(set(subjects)) != len(subjects):
-        names, got = ", ".join(SUBJECTS), ", ".join(subjects)
-        raise W2DError(f"--subjects needs two or more distinct names of {names}; got {got}")
+def write_coarse(
+    source: Path, out: Path, subjects: Sequence[str] = tuple(SUBJECTS), name: str | None = None
+) -> tuple[str, list[int]]:
+    """OUT/NAME (default newsgroup<n>) from SOURCE/newsgroup, keeping the rows of SUBJECTS
+    (labelled in that order), written atomically, and links to SOURCE's other datasets; returns
+    NAME and the training rows per subject."""
+    check_kept(subjects, list(SUBJECTS), "--subjects")
     groups = json.loads((source / "newsgroup" / "labels.json").read_text())
     names = [list(SUBJECTS)[subject_of(g)] for g in groups]
-    kept = [subjects.index(name) if name in subjects else -1 for name in names]
-    mapping = pa.array(kept, pa.int64())  # group -> kept subject, -1 where dropped
-    out.mkdir(parents=True, exist_ok=True)
-    name = dataset_name(subjects)
-    partial, final = out / f".{name}.partial", out / name
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    for split in ("train", "test"):
-        table = pq.read_table(source / "newsgroup" / f"{split}.parquet", columns=["text", "label"])
-        coarse = pc.take(mapping, table["label"])
-        keep = pc.greater_equal(coarse, 0)
-        table = table.set_column(1, "label", coarse).filter(keep)
-        pq.write_table(table, partial / f"{split}.parquet")
-        if split == "train":
-            counts = [pc.sum(pc.equal(table["label"], i)).as_py() or 0 for i in range(len(subjects))]
-    (partial / "labels.json").write_text(json.dumps(list(subjects)) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    for folder in source.iterdir():
-        link = out / folder.name
-        if folder.is_dir() and not link.exists():
-            link.symlink_to(folder.resolve(), target_is_directory=True)
-    return counts
+    new_label = [subjects.index(name) if name in subjects else -1 for name in names]
+    name = name or f"newsgroup{len(subjects)}"
+    if name == "newsgroup":
+        raise W2DError("--name 'newsgroup' would replace the source dataset; choose another")
+    return name, write_relabelled(source, out, "newsgroup", name, new_label, subjects)
 
 
 def main() -> None:
@@ -96,13 +69,14 @@ def main() -> None:
         default=",".join(SUBJECTS),
         help="comma-separated subjects to keep, labelled in this order (default: all six)",
     )
+    p.add_argument("--name", default=None, help="the new dataset's name (default: newsgroup<n>)")
     args = p.parse_args()
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     source = data_dir(args.data_dir)
     if source is None or not (source / "newsgroup" / "labels.json").exists():
         raise W2DError(f"no newsgroup dataset in the data directory {source} (--data-dir or $W2D_DATA_DIR)")
-    counts = write_coarse(source, Path(args.out), subjects)
-    print(f"wrote {Path(args.out) / dataset_name(subjects)}; training rows per subject:")
+    name, counts = write_coarse(source, Path(args.out), subjects, args.name)
+    print(f"wrote {Path(args.out) / name}; training rows per subject:")
     for subject, count in zip(subjects, counts, strict=True):
         print(f"  {subject:<11} {count}")
 

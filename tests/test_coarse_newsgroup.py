@@ -47,7 +47,8 @@ def test_a_subset_of_subjects_keeps_only_their_rows_labelled_in_the_given_order(
 ) -> None:
     subjects = subject_per_group(data_dir)
     kept = ("Science", "Computers", "Religion")
-    counts = coarse_newsgroup.write_coarse(data_dir, tmp_path, kept)
+    name, counts = coarse_newsgroup.write_coarse(data_dir, tmp_path, kept)
+    assert name == "newsgroup3"
     fine = load_dataset("newsgroup", data_dir=data_dir)
     three = load_dataset("newsgroup3", data_dir=tmp_path)
     assert three.label_names == list(kept)
@@ -61,3 +62,7 @@ def test_a_subset_of_subjects_keeps_only_their_rows_labelled_in_the_given_order(
     for bad in (("Science",), ("Science", "Sport"), ("Science", "Science")):
         with pytest.raises(W2DError, match="--subjects"):
             coarse_newsgroup.write_coarse(data_dir, tmp_path, bad)
+    with pytest.raises(W2DError, match="would replace the source"):
+        coarse_newsgroup.write_coarse(data_dir, tmp_path, kept, "newsgroup")
+    named, _ = coarse_newsgroup.write_coarse(data_dir, tmp_path, ("Politics", "Religion"), "ng_talk")
+    assert load_dataset(named, data_dir=tmp_path).label_names == ["Politics", "Religion"]

@@ -1,0 +1,102 @@
+"""Tasks with fewer labels cut from a dataset of the data directory: the rows of DATASET whose label
+is one of LABELS, relabelled in the given order. They give the 3-to-6-label measurements a second
+source besides 20 Newsgroups (e.g. AG News without one of its four classes).
+
+    python benchmarks/label_subset.py --out /tmp/w2d/data6 --dataset ag_news --labels World,Sports,Business
+    python benchmarks/quality.py --data-dir /tmp/w2d/data6 --datasets ag_news3 ...
+
+Writes OUT/NAME/{train,test}.parquet and labels.json (NAME: --name, default DATASET<n> with n the
+number of labels kept; texts and splits unchanged, only the labels change) and links every other
+dataset of the data directory into OUT, so OUT serves as the data directory of a whole run (the
+corpus included). The source data is not copied into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from weights2data.data import data_dir
+from weights2data.errors import W2DError, exit_on_error
+
+
+def write_relabelled(
+    source: Path, out: Path, dataset: str, name: str, new_label: Sequence[int], labels: Sequence[str]
+) -> list[int]:
+    """OUT/NAME from SOURCE/DATASET, each row of label l relabelled new_label[l] (dropped where it
+    is -1) and named by LABELS, written atomically, with links to SOURCE's other datasets; returns
+    the training rows per new label."""
+    mapping = pa.array(list(new_label), pa.int64())
+    out.mkdir(parents=True, exist_ok=True)
+    partial, final = out / f".{name}.partial", out / name
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    for split in ("train", "test"):
+        table = pq.read_table(source / dataset / f"{split}.parquet", columns=["text", "label"])
+        relabelled = pc.take(mapping, table["label"])
+        table = table.set_column(1, "label", relabelled).filter(pc.greater_equal(relabelled, 0))
+        pq.write_table(table, partial / f"{split}.parquet")
+        if split == "train":
+            counts = [pc.sum(pc.equal(table["label"], i)).as_py() or 0 for i in range(len(labels))]
+    (partial / "labels.json").write_text(json.dumps(list(labels)) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    for folder in source.iterdir():
+        link = out / folder.name
+        if folder.is_dir() and not link.exists():
+            link.symlink_to(folder.resolve(), target_is_directory=True)
+    return counts
+
+
+def check_kept(kept: Sequence[str], known: Sequence[str], flag: str) -> None:
+    """A clear error unless KEPT names two or more distinct members of KNOWN."""
+    if set(kept) - set(known) or len(kept) < 2 or len(set(kept)) != len(kept):
+        names, got = ", ".join(known), ", ".join(kept)
+        raise W2DError(f"{flag} needs two or more distinct names of {names}; got {got}")
+
+
+def write_subset(
+    source: Path, out: Path, dataset: str, kept: Sequence[str], name: str | None = None
+) -> tuple[str, list[int]]:
+    """OUT/NAME holding SOURCE/DATASET's rows whose label is in KEPT, labelled in KEPT's order;
+    returns NAME and the training rows per label."""
+    labels_file = source / dataset / "labels.json"
+    if not labels_file.exists():
+        raise W2DError(f"no dataset {dataset!r} with a labels.json in the data directory {source}")
+    labels = json.loads(labels_file.read_text())
+    check_kept(kept, labels, "--labels")
+    name = name or f"{dataset}{len(kept)}"
+    if name == dataset:
+        raise W2DError(f"--name {name!r} would replace the source dataset; choose another")
+    new_label = [kept.index(label) if label in kept else -1 for label in labels]
+    return name, write_relabelled(source, out, dataset, name, new_label, kept)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=None, help="the one holding DATASET; None: $W2D_DATA_DIR")
+    p.add_argument("--out", required=True, help="the data directory to write (NAME + links)")
+    p.add_argument("--dataset", required=True, help="the dataset to cut from (e.g. ag_news)")
+    p.add_argument("--labels", required=True, help="comma-separated labels to keep, in this order")
+    p.add_argument("--name", default=None, help="the new dataset's name (default: DATASET<n>)")
+    args = p.parse_args()
+    kept = [s.strip() for s in args.labels.split(",") if s.strip()]
+    source = data_dir(args.data_dir)
+    if source is None:
+        raise W2DError("no data directory: pass --data-dir or set $W2D_DATA_DIR")
+    name, counts = write_subset(source, Path(args.out), args.dataset, kept, args.name)
+    print(f"wrote {Path(args.out) / name}; training rows per label:")
+    for label, count in zip(kept, counts, strict=True):
+        print(f"  {label:<11} {count}")
+
+
+if __name__ == "__main__":
+    exit_on_error(main)
