@@ -91,6 +91,7 @@ NAMES = {  # how a value in the JSON reads in the docs
     "newsgroup3": "20 Newsgroups, 3 subjects",
     "newsgroup5": "20 Newsgroups, 5 subjects",
     "newsgroup6": "20 Newsgroups, 6 subjects",
+    "newsgroup10": "20 Newsgroups, 10 groups",
     "rotten_tomatoes": "Rotten Tomatoes",
     "greedy": "greedy (SELECT)",
     "topk": "top-k",
