@@ -55,8 +55,6 @@ def write_coarse(
     names = [list(SUBJECTS)[subject_of(g)] for g in groups]
     new_label = [subjects.index(name) if name in subjects else -1 for name in names]
     name = name or f"newsgroup{len(subjects)}"
-    if name == "newsgroup":
-        raise W2DError("--name 'newsgroup' would replace the source dataset; choose another")
     return name, write_relabelled(source, out, "newsgroup", name, new_label, subjects)
 
 

@@ -1,6 +1,7 @@
 """Tasks with fewer labels cut from a dataset of the data directory: the rows of DATASET whose label
-is one of LABELS, relabelled in the given order. They give the 3-to-6-label measurements a second
-source besides 20 Newsgroups (e.g. AG News without one of its four classes).
+is one of LABELS, relabelled in the given order. They fill in label counts the datasets lack (3 or 10) and
+give a count more than one source (e.g. AG News without one of its four classes beside 20
+Newsgroups).
 
     python benchmarks/label_subset.py --out /tmp/w2d/data6 --dataset ag_news --labels World,Sports,Business
     python benchmarks/quality.py --data-dir /tmp/w2d/data6 --datasets ag_news3 ...
@@ -34,6 +35,8 @@ def write_relabelled(
     """OUT/NAME from SOURCE/DATASET, each row of label l relabelled new_label[l] (dropped where it
     is -1) and named by LABELS, written atomically, with links to SOURCE's other datasets; returns
     the training rows per new label."""
+    if name == dataset:
+        raise W2DError(f"--name {name!r} would replace the source dataset; choose another")
     mapping = pa.array(list(new_label), pa.int64())
     out.mkdir(parents=True, exist_ok=True)
     partial, final = out / f".{name}.partial", out / name
@@ -74,8 +77,6 @@ def write_subset(
     labels = json.loads(labels_file.read_text())
     check_kept(kept, labels, "--labels")
     name = name or f"{dataset}{len(kept)}"
-    if name == dataset:
-        raise W2DError(f"--name {name!r} would replace the source dataset; choose another")
     new_label = [kept.index(label) if label in kept else -1 for label in labels]
     return name, write_relabelled(source, out, dataset, name, new_label, kept)
 
