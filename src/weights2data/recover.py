@@ -345,7 +345,7 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
     auto or kfac; benchmarks/RESULTS.md, "Choosing the strategy"), the quotas filled by greedy for
     two labels and by top-k for three to six (top-k led there at k = 300; at k = 1000 it tied on
     AG News and led with six labels; on two sentiment labels it lost); greedy elsewhere (with 10
-    labels top-k tied greedy, with 20 the quota lost; language modelling has no labels)."""
+    labels top-k led by a point only, with 20 the quota lost; language modelling has no labels)."""
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
