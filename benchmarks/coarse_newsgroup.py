@@ -52,10 +52,9 @@ def write_coarse(
     NAME and the training rows per subject."""
     check_kept(subjects, list(SUBJECTS), "--subjects")
     groups = json.loads((source / "newsgroup" / "labels.json").read_text())
-    names = [list(SUBJECTS)[subject_of(g)] for g in groups]
-    new_label = [subjects.index(name) if name in subjects else -1 for name in names]
+    subject_per_group = [list(SUBJECTS)[subject_of(g)] for g in groups]
     name = name or f"newsgroup{len(subjects)}"
-    return name, write_relabelled(source, out, "newsgroup", name, new_label, subjects)
+    return name, write_relabelled(source, out, "newsgroup", name, subject_per_group, subjects)
 
 
 def main() -> None:

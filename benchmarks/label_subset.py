@@ -30,14 +30,15 @@ from weights2data.errors import W2DError, exit_on_error
 
 
 def write_relabelled(
-    source: Path, out: Path, dataset: str, name: str, new_label: Sequence[int], labels: Sequence[str]
+    source: Path, out: Path, dataset: str, name: str, named: Sequence[str], labels: Sequence[str]
 ) -> list[int]:
-    """OUT/NAME from SOURCE/DATASET, each row of label l relabelled new_label[l] (dropped where it
-    is -1) and named by LABELS, written atomically, with links to SOURCE's other datasets; returns
-    the training rows per new label."""
+    """OUT/NAME from SOURCE/DATASET, a row of label l kept where named[l] is one of LABELS and
+    relabelled by its index there, written atomically, with links to SOURCE's other datasets;
+    returns the training rows per new label."""
     if name == dataset:
         raise W2DError(f"--name {name!r} would replace the source dataset; choose another")
-    mapping = pa.array(list(new_label), pa.int64())
+    new_label = [labels.index(n) if n in labels else -1 for n in named]  # -1: dropped
+    mapping = pa.array(new_label, pa.int64())
     out.mkdir(parents=True, exist_ok=True)
     partial, final = out / f".{name}.partial", out / name
     shutil.rmtree(partial, ignore_errors=True)
@@ -77,8 +78,7 @@ def write_subset(
     labels = json.loads(labels_file.read_text())
     check_kept(kept, labels, "--labels")
     name = name or f"{dataset}{len(kept)}"
-    new_label = [kept.index(label) if label in kept else -1 for label in labels]
-    return name, write_relabelled(source, out, dataset, name, new_label, kept)
+    return name, write_relabelled(source, out, dataset, name, labels, kept)
 
 
 def main() -> None:
