@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from label_subset import check_kept, write_relabelled
+from label_subset import add_output_flags, check_kept, report, write_relabelled
 from weights2data.data import data_dir
 from weights2data.errors import W2DError, exit_on_error
 
@@ -60,22 +60,19 @@ def write_coarse(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="the one holding newsgroup; None: $W2D_DATA_DIR")
-    p.add_argument("--out", required=True, help="the data directory to write (newsgroup<n> + links)")
     p.add_argument(
         "--subjects",
         default=",".join(SUBJECTS),
         help="comma-separated subjects to keep, labelled in this order (default: all six)",
     )
-    p.add_argument("--name", default=None, help="the new dataset's name (default: newsgroup<n>)")
+    add_output_flags(p, "newsgroup<n>")
     args = p.parse_args()
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     source = data_dir(args.data_dir)
     if source is None or not (source / "newsgroup" / "labels.json").exists():
         raise W2DError(f"no newsgroup dataset in the data directory {source} (--data-dir or $W2D_DATA_DIR)")
     name, counts = write_coarse(source, Path(args.out), subjects, args.name)
-    print(f"wrote {Path(args.out) / name}; training rows per subject:")
-    for subject, count in zip(subjects, counts, strict=True):
-        print(f"  {subject:<11} {count}")
+    report(Path(args.out), name, "newsgroup", subjects, counts, args.record)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ give a count more than one source (e.g. AG News without one of its four classes 
 Newsgroups).
 
     python benchmarks/label_subset.py --out /tmp/w2d/data6 --dataset ag_news --labels World,Sports,Business
+    python benchmarks/label_subset.py ... --record benchmarks/results/task_ag_news3.json  # the counts as JSON
     python benchmarks/quality.py --data-dir /tmp/w2d/data6 --datasets ag_news3 ...
 
 Writes OUT/NAME/{train,test}.parquet and labels.json (NAME: --name, default DATASET<n> with n the
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from weights2data.data import data_dir
 from weights2data.errors import W2DError, exit_on_error
+from weights2data.store import write_json
 
 
 def write_relabelled(
@@ -81,22 +83,40 @@ def write_subset(
     return name, write_relabelled(source, out, dataset, name, labels, kept)
 
 
+def report(
+    out: Path, name: str, source: str, kept: Sequence[str], counts: Sequence[int], record: str | None
+) -> None:
+    """Print the training rows per label and, given RECORD, write them there as JSON (what the
+    docs quote about a derived task then comes from a committed file, not from a terminal)."""
+    print(f"wrote {out / name}; training rows per label:")
+    for label, count in zip(kept, counts, strict=True):
+        print(f"  {label:<11} {count}")
+    if record:
+        per_label = dict(zip(kept, counts, strict=True))
+        task = {"dataset": name, "source": source, "labels": list(kept)}
+        write_json(record, task | {"train_rows_per_label": per_label, "train_rows": sum(counts)})
+
+
+def add_output_flags(p: argparse.ArgumentParser, default_name: str) -> None:
+    """--out, --name and --record, shared by the scripts that cut tasks."""
+    p.add_argument("--out", required=True, help="the data directory to write (NAME + links)")
+    p.add_argument("--name", default=None, help=f"the new dataset's name (default: {default_name})")
+    p.add_argument("--record", default=None, help="also write the training rows per label to this JSON")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="the one holding DATASET; None: $W2D_DATA_DIR")
-    p.add_argument("--out", required=True, help="the data directory to write (NAME + links)")
     p.add_argument("--dataset", required=True, help="the dataset to cut from (e.g. ag_news)")
     p.add_argument("--labels", required=True, help="comma-separated labels to keep, in this order")
-    p.add_argument("--name", default=None, help="the new dataset's name (default: DATASET<n>)")
+    add_output_flags(p, "DATASET<n>")
     args = p.parse_args()
     kept = [s.strip() for s in args.labels.split(",") if s.strip()]
     source = data_dir(args.data_dir)
     if source is None:
         raise W2DError("no data directory: pass --data-dir or set $W2D_DATA_DIR")
     name, counts = write_subset(source, Path(args.out), args.dataset, kept, args.name)
-    print(f"wrote {Path(args.out) / name}; training rows per label:")
-    for label, count in zip(kept, counts, strict=True):
-        print(f"  {label:<11} {count}")
+    report(Path(args.out), name, args.dataset, kept, counts, args.record)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """benchmarks/label_subset.py on the real AG News: the kept labels' rows, relabelled, a usable data dir."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -32,6 +33,16 @@ def test_kept_labels_keep_their_rows_in_the_given_order_and_the_output_serves_as
     assert counts == [sum(names[label] == k for label in four.train.labels) for k in kept]
     assert len(load_dataset("wiki_passages_10", data_dir=tmp_path).train) == 10
     assert not list(tmp_path.glob(".*"))  # no partial folder left
+
+    record = tmp_path / "records" / "task_ag_news3.json"
+    label_subset.report(tmp_path, name, "ag_news", kept, counts, str(record))
+    assert json.loads(record.read_text()) == {
+        "dataset": "ag_news3",
+        "source": "ag_news",
+        "labels": list(kept),
+        "train_rows_per_label": dict(zip(kept, counts, strict=True)),
+        "train_rows": sum(counts),
+    }
 
     named, _ = label_subset.write_subset(data_dir, tmp_path, "ag_news", ("Business", "World"), "ag_bw")
     assert load_dataset(named, data_dir=tmp_path).label_names == ["Business", "World"]
