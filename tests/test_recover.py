@@ -135,10 +135,10 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
                        TEXTS, label_set, asked, progress=False)  # fmt: skip
     assert chosen.summary["strategy"] == "greedy_balanced"
     assert chosen.rows.tolist() == explicit.rows.tolist()
-    for labels in (3, 4, 6):  # top-k fills the quotas from three labels
+    for labels in (3, 4, 6, 10):  # top-k fills the quotas from three labels to ten
         assert resolve_strategy(auto, labels, "restricted") == replace(asked, strategy="topk_balanced")
     greedy = replace(auto, strategy="greedy")
-    assert resolve_strategy(auto, 7, "restricted") == greedy  # unmeasured from 7 to 19 labels
+    assert resolve_strategy(auto, 11, "restricted") == greedy  # unmeasured from 11 to 19 labels
     assert resolve_strategy(auto, 20, "restricted") == greedy  # the quota lost with 20 labels
     assert resolve_strategy(auto, None, "restricted") == greedy  # language modelling
     assert resolve_strategy(auto, 2, "full") == greedy

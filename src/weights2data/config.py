@@ -280,9 +280,9 @@ class SelectConfig:
         "auto",
         "greedy (SELECT), greedy_balanced (greedy with a quota per label), greedy_batched, topk, "
         "topk_balanced, bottomk, p_min, p_max, random, or auto: a quota per label on K-FAC-whitened "
-        "gradients (--precondition kfac) for 2-6 labels with the label-token loss and head gradients, "
-        "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-6 "
-        "(ahead of greedy over the regimes measured there; see README), greedy otherwise (7+ labels, "
+        "gradients (--precondition kfac) for 2-10 labels with the label-token loss and head gradients, "
+        "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-10 "
+        "(ahead of greedy over the regimes measured there; see README), greedy otherwise (11+ labels, "
         "language modelling, --grad-blocks, --label-loss full, --precondition none or adam)",
     )
     labels: str = opt(
