@@ -327,7 +327,7 @@ def corpus_gradients(
 
 
 QUOTA_LABELS = range(2, 11)  # label counts where --strategy auto sets a quota per label (measured: 2-6, 10)
-TOPK_LABELS = range(3, 11)  # of those, where top-k fills the quotas instead of greedy (measured: 3-6, 10)
+TOPK_LABELS = range(3, QUOTA_LABELS.stop)  # of those, where top-k fills the quotas instead of greedy
 
 
 def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
@@ -344,10 +344,10 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
     measured ahead of greedy (2-10 labels, the label-token loss, no block gradients, --precondition
     auto or kfac; benchmarks/RESULTS.md, "Choosing the strategy"), the quotas filled by greedy for
     two labels and by top-k for three to ten (top-k led at three to six labels at k = 300; at
-    k = 1000 it tied on AG News and led with six and ten labels; with ten its mean led greedy's in
-    each of the four settings measured, narrowly; seven to nine lie between measured
-    counts; on two sentiment labels it lost); greedy elsewhere (from 11 to 19 labels unmeasured,
-    with 20 the quota lost; language modelling has no labels)."""
+    k = 1000 it tied on AG News and led with six and ten labels; with ten its mean led greedy's,
+    narrowly, in each of the four settings measured; seven to nine lie between measured counts; on
+    two sentiment labels it lost); greedy elsewhere (from 11 to 19 labels unmeasured, with 20 the
+    quota lost; language modelling has no labels)."""
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
