@@ -85,6 +85,7 @@ SUMMARISERS = {  # by the file name's first word: the stored summary from the wh
 FLAGS = {"partial", "pending"}
 NAMES = {  # how a value in the JSON reads in the docs
     "ag_news": "AG News",
+    "ag_news2": "AG News, Business and Sci/Tech",
     "ag_news3": "AG News, 3 classes",
     "imdb": "IMDB",
     "newsgroup": "20 Newsgroups",
