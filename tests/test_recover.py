@@ -135,17 +135,31 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
                        TEXTS, label_set, asked, progress=False)  # fmt: skip
     assert chosen.summary["strategy"] == "greedy_balanced"
     assert chosen.rows.tolist() == explicit.rows.tolist()
+    assert chosen.summary["finetune_scope"] == "top:1"  # the pair moved the head and the last block
+    with pytest.raises(W2DError, match="resolved where the gradients are computed"):
+        recover(corpus_gradients(base, finetuned, TEXTS, label_set, data, asked, tmp_path),
+                TEXTS, label_set, auto, progress=False)  # fmt: skip
+    whole = LoadedModel(copy.deepcopy(finetuned.model), finetuned.tokenizer, "tiny-full")
+    with torch.no_grad():  # the first block moved too: a full finetune
+        for p in whole.model.model.layers[0].parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    full = corpus_gradients(base, whole, TEXTS, label_set, data, auto, tmp_path)
+    assert (full.timings["finetune_scope"], full.timings["precondition"]) == ("full", "kfac")
+    assert recover(full, TEXTS, label_set, auto, progress=False).summary["strategy"] == "topk_balanced"
+    topk = replace(asked, strategy="topk_balanced")
     for labels in (3, 4, 6, 10):  # top-k fills the quotas from three labels to ten
-        assert resolve_strategy(auto, labels, "restricted") == replace(asked, strategy="topk_balanced")
+        assert resolve_strategy(auto, labels, "restricted", "top:2") == topk
+    assert resolve_strategy(auto, 2, "restricted", "full") == topk  # two labels of a full finetune
     greedy = replace(auto, strategy="greedy")
-    assert resolve_strategy(auto, 11, "restricted") == greedy  # unmeasured from 11 to 19 labels
-    assert resolve_strategy(auto, 20, "restricted") == greedy  # the quota lost with 20 labels
-    assert resolve_strategy(auto, None, "restricted") == greedy  # language modelling
-    assert resolve_strategy(auto, 2, "full") == greedy
-    assert resolve_strategy(replace(auto, grad_blocks=2), 2, "restricted") == replace(greedy, grad_blocks=2)
+    assert resolve_strategy(auto, 11, "restricted", "top:2") == greedy  # unmeasured from 11 to 19 labels
+    assert resolve_strategy(auto, 20, "restricted", "full") == greedy  # the quota lost with 20 labels
+    assert resolve_strategy(auto, None, "restricted", "full") == greedy  # language modelling
+    assert resolve_strategy(auto, 2, "full", "top:2") == greedy
+    blocks = replace(auto, grad_blocks=2)
+    assert resolve_strategy(blocks, 2, "restricted", "top:2") == replace(greedy, grad_blocks=2)
     adam = replace(auto, precondition="adam")
-    assert resolve_strategy(adam, 2, "restricted") == replace(adam, strategy="greedy")
-    assert resolve_strategy(replace(auto, strategy="topk"), 2, "restricted").strategy == "topk"
+    assert resolve_strategy(adam, 2, "restricted", "full") == replace(adam, strategy="greedy")
+    assert resolve_strategy(replace(auto, strategy="topk"), 2, "restricted", "full").strategy == "topk"
 
 
 def test_keep_confident_picks_only_each_labels_surest_documents(pair, tmp_path) -> None:

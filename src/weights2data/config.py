@@ -282,8 +282,9 @@ class SelectConfig:
         "topk_balanced, bottomk, p_min, p_max, random, or auto: a quota per label on K-FAC-whitened "
         "gradients (--precondition kfac) for 2-10 labels with the label-token loss and head gradients, "
         "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-10 "
-        "(ahead of greedy over the regimes measured there; see README), greedy otherwise (11+ labels, "
-        "language modelling, --grad-blocks, --label-loss full, --precondition none or adam)",
+        "and for 2 labels of a full finetune (every block changed), ahead of greedy over the regimes "
+        "measured there (see README); greedy otherwise (11+ labels, language modelling, --grad-blocks, "
+        "--label-loss full, --precondition none or adam)",
     )
     labels: str = opt(
         "auto", "labels for selected documents: auto (the finetuned model's prediction) or random"

@@ -48,7 +48,7 @@ from weights2data.selection import (
 from weights2data.store import atomic_path, stable_hash, write_json
 from weights2data.templates import PLAIN, Template, encode, resolve_template
 from weights2data.train import Task, label_loss_of, lm_loss_sum
-from weights2data.trajectory import Walk, expert_settings, gradient_points, segments
+from weights2data.trajectory import Walk, changed_scope, expert_settings, gradient_points, segments
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,8 @@ def corpus_gradients(
     """
     started = time.time()
     mode = data.label_loss or label_loss_of(finetuned.meta.get("task"))
-    cfg = resolve_strategy(cfg, len(label_set.names), mode)
+    scope, asked = changed_scope(base, finetuned), cfg.strategy
+    cfg = resolve_strategy(cfg, len(label_set.names), mode, scope)
     if mode == "full":
         check_full_loss(cfg)
     template, encoded, hidden = finetuned_hidden(base, finetuned, texts, data, cache_root)
@@ -314,7 +315,10 @@ def corpus_gradients(
         heads = [jl_project(part, cfg.projection_dim, cfg.projection, cfg.seed) for part in heads]
     parts, note = changed_parts(heads, blocks)
     timings["features_s"] = round(time.time() - started, 2)
-    notes = timings | note | task_notes(template, mode) | {"precondition": preconditioner}
+    applied = {"precondition": preconditioner, "finetune_scope": scope}
+    if asked == AUTO:  # what recover runs for --strategy auto on these gradients
+        applied["auto_strategy"] = cfg.strategy
+    notes = timings | note | task_notes(template, mode) | applied
     return CorpusGradients(
         joined(parts),
         labelled.labels,
@@ -330,24 +334,26 @@ QUOTA_LABELS = range(2, 11)  # label counts where --strategy auto sets a quota p
 TOPK_LABELS = range(3, QUOTA_LABELS.stop)  # of those, where top-k fills the quotas instead of greedy
 
 
-def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
+def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, scope: str) -> SelectConfig:
     """`cfg` with `--strategy auto` made one strategy (auto_strategy), saying which in the log."""
     if cfg.strategy != AUTO:
         return cfg
-    chosen = auto_strategy(cfg, num_labels, label_loss)
+    chosen = auto_strategy(cfg, num_labels, label_loss, scope)
     log.info("--strategy auto: %s, --precondition %s", chosen.strategy, chosen.precondition)
     return chosen
 
 
-def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
-    """What `--strategy auto` runs: a quota per label on K-FAC-whitened head gradients where that
-    measured ahead of greedy (2-10 labels, the label-token loss, no block gradients, --precondition
-    auto or kfac; benchmarks/RESULTS.md, "Choosing the strategy"), the quotas filled by greedy for
-    two labels and by top-k for three to ten (top-k led at three to six labels at k = 300; at
-    k = 1000 it tied on AG News and led with six and ten labels; with ten its mean led greedy's,
-    narrowly, in each of the four settings measured; seven to nine lie between measured counts; on
-    two sentiment labels it lost); greedy elsewhere (from 11 to 19 labels unmeasured, with 20 the
-    quota lost; language modelling has no labels)."""
+def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, scope: str) -> SelectConfig:
+    """What `--strategy auto` runs: a quota per label where that measured ahead of greedy (2-10
+    labels, the label-token loss, no block gradients, --precondition auto or kfac; benchmarks/
+    RESULTS.md, "Choosing the strategy"), on K-FAC-whitened head gradients, the quotas filled by
+    greedy for two labels and by top-k for three to ten (top-k led at three to six labels at
+    k = 300; at k = 1000 it tied on AG News and led with six and ten labels; with ten its mean led
+    greedy's, narrowly, in each of the four settings measured; seven to nine lie between measured
+    counts; on two sentiment labels it lost) and for two labels of a full finetune (`scope`, as
+    trajectory.changed_scope names it: every block moved), where top-k was at least balanced
+    greedy's level in every seed of a topic pair and a sentiment pair (k = 100); greedy elsewhere
+    (from 11 to 19 labels unmeasured, with 20 the quota lost; language modelling has no labels)."""
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
@@ -356,7 +362,8 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
     )
     if not quota:
         return replace(cfg, strategy="greedy")
-    strategy = "topk_balanced" if num_labels in TOPK_LABELS else "greedy_balanced"
+    topk = num_labels in TOPK_LABELS or scope == "full"
+    strategy = "topk_balanced" if topk else "greedy_balanced"
     return replace(cfg, strategy=strategy, precondition="kfac")
 
 
@@ -574,10 +581,13 @@ def recover(
     `selector`: selection.select, or a function with its signature (distributed.sharded_select over
     the ranks' rows)."""
     strategy = strategy or cfg.strategy
-    if strategy == AUTO:  # as corpus_gradients resolved it, by the preconditioner it applied
-        used = replace(cfg, strategy=AUTO, precondition=grads.timings.get("precondition", "none"))
-        num_labels = None if label_set is None or grads.labels is None else len(label_set.names)
-        strategy = auto_strategy(used, num_labels, grads.timings.get("label_loss", "restricted")).strategy
+    if strategy == AUTO:  # as corpus_gradients resolved it, with the preconditioner it applied
+        if "auto_strategy" not in grads.timings:
+            raise W2DError(
+                "--strategy auto is resolved where the gradients are computed, and these were computed "
+                "for a named strategy: name it here too, or compute them with --strategy auto"
+            )
+        strategy = grads.timings["auto_strategy"]
     if grads.labels is None:
         check_lm_selection(cfg, [strategy])
     if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:
