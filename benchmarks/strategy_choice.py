@@ -56,28 +56,41 @@ FIGURES = ("val_selected_test", "closure_val_selected_test")
 
 
 def candidate_rows(rows: list[dict], candidates: Sequence[str]) -> dict[tuple, dict[str, dict]]:
-    """(dataset, scope, k, seed) → candidate → its row, for every candidate measured there."""
+    """(dataset, scope, k, seed) → candidate → its row, for every candidate measured there. A
+    candidate measured twice must have scored the same: files measured with other settings
+    (another expert, test split or epochs) cannot be replayed together."""
     names = {CANDIDATES[name]: name for name in candidates}
     found: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         name = names.get(f"{row['train']}@{row.get('select', '')}")
-        if name is not None:
-            found.setdefault((row["dataset"], row["scope"], row["k"], row["seed"]), {})[name] = row
+        if name is None:
+            continue
+        key = (row["dataset"], row["scope"], row["k"], row["seed"])
+        earlier = found.setdefault(key, {}).setdefault(name, row)
+        if earlier["val_selected_test"] != row["val_selected_test"]:
+            raise SystemExit(f"{' '.join(map(str, key))}: {name} measured twice with different results")
     return found
 
 
-def choices(rows: list[dict], candidates: Sequence[str] = DEFAULT_CANDIDATES) -> list[dict]:
+def choices(
+    rows: list[dict], candidates: Sequence[str] = DEFAULT_CANDIDATES, proxies: bool = True
+) -> list[dict]:
     """One row per (dataset, scope, k, seed, rule): what the rule chose among `candidates` and
-    how it scored."""
+    how it scored. Without `proxies` only the candidates and the oracle are replayed, so results
+    measured without --record-proxies still say which candidate the test set preferred."""
+    choosers = CHOOSERS if proxies else {"oracle": CHOOSERS["oracle"]}
     out = []
     for (dataset, scope, k, seed), by_name in sorted(candidate_rows(rows, candidates).items()):
         missing = [name for name in candidates if name not in by_name]
         if missing:
             raise SystemExit(f"{dataset} {scope} seed {seed}: no row for {', '.join(missing)}")
-        if any("weight_cos" not in row for row in by_name.values()):
-            raise SystemExit(f"{dataset} {scope} seed {seed}: measured without --record-proxies")
+        if proxies and any("weight_cos" not in row for row in by_name.values()):
+            raise SystemExit(
+                f"{dataset} {scope} seed {seed}: measured without --record-proxies"
+                " (--without-proxies replays the candidates and the oracle only)"
+            )
         rules = {name: name for name in candidates}
-        for rule, figure in CHOOSERS.items():
+        for rule, figure in choosers.items():
             rules[rule] = max(candidates, key=lambda name: by_name[name][figure])  # ties: the first
         for rule, name in rules.items():
             row = by_name[name]
@@ -118,7 +131,11 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+", help="quality.py results files measured with --record-proxies")
+    p.add_argument(
+        "files",
+        nargs="+",
+        help="quality.py results files (measured with --record-proxies, or see --without-proxies)",
+    )
     p.add_argument(
         "--candidates",
         default=",".join(DEFAULT_CANDIDATES),
@@ -128,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         "--datasets",
         default=None,
         help="comma-separated: replay only these datasets' regimes (default: every one in the files)",
+    )
+    p.add_argument(
+        "--without-proxies",
+        action="store_true",
+        help="replay the candidates and the oracle only, for results measured without --record-proxies",
     )
     p.add_argument("--out", default=None, help="results JSON (written atomically); none: print only")
     args = p.parse_args(argv)
@@ -142,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if absent:
             p.error(f"no rows for dataset(s) {', '.join(absent)} in the files")
         rows = [row for row in rows if row["dataset"] in datasets]
-    chosen = choices(rows, candidates)
+    chosen = choices(rows, candidates, proxies=not args.without_proxies)
     summary = summarise(chosen)
     for entry in summary:
         print(
@@ -154,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = [str(Path(path)) for path in args.files]
         out = {"sources": sources, "candidates": candidates, "rows": chosen, "summary": summary}
         out |= {} if datasets is None else {"datasets": datasets}
+        out |= {"without_proxies": True} if args.without_proxies else {}
         write_json(args.out, out)
     return 0
 
