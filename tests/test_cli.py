@@ -43,6 +43,7 @@ HELP_FLAGS = {
     "train-eval": [
         "--model",
         "--train",
+        "--finetuned",
         "--dataset",
         "--eval-epochs",
         "--patience",
@@ -206,6 +207,25 @@ def test_train_eval_writes_both_figures(cli_env: Path, capsys: pytest.CaptureFix
     assert metrics["val_selected_test"] == tests[-1] and metrics["honest_rule"] == "last epoch"
     assert all(e["test"]["n"] == 64 for e in metrics["epochs"])
     assert "best over epochs" in out and "honest" in out
+
+
+def test_train_eval_reports_the_weight_change_cosine_to_a_finetune(
+    cli_env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--finetuned: how closely training on --train moved the weights the way the finetune did."""
+    runs = cli_env / "results"
+    common = ["--results-dir", str(runs), "--model", "tiny-test"]
+    code, _, err = run([*FT, "--epochs", "1", "--results-dir", str(runs), "--exp-name", "ft"], capsys)
+    assert code == 0, err
+    train_eval = ["train-eval", "--train", "ag_news_64", "--dataset", "ag_news", "--max-eval-rows", "64"]
+    same = [*train_eval, "--eval-epochs", "1", "--epochs", "1", *common]
+    code, out, err = run([*same, "--finetuned", str(runs / "ft" / "model"), "--exp-name", "te"], capsys)
+    assert code == 0, err
+    metrics = json.loads((runs / "te" / "metrics.json").read_text())
+    assert metrics["weight_cos"] == pytest.approx(1.0, abs=1e-3)  # the finetune's own rows and steps
+    assert "weight change cosine" in out
+    code, _, err = run([*same, "--finetuned", "no-such-model-w2d", "--exp-name", "bad"], capsys)
+    assert code != 0 and "no-such-model-w2d" in err and "Traceback" not in err
 
 
 def test_demo_copies_its_results(

@@ -257,6 +257,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train_eval(args: argparse.Namespace) -> int:
     from weights2data.pipeline import Workspace
+    from weights2data.recover import check_pair
     from weights2data.train import labelled_split, resolve_task, train_eval
 
     toml = read_toml(args)
@@ -270,6 +271,7 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
         {
             "model": args.model,
             "train": args.train,
+            "finetuned": args.finetuned,
             "data": to_dict(data),
             "finetune": to_dict(ft),
             "eval": to_dict(ev),
@@ -281,9 +283,13 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     if target.test is None:
         raise W2DError(f"dataset '{target.name}' has no test split")
     loaded = ws.model(args.model)
+    finetuned = None
+    if args.finetuned is not None:
+        finetuned = ws.finetuned(args.finetuned, loaded)
+        check_pair(loaded, finetuned)
     task = resolve_task(data, target, loaded, ft.lm_loss)
     fit = labelled_split(train, train.train, task)
-    result = train_eval(loaded, fit, target.test, task, ft, ev, cache_root=ws.cache)
+    result = train_eval(loaded, fit, target.test, task, ft, ev, cache_root=ws.cache, finetuned=finetuned)
     finish(run, rt, result)
     print(
         f"{args.model} trained on {args.train}, tested on {target.name}: {result['metric']}\n"
@@ -292,6 +298,8 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
         f"  honest ({result['honest_rule']}): {result['val_selected_test']:.4f}"
         f" (epoch {result['val_selected_epoch']})"
     )
+    if finetuned is not None:
+        print(f"  weight change cosine to {args.finetuned} (honest epoch): {result['weight_cos']:.4f}")
     return 0
 
 
@@ -878,6 +886,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEMO_MODEL, help="base model (default: %(default)s)")
     p.add_argument(
         "--train", required=True, help="training set (any dataset argument, e.g. a selection.parquet)"
+    )
+    p.add_argument(
+        "--finetuned",
+        default=None,
+        help="the finetuned model --train was recovered from (as w2d select's --finetuned): also "
+        "report cos(θ − θ0, θ1 − θ0), how closely training on --train moved --model's weights the "
+        "way the finetune did, at the honest epoch. It reads no test split: between selections "
+        "from one finetune (e.g. --precondition adam and kfac) the larger cosine is a guess at the "
+        "better one (benchmarks/RESULTS.md measures how often it is right)",
     )
     for cls in (DataConfig, FinetuneConfig, EvalConfig, RuntimeConfig):
         add_config_args(p, cls)
