@@ -72,25 +72,18 @@ def candidate_rows(rows: list[dict], candidates: Sequence[str]) -> dict[tuple, d
     return found
 
 
-def choices(
-    rows: list[dict], candidates: Sequence[str] = DEFAULT_CANDIDATES, proxies: bool = True
-) -> list[dict]:
+def choices(rows: list[dict], candidates: Sequence[str] = DEFAULT_CANDIDATES) -> list[dict]:
     """One row per (dataset, scope, k, seed, rule): what the rule chose among `candidates` and
-    how it scored. Without `proxies` only the candidates and the oracle are replayed, so results
-    measured without --record-proxies still say which candidate the test set preferred."""
-    choosers = CHOOSERS if proxies else {"oracle": CHOOSERS["oracle"]}
+    how it scored."""
     out = []
     for (dataset, scope, k, seed), by_name in sorted(candidate_rows(rows, candidates).items()):
         missing = [name for name in candidates if name not in by_name]
         if missing:
             raise SystemExit(f"{dataset} {scope} seed {seed}: no row for {', '.join(missing)}")
-        if proxies and any("weight_cos" not in row for row in by_name.values()):
-            raise SystemExit(
-                f"{dataset} {scope} seed {seed}: measured without --record-proxies"
-                " (--without-proxies replays the candidates and the oracle only)"
-            )
+        if any("weight_cos" not in row for row in by_name.values()):
+            raise SystemExit(f"{dataset} {scope} seed {seed}: measured without --record-proxies")
         rules = {name: name for name in candidates}
-        for rule, figure in choosers.items():
+        for rule, figure in CHOOSERS.items():
             rules[rule] = max(candidates, key=lambda name: by_name[name][figure])  # ties: the first
         for rule, name in rules.items():
             row = by_name[name]
@@ -131,11 +124,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "files",
-        nargs="+",
-        help="quality.py results files (measured with --record-proxies, or see --without-proxies)",
-    )
+    p.add_argument("files", nargs="+", help="quality.py results files measured with --record-proxies")
     p.add_argument(
         "--candidates",
         default=",".join(DEFAULT_CANDIDATES),
@@ -145,11 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         "--datasets",
         default=None,
         help="comma-separated: replay only these datasets' regimes (default: every one in the files)",
-    )
-    p.add_argument(
-        "--without-proxies",
-        action="store_true",
-        help="replay the candidates and the oracle only, for results measured without --record-proxies",
     )
     p.add_argument("--out", default=None, help="results JSON (written atomically); none: print only")
     args = p.parse_args(argv)
@@ -164,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if absent:
             p.error(f"no rows for dataset(s) {', '.join(absent)} in the files")
         rows = [row for row in rows if row["dataset"] in datasets]
-    chosen = choices(rows, candidates, proxies=not args.without_proxies)
+    chosen = choices(rows, candidates)
     summary = summarise(chosen)
     for entry in summary:
         print(
@@ -176,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
         sources = [str(Path(path)) for path in args.files]
         out = {"sources": sources, "candidates": candidates, "rows": chosen, "summary": summary}
         out |= {} if datasets is None else {"datasets": datasets}
-        out |= {"without_proxies": True} if args.without_proxies else {}
         write_json(args.out, out)
     return 0
 

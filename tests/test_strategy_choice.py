@@ -94,23 +94,6 @@ def test_datasets_keeps_the_regimes_of_those_datasets_only(tmp_path: Path) -> No
         strategy_choice.main([str(results), *three, "--datasets", "newsgroup"])  # no such rows
 
 
-def test_without_proxies_replays_the_candidates_and_the_oracle_only(tmp_path: Path) -> None:
-    rows = [r for seed in range(2) for r in rows_of_seed(seed)]
-    for r in rows:
-        del r["weight_cos"], r["agreement"], r["balanced_agreement"]
-    chosen = strategy_choice.choices(rows, THREE, proxies=False)
-    assert {r["rule"] for r in chosen} == {*THREE, "oracle"}
-    assert [r["chose"] for r in chosen if r["rule"] == "oracle"] == ["pool_balanced", "pool_balanced"]
-    results = tmp_path / "quality.json"
-    results.write_text(json.dumps({"rows": rows}))
-    out = tmp_path / "choice.json"
-    three = ["--candidates", ",".join(THREE)]
-    with pytest.raises(SystemExit, match="--without-proxies"):
-        strategy_choice.main([str(results), *three])
-    assert strategy_choice.main([str(results), *three, "--without-proxies", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["without_proxies"] is True
-
-
 def test_a_candidate_scored_differently_in_two_files_is_refused() -> None:
     rows = rows_of_seed(0)
     again = dict(rows[2], val_selected_test=0.75)  # top-k balanced, another expert
