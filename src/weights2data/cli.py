@@ -892,7 +892,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="the finetuned model --train was recovered from (as w2d select's --finetuned): also "
         "report cos(θ − θ0, θ1 − θ0), how closely training on --train moved --model's weights the "
-        "way the finetune did, at the honest epoch. It reads no test split: between selections "
+        "way the finetune did, at the honest epoch. The cosine reads no test split: between selections "
         "from one finetune (e.g. --precondition adam and kfac) the larger cosine is a guess at the "
         "better one (benchmarks/RESULTS.md measures how often it is right)",
     )
