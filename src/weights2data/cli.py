@@ -257,7 +257,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train_eval(args: argparse.Namespace) -> int:
     from weights2data.pipeline import Workspace
-    from weights2data.recover import check_pair
     from weights2data.train import labelled_split, resolve_task, train_eval
 
     toml = read_toml(args)
@@ -283,10 +282,7 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     if target.test is None:
         raise W2DError(f"dataset '{target.name}' has no test split")
     loaded = ws.model(args.model)
-    finetuned = None
-    if args.finetuned is not None:
-        finetuned = ws.finetuned(args.finetuned, loaded)
-        check_pair(loaded, finetuned)
+    finetuned = None if args.finetuned is None else ws.finetuned(args.finetuned, loaded)
     task = resolve_task(data, target, loaded, ft.lm_loss)
     fit = labelled_split(train, train.train, task)
     result = train_eval(loaded, fit, target.test, task, ft, ev, cache_root=ws.cache, finetuned=finetuned)
@@ -354,7 +350,6 @@ def select_and_write(
     from weights2data.generate import mark_sources, with_generated
     from weights2data.recover import (
         check_lm_selection,
-        check_pair,
         corpus_gradients,
         generated_label_distribution,
         generation_labeller,
@@ -370,7 +365,6 @@ def select_and_write(
     corpus = ws.corpus(args.corpus, data, sel.k, sel.seed)
     base = ws.model(args.base)
     finetuned = ws.finetuned(args.finetuned, base)
-    check_pair(base, finetuned)
     sel = select_for_adapter(sel, base, finetuned)
     saved_task = finetuned.meta.get("task") or {}
     template = resolve_template(data.template, data.chat_template, finetuned.meta)
@@ -492,7 +486,6 @@ def select_label_set(
 def cmd_inspect(args: argparse.Namespace) -> int:
     from weights2data.inspect_model import inspect_finetune, markdown
     from weights2data.pipeline import Workspace
-    from weights2data.recover import check_pair
     from weights2data.store import write_json
     from weights2data.templates import resolve_template
 
@@ -504,7 +497,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     texts = ws.corpus(args.corpus, data, 1).texts[: args.docs]
     base = ws.model(args.base)
     finetuned = ws.finetuned(args.finetuned, base)
-    check_pair(base, finetuned)
     template = resolve_template(data.template, data.chat_template, finetuned.meta)
     report = inspect_finetune(base, finetuned, texts, template, data.seq_len, ws.cache)
     write_json(run / "inspect.json", report)
@@ -517,7 +509,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from weights2data.generate import generate_cached, write_generated
     from weights2data.pipeline import Workspace
-    from weights2data.recover import check_pair
     from weights2data.store import write_json
 
     toml = read_toml(args)
@@ -529,7 +520,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ws = Workspace.from_config(rt)
     base = ws.model(args.base)
     finetuned = ws.finetuned(args.finetuned, base)
-    check_pair(base, finetuned)
     # the length the finetune was trained at, when it recorded one
     seq_len = gen.seq_len or (finetuned.meta.get("task") or {}).get("seq_len") or DataConfig().seq_len
     started = time.time()

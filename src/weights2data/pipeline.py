@@ -53,14 +53,19 @@ class Workspace:
 
     def finetuned(self, spec: str, base: LoadedModel) -> LoadedModel:
         """A finetune of `base`: a model (a directory without a tokenizer borrows the base's), or a
-        LoRA adapter directory, merged into a copy of the base."""
+        LoRA adapter directory, merged into a copy of the base; checked to share the base's
+        architecture, weight shapes and tokenizer."""
         from weights2data.adapters import is_adapter, load_adapter
+        from weights2data.recover import check_pair
 
         if is_adapter(spec):
-            return load_adapter(base, spec)
-        return load_model(
-            spec, cache=self.cache, device=self.device, tokenizer=base.tokenizer, **self._loading()
-        )
+            finetuned = load_adapter(base, spec)
+        else:
+            finetuned = load_model(
+                spec, cache=self.cache, device=self.device, tokenizer=base.tokenizer, **self._loading()
+            )
+        check_pair(base, finetuned)
+        return finetuned
 
     def corpus(self, spec: str, data: DataConfig, k: int, seed: int = 0) -> Split:
         """The candidate corpus (a dataset's training split), checked to hold at least k documents."""
