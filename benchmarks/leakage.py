@@ -39,7 +39,7 @@ from weights2data.config import (
 from weights2data.data import data_dir
 from weights2data.errors import exit_on_error
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
-from weights2data.recover import check_pair, recover, task_gradients
+from weights2data.recover import recover, task_gradients
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task
 
@@ -102,8 +102,8 @@ def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, ou
     texts = true_texts + ws.dataset(args.corpus, data, 0).train.texts  # rows < len(true_texts) are true
     path, meta = finetune_cached(ws, args.model, expert_data, data, expert_ft)
     task = Task.from_dict(meta["task"])
-    base, expert = ws.model(args.model), ws.model(str(path))
-    check_pair(base, expert)
+    base = ws.model(args.model)
+    expert = ws.finetuned(str(path), base)
     for blocks in csv(args.grad_blocks, int):
         sel = SelectConfig(k=max(csv(args.ks, int)), strategy="greedy", grad_blocks=blocks, seed=seed)
         started = time.time()

@@ -56,7 +56,7 @@ from weights2data.errors import exit_on_error
 from weights2data.experiment import agreement_reference, as_split, closure, selection_training
 from weights2data.models import LoadedModel
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
-from weights2data.recover import check_pair, corpus_gradients, finetuned_predictions, recover
+from weights2data.recover import corpus_gradients, finetuned_predictions, recover
 from weights2data.rounds import recover_in_rounds
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task, train_eval
@@ -350,8 +350,8 @@ def expert_group(
     expert_data = ws.dataset(data.dataset, data, seed)
     corpus = ws.dataset(args.corpus, data, args.corpus_seed).train
     path, meta = finetune_cached(ws, args.model, expert_data, data, expert_ft)
-    base, expert = ws.model(args.model), ws.model(str(path))
-    check_pair(base, expert)
+    base = ws.model(args.model)
+    expert = ws.finetuned(str(path), base)
     task = Task.from_dict(meta["task"])
     test_ft = selection_training(expert_ft)
     reference = None

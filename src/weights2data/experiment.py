@@ -34,7 +34,6 @@ from weights2data.pipeline import Workspace, finetune_cached
 from weights2data.recover import (
     Recovery,
     check_lm_selection,
-    check_pair,
     generated_label_distribution,
     generation_labeller,
     recover,
@@ -87,8 +86,8 @@ def run_experiment(
     corpus = ws.corpus(run.corpus, data, sel.k, sel.seed)
     expert_path, meta = finetune_cached(ws, run.base, expert_data, data, expert_ft)
     task = Task.from_dict(meta["task"])
-    base, expert = ws.model(run.base), ws.model(str(expert_path))
-    check_pair(base, expert)
+    base = ws.model(run.base)
+    expert = ws.finetuned(str(expert_path), base)
     if task.kind == "lm":
         for cfg in configs.values():
             check_lm_selection(cfg, [cfg.strategy])
