@@ -139,7 +139,8 @@ def cost(
     ws: Workspace, base_spec: str, expert_path: str, corpus: list[str], seq_len: int, lm_loss: str, dim: int
 ) -> dict:
     """Feature time over forward time on the same documents (no cache: the forward pass is in both)."""
-    base, expert = ws.model(base_spec), ws.model(expert_path)
+    base = ws.model(base_spec)
+    expert = ws.finetuned(expert_path, base)
     encoded = encode_lm(expert.tokenizer, corpus, seq_len)
     time_forward(expert.model, encoded.subset(slice(0, 32)), body_only=False)  # warm-up
 
