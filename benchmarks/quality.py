@@ -58,6 +58,7 @@ from weights2data.models import LoadedModel
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
 from weights2data.recover import corpus_gradients, finetuned_predictions, recover
 from weights2data.rounds import recover_in_rounds
+from weights2data.selection import LOSS_DROP
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task, train_eval
 from weights2data.trajectory import expert_settings
@@ -430,7 +431,8 @@ def run_group(
                 **select_overrides(variant),
             )
             t0 = time.time()
-            grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache)
+            drop = any(s in LOSS_DROP for s in csv(args.strategies))
+            grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache, drop)
             features_s = round(time.time() - t0, 1)
             for k in csv(args.ks, int):
                 extra = {"k": k, "labels": rule, "projection_dim": dim, "grad_blocks": blocks}

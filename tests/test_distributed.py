@@ -34,6 +34,7 @@ from weights2data.store import read_json
 SRC = Path(__file__).resolve().parents[1] / "src"
 WAIT_S = 600  # a loaded 2-core machine imports torch and transformers slowly
 STRATEGIES = ("greedy", "greedy_balanced", "greedy_batched", "topk", "topk_balanced", "bottomk", "random")
+STRATEGIES += ("loss_drop", "loss_drop_balanced")
 
 
 def free_port() -> int:
@@ -86,15 +87,14 @@ def rows_of(features, rows: range):
 def engine_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     n, labels = 200, torch.arange(200) % 3
-    losses = torch.rand(200, generator=torch.Generator().manual_seed(1))
+    losses, base_losses = torch.rand(2, 200, generator=torch.Generator().manual_seed(1))
     shard = Shard.of(n, Layout(rank, 2), torch.device("cpu"))
     results = {}
     for name, features in problems(n).items():
         local = rows_of(features, shard.rows)
         for strategy in STRATEGIES:
-            sel = sharded_select(
-                shard, strategy, local, 24, labels=labels, losses=losses, batch_size=5, progress=False
-            )
+            given = {"labels": labels, "losses": losses, "base_losses": base_losses}
+            sel = sharded_select(shard, strategy, local, 24, batch_size=5, progress=False, **given)
             results[name, strategy] = (sel.indices, sel.scores, sel.objective)
         unit = sharded_select(
             shard, "greedy", local, 24, weights=unit_weights(local), batch_size=5, progress=False
@@ -107,10 +107,14 @@ def engine_worker(rank: int, port: int, out: str) -> None:
 def test_sharded_strategies_pick_what_one_process_picks(tmp_path: Path) -> None:
     mp.spawn(engine_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    labels, losses = torch.arange(200) % 3, torch.rand(200, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(200) % 3
+    losses, base_losses = torch.rand(2, 200, generator=torch.Generator().manual_seed(1))
     for name, features in problems().items():
         for strategy in STRATEGIES:
-            one = select(strategy, features, 24, labels=labels, losses=losses, batch_size=5, progress=False)
+            one = select(
+                strategy, features, 24, labels=labels, losses=losses, base_losses=base_losses, batch_size=5,
+                progress=False,
+            )  # fmt: skip
             for result in ranks:
                 indices, scores, value = result[name, strategy]
                 assert indices.tolist() == one.indices.tolist(), (name, strategy)

@@ -30,12 +30,14 @@ def test_closure() -> None:
 
 
 def test_run_end_to_end(cli_env) -> None:
-    assert main([*RUN, "--exp_name", "tiny", "--train-scope", "top:1", "--lr", "1e-3"]) == 0
+    run = [(a if a != "greedy,topk" else "greedy,topk,loss_drop_balanced") for a in RUN]
+    assert main([*run, "--exp_name", "tiny", "--train-scope", "top:1", "--lr", "1e-3"]) == 0
     results = json.loads((cli_env / "runs" / "tiny" / "results.json").read_text())
-    assert [row["model"] for row in results["table"]] == ["expert", "greedy", "topk", "random"]
+    names = ["greedy", "topk", "loss_drop_balanced", "random"]
+    assert [row["model"] for row in results["table"]] == ["expert", *names]
     assert "closure_val_selected_test" in results["table"][1]
-    assert set(results["selections"]) == {"greedy", "topk", "random"}
-    for name in ("greedy", "topk", "random"):
+    assert set(results["selections"]) == set(names)
+    for name in names:
         table = pq.read_table(cli_env / "runs" / "tiny" / f"selection-{name}" / "selection.parquet")
         assert table.num_rows == 24 and set(table.column("label_name").to_pylist()) <= {
             "World", "Sports", "Business", "Sci/Tech",
@@ -104,6 +106,9 @@ def test_select_command(cli_env) -> None:
     assert asked["strategy"] == "auto"  # the default, made balanced top-k on whitened gradients: 4 labels
     assert (summary["strategy"], summary["precondition"]) == ("topk_balanced", "kfac")
     assert max(summary["label_distribution"].values()) <= 3  # a quota of ⌈10 / 4⌉
+    assert main([*args[:-1], "drop", "--strategy", "loss_drop_balanced"]) == 0
+    summary = json.loads((cli_env / "runs" / "drop" / "summary.json").read_text())
+    assert summary["strategy"] == "loss_drop_balanced" and max(summary["label_distribution"].values()) <= 3
 
 
 @pytest.mark.parametrize(

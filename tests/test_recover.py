@@ -120,6 +120,37 @@ def test_auto_labels_are_the_finetuned_prediction(pair, tmp_path) -> None:
     torch.testing.assert_close(grads.losses, expected_loss, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("label_loss", ["restricted", "full"])
+def test_loss_drop_reads_each_autolabels_loss_under_the_base_model(pair, tmp_path, label_loss) -> None:
+    base, finetuned = pair
+    label_set = make_label_set(["a", "b", "c"], finetuned.tokenizer, "letters")
+    data = DataConfig(seq_len=16, label_loss=label_loss)
+    cfg = SelectConfig(k=4, strategy="loss_drop", precondition="none")
+    grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, cfg, tmp_path)
+    encoded = encode_classification(base.tokenizer, TEXTS, 16)
+    with torch.no_grad():
+        logits = base.model(
+            input_ids=encoded.input_ids,
+            attention_mask=encoded.attention_mask,
+            position_ids=encoded.position_ids,
+        ).logits[:, -1]
+    ids = torch.tensor(label_set.token_ids)
+    if label_loss == "full":
+        expected = F.cross_entropy(logits, ids[grads.labels], reduction="none")
+    else:
+        expected = F.cross_entropy(logits[:, ids], grads.labels, reduction="none")
+    torch.testing.assert_close(grads.base_losses, expected, atol=1e-5, rtol=1e-4)
+    picked = recover(grads, TEXTS, label_set, cfg, progress=False)
+    drop = expected - grads.losses
+    assert set(picked.rows.tolist()) == set(drop.argsort(descending=True)[:4].tolist())
+    assert (
+        corpus_gradients(
+            base, finetuned, TEXTS, label_set, data, replace(cfg, strategy="greedy"), None
+        ).base_losses
+        is None
+    )
+
+
 def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tmp_path, caplog) -> None:
     base, finetuned = pair
     label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")

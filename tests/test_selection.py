@@ -126,6 +126,23 @@ def test_loss_strategies(strategy):
     assert math.isnan(sel.objective)
 
 
+def test_loss_drop_ranks_by_how_much_the_finetune_raised_each_autolabel():
+    gen = torch.Generator().manual_seed(6)
+    losses, base_losses = torch.rand(40, generator=gen), 3 * torch.rand(40, generator=gen)
+    base_losses[4] = math.nan  # a document without a scored token ranks last
+    drop = (base_losses - losses).nan_to_num(-math.inf).numpy()
+    sel = select("loss_drop", None, 8, losses=losses, base_losses=base_losses, progress=False)
+    assert sel.indices.tolist() == np.argsort(-drop, kind="stable")[:8].tolist()
+    assert math.isnan(sel.objective)
+    labels = (torch.arange(40) % 4 == 0).long()  # 10 of label 1, 30 of label 0
+    sel = select("loss_drop_balanced", None, 8, labels=labels, losses=losses, base_losses=base_losses)
+    assert sorted(labels[sel.indices].tolist()) == [0] * 4 + [1] * 4
+    for c in (0, 1):  # within a label, the largest drops
+        rows = np.nonzero(labels.numpy() == c)[0]
+        best = rows[np.argsort(-drop[rows], kind="stable")[:4]]
+        assert sorted(sel.indices[labels[sel.indices] == c].tolist()) == sorted(best.tolist())
+
+
 def test_random_is_seeded_and_without_repeats():
     grads, delta = _dense()
     features = DenseFeatures(grads, delta)
@@ -170,6 +187,8 @@ def test_errors():
         lambda: select("p_min", features, 5),
         lambda: select("greedy", None, 5),
         lambda: select("p_max", features, 5, losses=torch.rand(39)),
+        lambda: select("loss_drop", None, 5, losses=torch.rand(40)),
+        lambda: select("loss_drop", None, 5, losses=torch.rand(40), base_losses=torch.rand(39)),
         lambda: DenseFeatures(grads, delta[:3]),
         lambda: FactoredFeatures(torch.randn(4, 2), torch.randn(5, 3), torch.randn(2, 3)),
     ):
@@ -184,6 +203,8 @@ def test_errors():
         "bottomk",
         "p_min",
         "p_max",
+        "loss_drop",
+        "loss_drop_balanced",
         "random",
     }
 

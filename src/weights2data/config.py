@@ -279,7 +279,9 @@ class SelectConfig:
     strategy: str = opt(
         "auto",
         "greedy (SELECT), greedy_balanced (greedy with a quota per label), greedy_batched, topk, "
-        "topk_balanced, bottomk, p_min, p_max, random, or auto: a quota per label on K-FAC-whitened "
+        "topk_balanced, bottomk, p_min, p_max, loss_drop (largest log p_finetuned(y) / p_base(y) "
+        "of the autolabel y: no gradients, one more forward pass), loss_drop_balanced, random, "
+        "or auto: a quota per label on K-FAC-whitened "
         "gradients (--precondition kfac) for 2-10 labels with the label-token loss and head gradients, "
         "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-10 "
         "and for 2 labels of a full finetune (every block changed), ahead of greedy over the regimes "

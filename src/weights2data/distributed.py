@@ -241,6 +241,7 @@ def sharded_select(
     *,
     labels: Tensor | None = None,
     losses: Tensor | None = None,
+    base_losses: Tensor | None = None,
     seed: int = 0,
     batch_size: int = 32,
     num_labels: int | None = None,
@@ -249,8 +250,8 @@ def sharded_select(
     weights: Tensor | None = None,
     progress: bool = True,
 ) -> Selection:
-    """selection.select with `features` and `weights` holding this rank's rows (`labels`, `losses`:
-    the whole corpus's); every rank returns the selection one process would make."""
+    """selection.select with `features` and `weights` holding this rank's rows (`labels`, `losses`,
+    `base_losses`: the whole corpus's); every rank returns the selection one process would make."""
     if exclude is not None and len(exclude):
         raise W2DError("excluding rows is not supported across ranks: run in one process")
     n = sum(shard.sizes)
@@ -263,7 +264,9 @@ def sharded_select(
         )
     else:
         cos = shard.gather(cosines(features)) if strategy in ("topk", "bottomk", "topk_balanced") else None
-        indices, scores = ranked(strategy, k, n, cos=cos, losses=losses, quotas=quotas, seed=seed)
+        indices, scores = ranked(
+            strategy, k, n, cos=cos, losses=losses, base_losses=base_losses, quotas=quotas, seed=seed
+        )
     indices = indices.cpu()
     picked = None if features is None else gather_picks(shard, features, indices)
     value = math.nan if picked is None else objective(picked, torch.arange(k))
@@ -296,7 +299,7 @@ def sharded_gradients(
     local = compute(texts[shard.rows.start : shard.rows.stop])
     gathered = {
         name: None if getattr(local, name) is None else shard.gather(getattr(local, name))
-        for name in ("labels", "losses", "probs")
+        for name in ("labels", "losses", "base_losses", "probs")
     }
     timings = {**local.timings, "ranks": len(shard.sizes)}
     return replace(local, timings=timings, **gathered)

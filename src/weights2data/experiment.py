@@ -43,6 +43,7 @@ from weights2data.recover import (
     write_recovery,
 )
 from weights2data.rounds import recover_in_rounds
+from weights2data.selection import LOSS_DROP
 from weights2data.store import stable_hash, write_json
 from weights2data.synthesis import check_synthesis, synthesise
 from weights2data.train import Task, train_eval
@@ -114,10 +115,11 @@ def run_experiment(
     configs.setdefault(RANDOM, replace(sel, strategy=RANDOM))  # the run's own settings
     keys = {name: settings_key(cfg) for name, cfg in configs.items()}
     by_settings = {}  # one featurisation per distinct set of select settings, the baseline's first
+    drop = any(cfg.strategy in LOSS_DROP for cfg in configs.values())  # base losses for all: cheap, shared
     for name in (RANDOM, *configs):
         if keys[name] not in by_settings:
             by_settings[keys[name]] = task_gradients(
-                base, expert, corpus.texts, task, data, configs[name], ws.cache
+                base, expert, corpus.texts, task, data, configs[name], ws.cache, drop
             )
     grads_of = {name: by_settings[key] for name, key in keys.items()}
     grads = grads_of[RANDOM]  # the autolabels

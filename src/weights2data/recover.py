@@ -36,6 +36,8 @@ from weights2data.precondition import Metric, fit_metric, resolve
 from weights2data.selection import (
     AUTO,
     BALANCED,
+    LOSS_DROP,
+    WITHOUT_GRADIENTS,
     GradientFeatures,
     Selection,
     SummedFeatures,
@@ -170,6 +172,7 @@ class CorpusGradients:
     probs: torch.Tensor | None = None  # (N, C) the finetuned model's label distribution
     adapter: str | None = None  # the LoRA adapter the finetuned model is, described
     metric: Metric | None = None  # the head preconditioner, when one gradient point was preconditioned
+    base_losses: torch.Tensor | None = None  # (N,) the autolabels' losses under the base model
 
     def to(self, device: torch.device) -> CorpusGradients:
         """The features on `device`, where the greedy engine then runs; labels and losses stay."""
@@ -247,10 +250,13 @@ def corpus_gradients(
     data: DataConfig,
     cfg: SelectConfig,
     cache_root: Path | None,
+    base_losses: bool = False,
 ) -> CorpusGradients:
     """Hidden states of the corpus (cached), labels, losses and factored head gradients.
 
-    Labels and losses come from the finetuned model; gradients are taken at the points of each
+    Labels and losses come from the finetuned model; the autolabels' losses under the base model
+    too when `base_losses` is set or the strategy is a loss drop (one more forward pass over the
+    blocks the finetune changed, cached). Gradients are taken at the points of each
     path segment that --grad-at names (P = 1, finetuned: the original's), each against its
     segment's weight change, and joined by --path-combine. The template and the label loss are
     the flags', else the finetuned model's recorded ones (templates.resolve_template).
@@ -268,10 +274,11 @@ def corpus_gradients(
     labelled = assign_labels(probs, cfg.labels, cfg.seed)  # the argmax is the same under either loss
     token_ids = torch.tensor(label_set.token_ids)
     if mode == "full":
-        head = head_view(finetuned)
-        labelled.losses = vocab_losses(
-            memo[id(finetuned)][1], (head.weight, head.bias), token_ids[labelled.labels]
-        )
+        labelled.losses = autolabel_losses(finetuned, hidden, label_set, labelled.labels, mode)
+    at_base = None
+    if base_losses or cfg.strategy in LOSS_DROP:
+        memo[id(base)] = (base, hidden_at(base, finetuned, base, encoded, cache_root))
+        at_base = autolabel_losses(base, memo[id(base)][1], label_set, labelled.labels, mode)
     points, heads, blocks, timings = [], [], [], {}
     walk = None
     if cfg.path == "distill":
@@ -327,7 +334,20 @@ def corpus_gradients(
         probs=labelled.probs,
         adapter=adapter_of(finetuned),
         metric=metric,
+        base_losses=at_base,
     )
+
+
+def autolabel_losses(
+    at: LoadedModel, hidden: torch.Tensor, label_set: LabelSet, labels: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """(N,) the cross-entropy of each document's label under `at`, from its last hidden states
+    (N, d): over the label tokens (the restricted loss) or the whole vocabulary (`full`)."""
+    if mode == "full":
+        head = head_view(at)
+        return vocab_losses(hidden, (head.weight, head.bias), torch.tensor(label_set.token_ids)[labels])
+    probs = label_probs(hidden, *label_rows(at, label_set))  # (N, C)
+    return -probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log()
 
 
 QUOTA_LABELS = range(2, 11)  # label counts where --strategy auto sets a quota per label (measured: 2-6, 10)
@@ -474,14 +494,16 @@ def task_gradients(
     data: DataConfig,
     cfg: SelectConfig,
     cache_root: Path | None,
+    base_losses: bool = False,
 ) -> CorpusGradients:
     """The corpus gradients of the task the expert was finetuned for: LM or classification, in its
-    template and with its label loss."""
+    template and with its label loss (`base_losses`: see corpus_gradients)."""
     if task.kind == "lm":
         return lm_corpus_gradients(
             base, finetuned, texts, task.seq_len, task.lm_loss, cfg, cache_root, task.template
         )
-    return corpus_gradients(base, finetuned, texts, task.label_set, task_data(data, task), cfg, cache_root)
+    data = task_data(data, task)
+    return corpus_gradients(base, finetuned, texts, task.label_set, data, cfg, cache_root, base_losses)
 
 
 def task_data(data: DataConfig, task: Task) -> DataConfig:
@@ -543,6 +565,12 @@ def block_part(
 
 def check_lm_selection(cfg: SelectConfig, strategies: list[str]) -> None:
     """A language-modelling selection has no labels: refuse the options that need them, before any work."""
+    drop = [s for s in strategies if s == "loss_drop"]
+    if drop:
+        raise W2DError(
+            "loss_drop compares each document's autolabel loss under the two models, and a "
+            "language-modelling selection has no autolabels: use p_min, topk or greedy"
+        )
     balanced = [s for s in strategies if s in BALANCED]
     if balanced:
         raise W2DError(
@@ -590,7 +618,7 @@ def recover(
         strategy = grads.timings["auto_strategy"]
     if grads.labels is None:
         check_lm_selection(cfg, [strategy])
-    if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:
+    if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:  # loss drop too
         raise W2DError(zero_delta_message(grads, cfg))
     unsure = unsure_rows(grads, cfg.keep_confident)
     if len(unsure):
@@ -602,7 +630,7 @@ def recover(
                 f"documents to pick from, fewer than k = {cfg.k}: raise it or lower --k"
             )
     prior = label_prior(cfg.label_prior, grads, label_set)
-    if cfg.pool and strategy not in ("p_min", "p_max", "random"):
+    if cfg.pool and strategy not in WITHOUT_GRADIENTS:
         outside = outside_pool(grads, cfg, strategy, prior, label_set, exclude)
         exclude = outside if exclude is None else torch.cat([exclude, outside]).unique()
     started = time.time()
@@ -612,6 +640,7 @@ def recover(
         cfg.k,
         labels=grads.labels,
         losses=grads.losses,
+        base_losses=grads.base_losses,
         seed=cfg.seed,
         batch_size=cfg.batch_reset,
         num_labels=None if label_set is None else len(label_set.names),

@@ -34,12 +34,16 @@ STRATEGIES = (
     "bottomk",
     "p_min",
     "p_max",
+    "loss_drop",
+    "loss_drop_balanced",
     "random",
 )
 AUTO = "auto"  # a setting, made one of STRATEGIES where the label count is known (recover.resolve_strategy)
 STRATEGY_SETTINGS = (AUTO, *STRATEGIES)  # what --strategy accepts
-BALANCED = ("greedy_balanced", "topk_balanced")  # per-label quotas
+BALANCED = ("greedy_balanced", "topk_balanced", "loss_drop_balanced")  # per-label quotas
 GREEDY = ("greedy", "greedy_batched", "greedy_balanced")
+LOSS_DROP = ("loss_drop", "loss_drop_balanced")  # rank by the autolabel's loss, base minus finetuned
+WITHOUT_GRADIENTS = ("p_min", "p_max", *LOSS_DROP, "random")  # the strategies that need no features
 
 _TINY = 1e-30  # floor under squared norms before a square root
 
@@ -417,6 +421,7 @@ def select(
     *,
     labels: Tensor | None = None,
     losses: Tensor | None = None,
+    base_losses: Tensor | None = None,
     seed: int = 0,
     batch_size: int = 32,
     num_labels: int | None = None,
@@ -427,16 +432,18 @@ def select(
 ) -> Selection:
     """Pick k documents with `strategy` (one of STRATEGIES), none of the rows in `exclude`.
 
-    `features` may be None only for p_min, p_max and random (then objective is NaN);
+    `features` may be None only for WITHOUT_GRADIENTS (then objective is NaN);
     the balanced strategies need `labels` (N,) and take `num_labels` (the label set's size;
     default: the largest label + 1) and `label_prior` (C,) (default: uniform); p_min / p_max
-    need `losses` (N,). `weights` (N,): the greedy strategies sum w_i g_i (the objective reported
-    stays the raw one, cos(Σ_chosen g, Δ)); the others rank by cosines, which weights leave alone.
+    need `losses` (N,), the loss-drop strategies `losses` and `base_losses` (N,), each document's
+    autolabel loss under the finetuned and the base model. `weights` (N,): the greedy strategies
+    sum w_i g_i (the objective reported stays the raw one, cos(Σ_chosen g, Δ)); the others rank
+    by their own score, which weights leave alone.
     """
     engine: dict = {}
     if strategy not in STRATEGIES:
         raise W2DError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    n = _count(strategy, features, labels, losses)
+    n = _count(strategy, features, labels, losses, base_losses)
     if exclude is not None and len(exclude):
         keep = torch.ones(n, dtype=torch.bool)
         keep[exclude] = False
@@ -447,6 +454,7 @@ def select(
             k,
             labels=None if labels is None else labels[rows],
             losses=None if losses is None else losses[rows],
+            base_losses=None if base_losses is None else base_losses[rows],
             seed=seed,
             batch_size=batch_size,
             num_labels=num_labels,
@@ -463,7 +471,9 @@ def select(
         )
     else:
         cos = cosines(features) if strategy in ("topk", "bottomk", "topk_balanced") else None
-        indices, scores = ranked(strategy, k, n, cos=cos, losses=losses, quotas=quotas, seed=seed)
+        indices, scores = ranked(
+            strategy, k, n, cos=cos, losses=losses, base_losses=base_losses, quotas=quotas, seed=seed
+        )
     indices = indices.cpu()
     value = math.nan if features is None else objective(features, indices)
     return Selection(indices=indices, scores=scores.cpu(), objective=value, engine=engine)
@@ -482,7 +492,7 @@ def check_selection(
     """Refuse a selection that cannot run; the balanced strategies' (labels, quota per label)."""
     if not 1 <= k <= n:
         raise W2DError(f"k must be between 1 and the number of candidates ({n}), got {k}")
-    if features is not None and strategy not in ("p_min", "p_max", "random") and features.delta_sq_norm <= 0:
+    if features is not None and strategy not in WITHOUT_GRADIENTS and features.delta_sq_norm <= 0:
         raise W2DError(
             "the weight change is zero in every parameter whose gradients were taken, so no document "
             "can explain it"
@@ -495,16 +505,22 @@ def check_selection(
 
 
 def _count(
-    strategy: str, features: GradientFeatures | None, labels: Tensor | None, losses: Tensor | None
+    strategy: str,
+    features: GradientFeatures | None,
+    labels: Tensor | None,
+    losses: Tensor | None,
+    base_losses: Tensor | None,
 ) -> int:
     """The number of candidates, after checking the strategy has the inputs it needs."""
     if strategy in BALANCED and labels is None:
         raise W2DError(f"{strategy} needs labels (one integer label per candidate document)")
-    if strategy in ("p_min", "p_max") and losses is None:
+    if strategy in ("p_min", "p_max", *LOSS_DROP) and losses is None:
         raise W2DError(f"{strategy} needs losses (one loss per candidate document under the finetuned model)")
-    if features is None and strategy not in ("p_min", "p_max", "random"):
+    if strategy in LOSS_DROP and base_losses is None:
+        raise W2DError(f"{strategy} needs base losses (each candidate's autolabel loss under the base model)")
+    if features is None and strategy not in WITHOUT_GRADIENTS:
         raise W2DError(f"{strategy} needs gradient features")
-    given = [len(x) for x in (features, labels, losses) if x is not None]
+    given = [len(x) for x in (features, labels, losses, base_losses) if x is not None]
     if not given:
         raise W2DError("random selection needs features, labels or losses to know the number of candidates")
     if len(set(given)) > 1:
@@ -519,11 +535,13 @@ def ranked(
     *,
     cos: Tensor | None = None,
     losses: Tensor | None = None,
+    base_losses: Tensor | None = None,
     quotas: tuple[Tensor, Tensor] | None = None,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """(indices, scores) of the strategies that rank one number per document (all but greedy):
-    cosines `cos` (N,) for the top-k family, `losses` (N,) for p_min / p_max, `seed` for random."""
+    cosines `cos` (N,) for the top-k family, `losses` (N,) for p_min / p_max, `losses` and
+    `base_losses` (N,) for the loss drop, `seed` for random."""
     if strategy == "topk":
         return _ranked(cos, k, descending=True)
     if strategy == "bottomk":
@@ -534,6 +552,11 @@ def ranked(
         # a document without a scored token has a NaN loss: it ranks last either way
         worst = -math.inf if strategy == "p_max" else math.inf
         return _ranked(losses.float().nan_to_num(worst), k, descending=strategy == "p_max")
+    if strategy in LOSS_DROP:
+        drop = (base_losses.double() - losses.double()).nan_to_num(-math.inf)  # (N,) log p1(y) / p0(y)
+        if strategy == "loss_drop_balanced":
+            return topk_balanced(drop, quotas, k)
+        return _ranked(drop, k, descending=True)
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=generator)[:k], torch.full((k,), math.nan)
 
@@ -570,7 +593,8 @@ def label_quotas(labels: Tensor, k: int, num_labels: int | None, prior: Tensor |
 
 
 def topk_balanced(cos: Tensor, quotas: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
-    """Best cosines with at most quota_c picks per label c."""
+    """Largest scores `cos` (N,) (cosines, or any per-document score) with at most quota_c picks
+    per label c."""
     labels, quota = quotas[0].to(cos.device), quotas[1].to(cos.device)
     order = cos.argsort(descending=True, stable=True)  # (N,)
     ranked = labels[order]
