@@ -77,6 +77,17 @@ def autograd_head_gradients(
     return torch.stack(grads)
 
 
+def last_logits(loaded: LoadedModel, seq_len: int) -> torch.Tensor:
+    """(N, V) the model's logits at the last position of each of TEXTS' classification prompts."""
+    encoded = encode_classification(loaded.tokenizer, TEXTS, seq_len)
+    with torch.no_grad():
+        return loaded.model(
+            input_ids=encoded.input_ids,
+            attention_mask=encoded.attention_mask,
+            position_ids=encoded.position_ids,
+        ).logits[:, -1]
+
+
 def test_factored_gradients_match_autograd(pair, tmp_path) -> None:
     base, finetuned = pair
     label_set = make_label_set(["a", "b", "c", "d"], finetuned.tokenizer, "letters")
@@ -108,13 +119,7 @@ def test_auto_labels_are_the_finetuned_prediction(pair, tmp_path) -> None:
     grads = corpus_gradients(
         base, finetuned, TEXTS, label_set, DataConfig(seq_len=16), SelectConfig(k=3), tmp_path
     )
-    encoded = encode_classification(finetuned.tokenizer, TEXTS, 16)
-    with torch.no_grad():
-        logits = finetuned.model(
-            input_ids=encoded.input_ids,
-            attention_mask=encoded.attention_mask,
-            position_ids=encoded.position_ids,
-        ).logits[:, -1, label_set.token_ids]
+    logits = last_logits(finetuned, 16)[:, label_set.token_ids]
     assert grads.labels.tolist() == logits.argmax(-1).tolist()
     expected_loss = F.cross_entropy(logits, grads.labels, reduction="none")
     torch.testing.assert_close(grads.losses, expected_loss, atol=1e-5, rtol=1e-4)
@@ -127,13 +132,7 @@ def test_loss_drop_reads_each_autolabels_loss_under_the_base_model(pair, tmp_pat
     data = DataConfig(seq_len=16, label_loss=label_loss)
     cfg = SelectConfig(k=4, strategy="loss_drop", precondition="none")
     grads = corpus_gradients(base, finetuned, TEXTS, label_set, data, cfg, tmp_path)
-    encoded = encode_classification(base.tokenizer, TEXTS, 16)
-    with torch.no_grad():
-        logits = base.model(
-            input_ids=encoded.input_ids,
-            attention_mask=encoded.attention_mask,
-            position_ids=encoded.position_ids,
-        ).logits[:, -1]
+    logits = last_logits(base, 16)
     ids = torch.tensor(label_set.token_ids)
     if label_loss == "full":
         expected = F.cross_entropy(logits, ids[grads.labels], reduction="none")
