@@ -100,6 +100,8 @@ NAMES = {  # how a value in the JSON reads in the docs
     "greedy_balanced@precondition=kfac": "greedy balanced, whitened",
     "topk_balanced": "top-k balanced",
     "topk_balanced@precondition=kfac": "top-k balanced, whitened",
+    "loss_drop": "loss drop",
+    "loss_drop_balanced": "loss drop balanced",
     "random_confident": "random (kept share)",
     "oracle": "ceiling: the passages nearest the true texts",
 }
