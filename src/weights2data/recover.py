@@ -618,7 +618,8 @@ def recover(
         strategy = grads.timings["auto_strategy"]
     if grads.labels is None:
         check_lm_selection(cfg, [strategy])
-    if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:  # loss drop too
+    # without a weight change every loss drop is zero too: nothing to rank
+    if strategy not in ("p_min", "p_max", "random") and grads.features.delta_sq_norm <= 0:
         raise W2DError(zero_delta_message(grads, cfg))
     unsure = unsure_rows(grads, cfg.keep_confident)
     if len(unsure):
