@@ -26,7 +26,7 @@ from weights2data.lm_features import (
 )
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
 from weights2data.recover import lm_corpus_gradients
-from weights2data.selection import BALANCED, STRATEGIES, SummedFeatures, select
+from weights2data.selection import BALANCED, LOSS_DROP, STRATEGIES, SummedFeatures, select
 from weights2data.train import lm_loss_sum
 from weights2data.trajectory import interpolate
 
@@ -261,7 +261,7 @@ def test_every_strategy_runs_in_lm_mode(pair) -> None:
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
     out = lm_features(base, finetuned, encoded, dim=256, dtype=torch.float32, progress=False)
     for strategy in STRATEGIES:
-        if strategy in BALANCED:
+        if strategy in BALANCED or strategy in LOSS_DROP:  # they need autolabels
             continue
         sel = select(strategy, out.features, 4, losses=out.losses, batch_size=2, progress=False)
         assert len(set(sel.indices.tolist())) == 4, strategy
@@ -272,7 +272,7 @@ def test_every_strategy_runs_in_lm_mode(pair) -> None:
     assert out.losses.isnan().any() and not out.losses[highest.indices].isnan().any()  # empty documents last
 
 
-def test_topk_balanced_is_refused_in_lm_mode(pair) -> None:
+def test_strategies_that_need_autolabels_are_refused_in_lm_mode(pair) -> None:
     from weights2data.config import SelectConfig
     from weights2data.recover import lm_corpus_gradients, recover
 
@@ -282,6 +282,8 @@ def test_topk_balanced_is_refused_in_lm_mode(pair) -> None:
     assert grads.labels is None
     with pytest.raises(W2DError, match="topk_balanced"):
         recover(grads, TEXTS, None, SelectConfig(k=3, strategy="topk_balanced"))
+    with pytest.raises(W2DError, match="no autolabels"):
+        recover(grads, TEXTS, None, SelectConfig(k=3, strategy="loss_drop"))
     rec = recover(grads, TEXTS, None, SelectConfig(k=3, strategy="greedy"), progress=False)
     assert rec.labels is None and len(rec.texts) == 3
 
