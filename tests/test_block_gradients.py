@@ -214,7 +214,7 @@ def test_select_with_block_gradients(pair, tmp_path) -> None:
         base, finetuned, TEXTS, label_set, data, SelectConfig(k=4, strategy="greedy"), tmp_path
     )
     both = corpus_gradients(
-        base, finetuned, TEXTS, label_set, data, SelectConfig(k=4, grad_blocks=2), tmp_path
+        base, finetuned, TEXTS, label_set, data, SelectConfig(k=4, grad_blocks=2), tmp_path, base_losses=True
     )
     assert isinstance(both.features, SummedFeatures)
     assert both.timings["gradient_blocks"] == "1-1" and both.timings["block_layers"] == 7
