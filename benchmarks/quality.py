@@ -413,6 +413,7 @@ def run_group(
         for k in csv(args.ks, int):
             rows = np.random.default_rng(seed).permutation(len(expert_data.train))[:k]
             score(group, "true_k", expert_data.train.subset(np.sort(rows)), {"k": k})
+    drop = any(s in LOSS_DROP for s in csv(args.strategies))  # the strategies need the base's losses
     for rule in csv(args.label_rules):
         variants = [
             (d, b, v)
@@ -431,7 +432,6 @@ def run_group(
                 **select_overrides(variant),
             )
             t0 = time.time()
-            drop = any(s in LOSS_DROP for s in csv(args.strategies))
             grads = corpus_gradients(base, expert, corpus.texts, task.label_set, data, sel, ws.cache, drop)
             features_s = round(time.time() - t0, 1)
             for k in csv(args.ks, int):

@@ -62,8 +62,12 @@ def assign_labels(probs: torch.Tensor, rule: str, seed: int) -> LabelledCorpus:
         )
     else:
         raise W2DError(f"unknown label strategy '{rule}': use auto or random")
-    losses = -torch.log(probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12))
-    return LabelledCorpus(labels, losses, probs)
+    return LabelledCorpus(labels, label_losses(probs, labels), probs)
+
+
+def label_losses(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) the cross-entropy of each document's label `labels` (N,) under `probs` (N, C)."""
+    return -torch.log(probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12))
 
 
 @dataclass

@@ -26,6 +26,7 @@ from weights2data.gradients import (
     full_vocab_features,
     head_features,
     jl_project,
+    label_losses,
     label_probs,
     label_rows,
     vocab_losses,
@@ -346,8 +347,7 @@ def autolabel_losses(
     if mode == "full":
         head = head_view(at)
         return vocab_losses(hidden, (head.weight, head.bias), torch.tensor(label_set.token_ids)[labels])
-    probs = label_probs(hidden, *label_rows(at, label_set))  # (N, C)
-    return -probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12).log()
+    return label_losses(label_probs(hidden, *label_rows(at, label_set)), labels)
 
 
 QUOTA_LABELS = range(2, 11)  # label counts where --strategy auto sets a quota per label (measured: 2-6, 10)
@@ -565,8 +565,7 @@ def block_part(
 
 def check_lm_selection(cfg: SelectConfig, strategies: list[str]) -> None:
     """A language-modelling selection has no labels: refuse the options that need them, before any work."""
-    drop = [s for s in strategies if s == "loss_drop"]
-    if drop:
+    if "loss_drop" in strategies:
         raise W2DError(
             "loss_drop compares each document's autolabel loss under the two models, and a "
             "language-modelling selection has no autolabels: use p_min, topk or greedy"
