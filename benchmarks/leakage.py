@@ -12,7 +12,7 @@ the training data, e.g. head gradients against head + block gradients in a top:4
 
 With --task lm the expert is finetuned with next-token loss on the dataset's texts, as in
 benchmarks/lm_recovery.py (32 tokens, lr 1e-4, 2 epochs, batch 16: the same cached expert), and
-the documents are scored by its sketched LM-head gradients; topk_balanced (labels) is skipped.
+the documents are scored by its sketched LM-head gradients; the balanced strategies (labels) are skipped.
 
 Writes benchmarks/results/leakage.json (after every group, atomically) and prints a markdown table.
 """
@@ -40,6 +40,7 @@ from weights2data.data import data_dir
 from weights2data.errors import exit_on_error
 from weights2data.pipeline import Workspace, finetune_cached, pick_device
 from weights2data.recover import recover, task_gradients
+from weights2data.selection import BALANCED, LOSS_DROP
 from weights2data.store import cache_dir, write_json
 from weights2data.train import Task
 
@@ -81,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     args.expert_epochs = args.expert_epochs or (LM_EXPERT["expert_epochs"] if lm else 3)
     args.batch_size = args.batch_size or (LM_EXPERT["batch_size"] if lm else 32)
     if lm:
-        args.strategies = ",".join(s for s in csv(args.strategies) if s != "topk_balanced")
+        args.strategies = ",".join(s for s in csv(args.strategies) if s not in BALANCED)
     return args
 
 
@@ -107,7 +108,8 @@ def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, ou
     for blocks in csv(args.grad_blocks, int):
         sel = SelectConfig(k=max(csv(args.ks, int)), strategy="greedy", grad_blocks=blocks, seed=seed)
         started = time.time()
-        grads = task_gradients(base, expert, texts, task, data, sel, ws.cache)
+        drop = any(s in LOSS_DROP for s in csv(args.strategies))  # the strategies need the base's losses
+        grads = task_gradients(base, expert, texts, task, data, sel, ws.cache, drop)
         features_s = round(time.time() - started, 1)
         for strategy in csv(args.strategies):
             for k in csv(args.ks, int):

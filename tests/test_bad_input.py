@@ -262,7 +262,6 @@ CASES = {
         [*SEL_LM, "--strategy", "topk_balanced"],
         "topk_balanced balances labels",
     ),
-    "loss drop in LM mode": ([*SEL_LM, "--strategy", "loss_drop"], "has no autolabels: use p_min"),
     "random labels in LM mode": ([*SEL_LM, "--labels", "random"], "--labels random labels the picks"),
     "preconditioner in LM mode": (
         [*SEL_LM, "--precondition", "adam"],

@@ -26,7 +26,7 @@ from weights2data.lm_features import (
 )
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
 from weights2data.recover import lm_corpus_gradients
-from weights2data.selection import BALANCED, LOSS_DROP, STRATEGIES, SummedFeatures, select
+from weights2data.selection import BALANCED, STRATEGIES, SummedFeatures, select
 from weights2data.train import lm_loss_sum
 from weights2data.trajectory import interpolate
 
@@ -260,10 +260,19 @@ def test_every_strategy_runs_in_lm_mode(pair) -> None:
     base, finetuned = pair
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
     out = lm_features(base, finetuned, encoded, dim=256, dtype=torch.float32, progress=False)
+    base_losses = out.losses + torch.linspace(0, 1, len(TEXTS))  # a stand-in: only loss_drop reads it
     for strategy in STRATEGIES:
-        if strategy in BALANCED or strategy in LOSS_DROP:  # they need autolabels
+        if strategy in BALANCED:  # they need labels
             continue
-        sel = select(strategy, out.features, 4, losses=out.losses, batch_size=2, progress=False)
+        sel = select(
+            strategy,
+            out.features,
+            4,
+            losses=out.losses,
+            base_losses=base_losses,
+            batch_size=2,
+            progress=False,
+        )
         assert len(set(sel.indices.tolist())) == 4, strategy
     lowest = select("p_min", out.features, 3, losses=out.losses, progress=False)
     finite = out.losses.nan_to_num(float("inf"))
@@ -272,20 +281,61 @@ def test_every_strategy_runs_in_lm_mode(pair) -> None:
     assert out.losses.isnan().any() and not out.losses[highest.indices].isnan().any()  # empty documents last
 
 
-def test_strategies_that_need_autolabels_are_refused_in_lm_mode(pair) -> None:
+def test_strategies_that_need_labels_are_refused_in_lm_mode(pair) -> None:
     from weights2data.config import SelectConfig
     from weights2data.recover import lm_corpus_gradients, recover
 
     base, finetuned = pair
     cfg = SelectConfig(k=3, projection_dim=64)
     grads = lm_corpus_gradients(base, finetuned, TEXTS, SEQ_LEN, "full", cfg, None)
-    assert grads.labels is None
-    with pytest.raises(W2DError, match="topk_balanced"):
-        recover(grads, TEXTS, None, SelectConfig(k=3, strategy="topk_balanced"))
-    with pytest.raises(W2DError, match="no autolabels"):
-        recover(grads, TEXTS, None, SelectConfig(k=3, strategy="loss_drop"))
+    assert grads.labels is None and grads.base_losses is None  # computed only when asked
+    for strategy in ("topk_balanced", "loss_drop_balanced"):
+        with pytest.raises(W2DError, match=f"{strategy} balances labels"):
+            recover(grads, TEXTS, None, SelectConfig(k=3, strategy=strategy))
     rec = recover(grads, TEXTS, None, SelectConfig(k=3, strategy="greedy"), progress=False)
     assert rec.labels is None and len(rec.texts) == 3
+
+
+def reference_losses(model: torch.nn.Module, encoded, mode: str) -> torch.Tensor:
+    """(N,) each document's mean next-token loss from the full model's logits (NaN: none scored)."""
+    out = []
+    with torch.no_grad():
+        for i in range(len(encoded)):
+            row = encoded.subset(slice(i, i + 1))
+            loss, n, _ = lm_loss_sum(
+                model(row.input_ids, attention_mask=row.attention_mask).logits, row, mode
+            )
+            out.append(float(loss) / n if n else math.nan)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("mode", ["full", "last"])
+def test_lm_loss_drop_ranks_by_the_base_loss_minus_the_finetuned_loss(
+    pair, tmp_path, monkeypatch, mode
+) -> None:
+    from weights2data.recover import recover
+
+    base, finetuned = pair
+    encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)
+    cfg = SelectConfig(k=4, strategy="loss_drop", projection_dim=64)
+    grads = lm_corpus_gradients(base, finetuned, TEXTS, SEQ_LEN, mode, cfg, tmp_path)
+    at_base, at_tuned = (
+        reference_losses(base.model, encoded, mode),
+        reference_losses(finetuned.model, encoded, mode),
+    )
+    assert torch.allclose(grads.base_losses, at_base, atol=1e-3, equal_nan=True)  # float16 hidden states
+    assert torch.allclose(grads.losses, at_tuned, atol=1e-3, equal_nan=True)
+    rec = recover(grads, TEXTS, None, cfg, progress=False)
+    drop = (at_base - at_tuned).nan_to_num(-math.inf)
+    assert rec.rows.tolist() == drop.argsort(descending=True)[:4].tolist()
+    assert at_base.isnan().any() and not at_base[rec.rows].isnan().any()  # "Hi" has no scored token
+
+    def no_head_pass(*_args, **_kwargs):
+        raise AssertionError("the base's losses were computed again")
+
+    monkeypatch.setattr(lm_features_module, "view_loss_sum", no_head_pass)
+    again = lm_corpus_gradients(base, finetuned, TEXTS, SEQ_LEN, mode, cfg, tmp_path)
+    torch.testing.assert_close(again.base_losses, grads.base_losses, rtol=0, atol=0, equal_nan=True)
 
 
 def test_helpers() -> None:

@@ -280,7 +280,8 @@ class SelectConfig:
         "auto",
         "greedy (SELECT), greedy_balanced (greedy with a quota per label), greedy_batched, topk, "
         "topk_balanced, bottomk, p_min, p_max, loss_drop (largest log p_finetuned(y) / p_base(y) "
-        "of the autolabel y, ranked without gradients; one more forward pass of the base), "
+        "of the autolabel y, or for language modelling the base's mean next-token loss minus the "
+        "finetuned one's; ranked without gradients; one more forward pass of the base), "
         "loss_drop_balanced, random, "
         "or auto: a quota per label on K-FAC-whitened "
         "gradients (--precondition kfac) for 2-10 labels with the label-token loss and head gradients, "

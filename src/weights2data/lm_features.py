@@ -411,15 +411,63 @@ def _terms_with_loss_view(hs, views, combined, grad_views, batch, delta, sketch,
         batch.target_mask,
     )
     if 0 not in grad_views:
-        terms.loss_sum = finetuned_loss_sum(hs[0], views[0], batch, lm_loss)
+        terms.loss_sum = view_loss_sum(hs[0], views[0], batch, lm_loss)
     return terms
 
 
-def finetuned_loss_sum(hidden: Tensor, view: HeadView, batch: Encoded, lm_loss: str) -> Tensor:
-    """(B,) summed next-token loss of the scored positions."""
+def view_loss_sum(hidden: Tensor, view: HeadView, batch: Encoded, lm_loss: str) -> Tensor:
+    """(B,) summed next-token loss of the scored positions under the head `view`."""
     device = view.weight.device
     scored = scored_positions(batch.attention_mask, lm_loss, batch.target_mask).to(device)
     doc, pos = torch.nonzero(scored, as_tuple=True)
     logits = F.linear(hidden.to(device)[doc, pos].float(), view.weight, view.bias)
     loss = F.cross_entropy(logits, batch.input_ids.to(device)[doc, pos + 1], reduction="none")
     return torch.zeros(scored.shape[0], device=device).index_add_(0, doc, loss)
+
+
+def lm_losses(
+    loaded: LoadedModel,
+    encoded: Encoded,
+    *,
+    lm_loss: str = "full",
+    cache_root: Path | None = None,
+    dtype: torch.dtype = torch.float16,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Tensor:
+    """(N,) each document's mean next-token loss under `loaded` (NaN without a scored token).
+
+    The base model's side of the language-modelling loss drop (the reference-model membership
+    score). It reads the hidden states cache the head gradients use (a head-only finetune's base
+    shares the finetuned model's), and caches its own per-chunk results the same way.
+    """
+    scored_positions(encoded.attention_mask[:1], lm_loss)  # validates the mode
+    cache = None
+    if cache_root is not None:
+        key = cache_key(
+            next(loaded.model.parameters()).device,
+            weights=loaded.fingerprint,
+            inputs=encoded_fingerprint(encoded),
+            dtype=str(dtype),
+            lm_loss=lm_loss,
+            rows=len(encoded),
+        )
+        cache = ChunkCache(Path(cache_root), "lm-losses", key)
+    source = HiddenStates(loaded, encoded, cache_root=cache_root, dtype=dtype, desc="base hidden states")
+    view = head_view(loaded)
+
+    def chunk(rows: range) -> dict[str, Tensor]:
+        hidden = source.chunk(rows)  # (rows, T, d)
+        sums, tokens = [], []
+        for s in range(0, len(rows), batch_size):
+            batch = encoded.subset(slice(rows.start + s, min(rows.start + s + batch_size, rows.stop)))
+            with torch.no_grad():
+                sums.append(view_loss_sum(hidden[s : s + batch_size], view, batch, lm_loss).cpu())
+            tokens.append(scored_positions(batch.attention_mask, lm_loss, batch.target_mask).sum(1))
+        total, count = torch.cat(sums), torch.cat(tokens)
+        return {"losses": (total / count.clamp_min(1)).masked_fill(count == 0, math.nan)}
+
+    bar = tqdm(
+        total=len(encoded), desc="base LM losses", unit="doc", disable=not progress or len(encoded) < 256
+    )
+    return gather_chunks(cache, len(encoded), chunk, bar)["losses"]

@@ -173,7 +173,9 @@ class CorpusGradients:
     probs: torch.Tensor | None = None  # (N, C) the finetuned model's label distribution
     adapter: str | None = None  # the LoRA adapter the finetuned model is, described
     metric: Metric | None = None  # the head preconditioner, when one gradient point was preconditioned
-    base_losses: torch.Tensor | None = None  # (N,) the autolabels' losses under the base model
+    base_losses: torch.Tensor | None = (
+        None  # (N,) under the base model: the autolabels' losses, or the LM loss
+    )
 
     def to(self, device: torch.device) -> CorpusGradients:
         """The features on `device`, where the greedy engine then runs; labels and losses stay."""
@@ -189,13 +191,16 @@ def lm_corpus_gradients(
     cfg: SelectConfig,
     cache_root: Path | None,
     template: Template = PLAIN,
+    base_losses: bool = False,
 ) -> CorpusGradients:
     """Language modelling: sketched head gradients with exact ⟨g, Δ⟩ and ‖g‖² (lm_features).
 
     --projection-dim 0 (the classification default: exact) means the default 4096-dimensional
-    Kronecker sketch here; LM gradients are V × d and cannot be held exactly.
+    Kronecker sketch here; LM gradients are V × d and cannot be held exactly. The documents'
+    mean next-token losses under the base model too when `base_losses` is set or the strategy
+    is the loss drop (one more head pass over the corpus, cached).
     """
-    from weights2data.lm_features import DEFAULT_DIM, lm_features
+    from weights2data.lm_features import DEFAULT_DIM, lm_features, lm_losses
 
     if cfg.path_combine == "sum" and cfg.pseudo_experts > 1:
         raise W2DError("language-modelling gradients of several pseudo-experts join by --path-combine concat")
@@ -232,6 +237,9 @@ def lm_corpus_gradients(
                 )
                 blocks += [block] if block is not None else []
                 timings = merge_timings(timings, block_timings)
+    at_base = None
+    if base_losses or cfg.strategy in LOSS_DROP:
+        at_base = lm_losses(base, encoded, lm_loss=lm_loss, cache_root=cache_root)
     parts, note = changed_parts(heads, blocks)
     return CorpusGradients(
         joined(parts),
@@ -240,6 +248,7 @@ def lm_corpus_gradients(
         timings | note | task_notes(template),
         kind="lm",
         adapter=adapter_of(finetuned),
+        base_losses=at_base,
     )
 
 
@@ -500,7 +509,7 @@ def task_gradients(
     template and with its label loss (`base_losses`: see corpus_gradients)."""
     if task.kind == "lm":
         return lm_corpus_gradients(
-            base, finetuned, texts, task.seq_len, task.lm_loss, cfg, cache_root, task.template
+            base, finetuned, texts, task.seq_len, task.lm_loss, cfg, cache_root, task.template, base_losses
         )
     data = task_data(data, task)
     return corpus_gradients(base, finetuned, texts, task.label_set, data, cfg, cache_root, base_losses)
@@ -565,11 +574,6 @@ def block_part(
 
 def check_lm_selection(cfg: SelectConfig, strategies: list[str]) -> None:
     """A language-modelling selection has no labels: refuse the options that need them, before any work."""
-    if "loss_drop" in strategies:
-        raise W2DError(
-            "loss_drop compares each document's autolabel loss under the two models, and a "
-            "language-modelling selection has no autolabels: use p_min, topk or greedy"
-        )
     balanced = [s for s in strategies if s in BALANCED]
     if balanced:
         raise W2DError(
