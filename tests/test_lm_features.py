@@ -434,3 +434,6 @@ def test_cli_select_lm(cli_env: Path) -> None:
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert summary["task"] == "lm" and "label_distribution" not in summary
     assert main([*select, "--strategy", "topk_balanced", "--exp-name", "sel2"]) == 2
+    assert main([*select, "--seq-len", "12", "--strategy", "loss_drop", "--exp-name", "drop"]) == 0
+    drop = json.loads((cli_env / "runs" / "drop" / "summary.json").read_text())
+    assert drop["strategy"] == "loss_drop" and drop["k"] == 5
