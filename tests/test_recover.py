@@ -234,7 +234,9 @@ def test_normalize_unit_runs_greedy_over_unit_length_gradients(pair, tmp_path) -
         SelectConfig(normalize="l2")
 
 
-def test_pool_lets_greedy_pick_only_among_the_documents_most_aligned_on_their_own(pair, tmp_path) -> None:
+def test_pool_lets_greedy_pick_only_among_the_documents_most_aligned_on_their_own(
+    pair, tmp_path, caplog
+) -> None:
     base, finetuned = pair
     label_set = make_label_set(["a", "b"], finetuned.tokenizer, "letters")
     cfg = SelectConfig(k=4, precondition="none")
@@ -258,6 +260,9 @@ def test_pool_lets_greedy_pick_only_among_the_documents_most_aligned_on_their_ow
     confident = replace(cfg, pool=1, keep_confident=0.5)  # the pool is taken among the kept documents
     kept = set(range(len(TEXTS))) - set(unsure_rows(grads, 0.5).tolist())
     assert set(recover(grads, TEXTS, label_set, confident, "greedy", progress=False).rows.tolist()) <= kept
+    random = recover(grads, TEXTS, label_set, replace(cfg, pool=1), "random", progress=False).rows
+    assert torch.equal(random, recover(grads, TEXTS, label_set, cfg, "random", progress=False).rows)
+    assert "--pool 1 narrows by gradient cosine, and random ranks without gradients: ignored" in caplog.text
     with pytest.raises(W2DError, match="pool must be 0"):
         SelectConfig(pool=0.5)
 

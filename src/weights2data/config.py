@@ -357,7 +357,8 @@ class SelectConfig:
         "F ≥ 1: greedy picks only among the F·k documents whose own gradient is most aligned with the "
         "weight change (cos(g_i, Δ); F·quota per label for the balanced strategies), so the sum cannot "
         "be built from documents that each point elsewhere and cancel; F = 1 makes greedy top-k. "
-        "0: the whole corpus (the original). Measured with greedy_balanced: F = 1.5-2 helped on AG "
+        "0: the whole corpus (the original). The strategies that rank without gradients (p_min, p_max, "
+        "loss_drop, random) ignore it, with a warning. Measured with greedy_balanced: F = 1.5-2 helped on AG "
         "News (full, top:2) and fell below random on IMDB (top:2, top:4); see benchmarks/RESULTS.md",
     )
     normalize: str = opt(

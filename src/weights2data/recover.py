@@ -634,7 +634,13 @@ def recover(
                 f"documents to pick from, fewer than k = {cfg.k}: raise it or lower --k"
             )
     prior = label_prior(cfg.label_prior, grads, label_set)
-    if cfg.pool and strategy not in WITHOUT_GRADIENTS:
+    if cfg.pool and strategy in WITHOUT_GRADIENTS:
+        log.warning(
+            "--pool %g narrows by gradient cosine, and %s ranks without gradients: ignored",
+            cfg.pool,
+            strategy,
+        )
+    elif cfg.pool:
         outside = outside_pool(grads, cfg, strategy, prior, label_set, exclude)
         exclude = outside if exclude is None else torch.cat([exclude, outside]).unique()
     started = time.time()
