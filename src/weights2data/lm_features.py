@@ -453,7 +453,7 @@ def lm_losses(
             rows=len(encoded),
         )
         cache = ChunkCache(Path(cache_root), "lm-losses", key)
-    source = HiddenStates(loaded, encoded, cache_root=cache_root, dtype=dtype, desc="base hidden states")
+    source = HiddenStates(loaded, encoded, cache_root=cache_root, dtype=dtype, desc="hidden states")
     view = head_view(loaded)
 
     def chunk(rows: range) -> dict[str, Tensor]:
@@ -467,7 +467,5 @@ def lm_losses(
         total, count = torch.cat(sums), torch.cat(tokens)
         return {"losses": (total / count.clamp_min(1)).masked_fill(count == 0, math.nan)}
 
-    bar = tqdm(
-        total=len(encoded), desc="base LM losses", unit="doc", disable=not progress or len(encoded) < 256
-    )
+    bar = tqdm(total=len(encoded), desc="LM losses", unit="doc", disable=not progress or len(encoded) < 256)
     return gather_chunks(cache, len(encoded), chunk, bar)["losses"]

@@ -173,9 +173,7 @@ class CorpusGradients:
     probs: torch.Tensor | None = None  # (N, C) the finetuned model's label distribution
     adapter: str | None = None  # the LoRA adapter the finetuned model is, described
     metric: Metric | None = None  # the head preconditioner, when one gradient point was preconditioned
-    base_losses: torch.Tensor | None = (
-        None  # (N,) under the base model: the autolabels' losses, or the LM loss
-    )
+    base_losses: torch.Tensor | None = None  # (N,) the autolabels' (or LM) losses under the base
 
     def to(self, device: torch.device) -> CorpusGradients:
         """The features on `device`, where the greedy engine then runs; labels and losses stay."""
