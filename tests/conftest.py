@@ -124,7 +124,8 @@ def _restore_package_logger():
 
 @pytest.fixture(scope="session")
 def make_adapter():
-    """Save a LoRA adapter of a model with peft, its B factors random (peft starts them at zero)."""
+    """Save a LoRA adapter of a model with peft, both factors drawn from a seeded generator (peft
+    starts B at zero and draws A from the global generator, which earlier tests move)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -134,6 +135,8 @@ def make_adapter():
         generator = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for name, p in model.named_parameters():
+                if "lora_A" in name:  # peft's kaiming-uniform scale, 1 / sqrt(fan_in)
+                    p.copy_(torch.randn(p.shape, generator=generator) / p.shape[1] ** 0.5)
                 if "lora_B" in name:
                     p.copy_(scale_b * torch.randn(p.shape, generator=generator))
         model.save_pretrained(path)

@@ -96,7 +96,9 @@ def test_lora_block_gradients_match_autograd(base, lora) -> None:
         lambda _m, f, i: F.cross_entropy(f[:, -1] @ rows.double().T, labels[i : i + 1], reduction="sum"),
     )
     delta = torch.cat([lora.adapter.layers[n].dense().double().reshape(-1) for n in names])
-    torch.testing.assert_close(out.features.target_dots.double(), dense @ delta, rtol=1e-4, atol=1e-9)
+    exact = dense @ delta  # float32 features: an error relative to the largest term (some terms cancel)
+    atol = 1e-5 * float(exact.abs().max())
+    torch.testing.assert_close(out.features.target_dots.double(), exact, rtol=1e-4, atol=atol)
     torch.testing.assert_close(out.features.sq_norms.double(), dense.square().sum(1), rtol=1e-4, atol=1e-12)
     assert out.features.delta_sq_norm == pytest.approx(float(delta.square().sum()), rel=1e-4)
     # a merged checkpoint (the same weights, no factors) gives the same exact terms
