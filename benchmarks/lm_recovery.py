@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "in one epoch and its weight change carries no signal)",
     )
     p.add_argument("--epochs", type=int, default=2, help="expert epochs")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="draws the expert's training texts, the corpus and every training run",
+    )
     p.add_argument("--eval-epochs", type=int, default=3, help="epochs for the models trained on each set")
     p.add_argument("--eval-rows", type=int, default=500, help="IMDB test texts scored")
     p.add_argument(
@@ -236,12 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     data = DataConfig(dataset=size["dataset"], task="lm", seq_len=32)
     ws = Workspace.from_config(rt, data)
     ft = FinetuneConfig(
-        train_scope=args.scope, lr=args.lr, epochs=args.epochs, batch_size=16, lm_loss=args.lm_loss
+        train_scope=args.scope,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=16,
+        lm_loss=args.lm_loss,
+        seed=args.seed,
     )
     ev = EvalConfig(max_eval_rows=args.eval_rows, eval_epochs=args.eval_epochs, patience=args.eval_epochs)
-    sel = SelectConfig(k=size["k"], projection_dim=args.projection_dim, grad_blocks=args.grad_blocks)
+    sel = SelectConfig(
+        k=size["k"], projection_dim=args.projection_dim, grad_blocks=args.grad_blocks, seed=args.seed
+    )
     run_cfg = RunConfig(base=MODEL, corpus=size["corpus"], strategies=args.strategies, skip_similarity=True)
-    run_name = "-".join(["lm", size["dataset"], size["corpus"], args.scope])
+    run_name = "-".join(
+        ["lm", size["dataset"], size["corpus"], args.scope, *([f"seed{args.seed}"] if args.seed else [])]
+    )
     run_dir = Path(cache_dir(args.cache_dir)) / "bench-runs" / run_name.replace(" ", "+").replace(":", "")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
