@@ -105,10 +105,10 @@ def measure(ws: Workspace, args: argparse.Namespace, dataset: str, seed: int, ou
     task = Task.from_dict(meta["task"])
     base = ws.model(args.model)
     expert = ws.finetuned(str(path), base)
+    drop = any(s in LOSS_DROP for s in csv(args.strategies))  # the strategies need the base's losses
     for blocks in csv(args.grad_blocks, int):
         sel = SelectConfig(k=max(csv(args.ks, int)), strategy="greedy", grad_blocks=blocks, seed=seed)
         started = time.time()
-        drop = any(s in LOSS_DROP for s in csv(args.strategies))  # the strategies need the base's losses
         grads = task_gradients(base, expert, texts, task, data, sel, ws.cache, drop)
         features_s = round(time.time() - started, 1)
         for strategy in csv(args.strategies):

@@ -456,13 +456,13 @@ def lm_losses(
     source = HiddenStates(loaded, encoded, cache_root=cache_root, dtype=dtype, desc="hidden states")
     view = head_view(loaded)
 
+    @torch.no_grad()
     def chunk(rows: range) -> dict[str, Tensor]:
         hidden = source.chunk(rows)  # (rows, T, d)
         sums, tokens = [], []
         for s in range(0, len(rows), batch_size):
             batch = encoded.subset(slice(rows.start + s, min(rows.start + s + batch_size, rows.stop)))
-            with torch.no_grad():
-                sums.append(view_loss_sum(hidden[s : s + batch_size], view, batch, lm_loss).cpu())
+            sums.append(view_loss_sum(hidden[s : s + batch_size], view, batch, lm_loss).cpu())
             tokens.append(scored_positions(batch.attention_mask, lm_loss, batch.target_mask).sum(1))
         total, count = torch.cat(sums), torch.cat(tokens)
         return {"losses": (total / count.clamp_min(1)).masked_fill(count == 0, math.nan)}
