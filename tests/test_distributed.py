@@ -261,18 +261,19 @@ def test_aligned_shards_featurise_bit_for_bit_as_the_whole(kind: str, cache: Pat
     sel = SelectConfig(k=4, grad_blocks=1 if kind == "blocks" else 0, precondition="none")  # moments: whole
     label_set = make_label_set(["A", "B", "C", "D"], base.tokenizer, "A,B,C,D")
 
-    def gradients(part: list[str]):
+    def gradients(part: list[str]):  # with the losses under both models, which the loss drop ranks by
         if kind == "lm":
-            return lm_corpus_gradients(base, tuned, part, 16, "full", sel, None)
-        return corpus_gradients(base, tuned, part, label_set, DataConfig(seq_len=16), sel, None)
+            return lm_corpus_gradients(base, tuned, part, 16, "full", sel, None, base_losses=True)
+        data = DataConfig(seq_len=16)
+        return corpus_gradients(base, tuned, part, label_set, data, sel, None, base_losses=True)
 
-    whole = gradients(texts).features
-    shards = [
-        gradients(texts[s.start : s.stop]).features for s in (shard_rows(64, Layout(r, 2)) for r in range(2))
-    ]
+    whole = gradients(texts)
+    shards = [gradients(texts[s.start : s.stop]) for s in (shard_rows(64, Layout(r, 2)) for r in range(2))]
     for w, a, b in zip(
-        whole.row_factors(torch.arange(64)),
-        *(s.row_factors(torch.arange(len(s))) for s in shards),
+        whole.features.row_factors(torch.arange(64)),
+        *(s.features.row_factors(torch.arange(len(s.features))) for s in shards),
         strict=True,
     ):
         assert torch.equal(w, torch.cat([a, b]))
+    for name in ("losses", "base_losses"):
+        assert torch.equal(getattr(whole, name), torch.cat([getattr(s, name) for s in shards])), name
