@@ -43,7 +43,8 @@ A figure in prose: <!-- value FILE EXPRESSION [partial|pending] -->199<!-- /valu
 
 Every results file is checked too: strict JSON (NaN or Infinity must be null), and a stored
 `summary` equal to summarise(rows) (quality.py's, leakage.py's, defences.py's, synthesis.py's,
-strategy_choice.py's or foreign_finetune.py's, which also reads the true rows' scores).
+strategy_choice.py's, lm_recovery.py --summarise's
+or foreign_finetune.py's, which also reads the true rows' scores).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from urllib.parse import unquote
 import defences
 import foreign_finetune
 import leakage
+import lm_recovery
 import quality
 import strategy_choice
 import synthesis
@@ -81,6 +83,7 @@ SUMMARISERS = {  # by the file name's first word: the stored summary from the wh
     "foreign": foreign_finetune.summarise,
     "synthesis": lambda data: synthesis.summarise(data["rows"]),
     "choice": lambda data: strategy_choice.summarise(data["rows"]),
+    "lm": lambda data: lm_recovery.summarise(data["rows"]),
 }
 FLAGS = {"partial", "pending"}
 NAMES = {  # how a value in the JSON reads in the docs

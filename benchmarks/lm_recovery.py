@@ -21,6 +21,7 @@ alone (`model.base_model(...)`, the final hidden states).
     python benchmarks/lm_recovery.py --quick   # imdb_200, wiki_passages_1000, k = 100
     python benchmarks/lm_recovery.py           # imdb_1000, wiki_passages_10000, k = 1000
     python benchmarks/lm_recovery.py --oracle-only   # adds the ceiling row to that run's JSON
+    python benchmarks/lm_recovery.py --summarise a.json,b.json,c.json --out seeds.json   # mean ± std
 
 Prints a markdown table; writes benchmarks/results/lm_recovery.json (atomically).
 """
@@ -38,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quality import format_figure, seed_statistics  # the sibling script (benchmarks/ is on the path)
 from weights2data.config import DataConfig, EvalConfig, FinetuneConfig, RunConfig, SelectConfig
 from weights2data.data import Split, encode_lm
-from weights2data.errors import exit_on_error
+from weights2data.errors import W2DError, exit_on_error
 from weights2data.experiment import (
     closure_table,
     format_closure,
@@ -118,6 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train on the k passages nearest the true texts (a ceiling, not a method) and add "
         "that row to an existing --out file; its expert must be cached",
+    )
+    p.add_argument(
+        "--summarise",
+        default=None,
+        metavar="FILES",
+        help="comma-separated --out files of runs that differ only in --seed (and --strategies): "
+        "write each model's mean ± std over seeds to --out instead of running anything",
     )
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--cache-dir", default=None, help="default: $W2D_CACHE_DIR or ~/.cache/weights2data")
@@ -199,6 +208,63 @@ def nearest_to_truth(truth: list[str], corpus: list[str], k: int) -> list[int]:
     return picks
 
 
+SEED_FIGURES = (
+    "val_selected_test", "val_selected_test_perplexity", "best_epoch_test_perplexity",
+    "closure_val_selected_test", "closure_perplexity_val_selected_test",
+)  # fmt: skip
+SETTINGS = ("scope", "expert_dataset", "corpus", "k", "lm_loss", "projection_dim", "grad_blocks", "lr")
+
+
+def seed_rows(files: list[Path]) -> list[dict]:
+    """One row per (run, model): its table row with the run's seed; the runs must share settings."""
+    rows: list[dict] = []
+    first = None
+    for path in files:
+        data = read_json(path)
+        settings = {key: data[key] for key in SETTINGS}
+        if first is not None and settings != first:
+            raise W2DError(f"{path} was measured with other settings than {files[0]}: {settings} vs {first}")
+        first = settings
+        table = [*data["run"]["table"], *([data["oracle"]["row"]] if "oracle" in data else [])]
+        rows += [{"seed": data.get("seed", 0), "file": path.name} | row for row in table]
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Each model's figures, mean ± std over seeds (a model trained in two runs of one seed: the first)."""
+    by_model: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {}).setdefault(row["seed"], row)
+    return [
+        {"model": model, "seeds": len(runs)} | seed_statistics(list(runs.values()), SEED_FIGURES)
+        for model, runs in by_model.items()
+    ]
+
+
+def summary_markdown(summary: list[dict]) -> str:
+    lines = [
+        "| model | perplexity (honest) | perplexity (best epoch) | closure loss | closure ppl | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in summary:
+        figures = [
+            format_figure(e, key, digits=d) for key, d in zip(SEED_FIGURES[1:], (1, 1, 2, 2), strict=True)
+        ]
+        lines.append(f"| {e['model']} | {' | '.join(figures)} | {e['seeds']} |")
+    return "\n".join(lines)
+
+
+def write_summary(files: list[Path], out: Path, argv: list[str] | None) -> int:
+    rows = seed_rows(files)
+    summary = summarise(rows)
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    settings = {key: read_json(files[0])[key] for key in SETTINGS}
+    header = {"benchmark": "lm_recovery_seeds", "files": [f.name for f in files]} | settings
+    write_json(out, header | {"rows": rows, "summary": summary, "command": command, "complete": True})
+    print(summary_markdown(summary) + f"\n\nresults: {out}")
+    return 0
+
+
 def markdown(results: dict) -> str:
     rows = {r["model"]: r for r in results["run"]["table"]}
     if "oracle" in results:
@@ -230,6 +296,8 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarise:
+        return write_summary([Path(f) for f in args.summarise.split(",")], args.out, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("W2D_DATA_DIR", str(REPO.parent / "shared" / "data"))
     size = dict(SIZES["quick" if args.quick else "full"])
@@ -306,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "benchmark": "lm_recovery",
         "mode": "quick" if args.quick else "full",
+        "seed": args.seed,
         "model": MODEL,
         "scope": args.scope,
         "expert_dataset": size["dataset"],

@@ -154,6 +154,29 @@ def test_the_foreign_finetune_summary_closes_each_seed_against_its_own_random_an
     assert check_results.first_difference(stored["summary"], recomputed, "summary")
 
 
+def test_lm_recovery_runs_of_several_seeds_summarise_per_model(tmp_path: Path) -> None:
+    import lm_recovery
+
+    settings = dict.fromkeys(lm_recovery.SETTINGS, 0)
+    files = []
+    for seed, extra in ((0, 0.0), (0, 0.0), (1, 0.2)):  # seed 0's random trained in both of its runs
+        table = [{"model": "random", "val_selected_test": 4.5 + extra, "val_selected_test_perplexity": 90.0}]
+        table += [{"model": "loss_drop", "val_selected_test": 4.3, "closure_val_selected_test": 0.2 + extra}]
+        files.append(tmp_path / f"run{len(files)}.json")
+        files[-1].write_text(json.dumps(settings | {"seed": seed, "run": {"table": table}}))
+    out = tmp_path / "lm_seeds.json"
+    assert lm_recovery.main(["--summarise", ",".join(map(str, files)), "--out", str(out)]) == 0
+    stored = json.loads(out.read_text())
+    by_model = {e["model"]: e for e in stored["summary"]}
+    assert by_model["random"]["seeds"] == 2 and by_model["random"]["val_selected_test"] == pytest.approx(4.6)
+    assert by_model["loss_drop"]["closure_val_selected_test"] == pytest.approx(0.3)
+    assert by_model["loss_drop"]["closure_val_selected_test_std"] == pytest.approx(0.2 / 2**0.5)
+    assert not check_results.first_difference(stored["summary"], check_results.SUMMARISERS["lm"](stored), "")
+    files[2].write_text(json.dumps(settings | {"k": 5, "seed": 2, "run": {"table": []}}))
+    with pytest.raises(lm_recovery.W2DError, match="measured with other settings"):
+        lm_recovery.seed_rows(files)
+
+
 def test_a_reused_foreign_expert_keeps_the_training_time_recorded_when_it_was_made(tmp_path: Path) -> None:
     import foreign_finetune
 
