@@ -210,7 +210,7 @@ def nearest_to_truth(truth: list[str], corpus: list[str], k: int) -> list[int]:
 
 SEED_FIGURES = (
     "val_selected_test", "val_selected_test_perplexity", "best_epoch_test_perplexity",
-    "closure_val_selected_test", "closure_perplexity_val_selected_test",
+    "closure_val_selected_test", "closure_best_epoch_test", "closure_perplexity_val_selected_test",
 )  # fmt: skip
 SETTINGS = ("scope", "expert_dataset", "corpus", "k", "lm_loss", "projection_dim", "grad_blocks", "lr")
 
@@ -243,13 +243,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def summary_markdown(summary: list[dict]) -> str:
     lines = [
-        "| model | perplexity (honest) | perplexity (best epoch) | closure loss | closure ppl | seeds |",
-        "|---|---|---|---|---|---|",
+        "| model | perplexity (honest) | perplexity (best epoch) | closure loss (honest) | "
+        "closure loss (best) | closure ppl (honest) | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for e in summary:
-        figures = [
-            format_figure(e, key, digits=d) for key, d in zip(SEED_FIGURES[1:], (1, 1, 2, 2), strict=True)
-        ]
+        digits = (1, 1, 2, 2, 2)
+        figures = [format_figure(e, key, digits=d) for key, d in zip(SEED_FIGURES[1:], digits, strict=True)]
         lines.append(f"| {e['model']} | {' | '.join(figures)} | {e['seeds']} |")
     return "\n".join(lines)
 
