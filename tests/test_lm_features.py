@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -433,7 +434,10 @@ def test_cli_select_lm(cli_env: Path) -> None:
     assert main([*select, "--seq-len", "12", "--projection-dim", "64", "--exp-name", "sel"]) == 0
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert summary["task"] == "lm" and "label_distribution" not in summary
+    assert summary["strategy"] == "loss_drop"  # what auto runs for language modelling
     assert main([*select, "--strategy", "topk_balanced", "--exp-name", "sel2"]) == 2
     assert main([*select, "--seq-len", "12", "--strategy", "loss_drop", "--exp-name", "drop"]) == 0
     drop = json.loads((cli_env / "runs" / "drop" / "summary.json").read_text())
     assert drop["strategy"] == "loss_drop" and drop["k"] == 5
+    picks = [pq.read_table(cli_env / "runs" / name / "selection.parquet") for name in ("sel", "drop")]
+    assert picks[0]["corpus_row"].to_pylist() == picks[1]["corpus_row"].to_pylist()

@@ -183,7 +183,11 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
     greedy = replace(auto, strategy="greedy")
     assert resolve_strategy(auto, 11, "restricted", "top:2") == greedy  # unmeasured from 11 to 19 labels
     assert resolve_strategy(auto, 20, "restricted", "full") == greedy  # the quota lost with 20 labels
-    assert resolve_strategy(auto, None, "restricted", "full") == greedy  # language modelling
+    # language modelling (no labels): the loss drop, greedy where gradients shape the selection
+    assert resolve_strategy(auto, None, "restricted", "full") == replace(auto, strategy="loss_drop")
+    shaped = [{"grad_blocks": 2}, {"pseudo_experts": 2}, {"grad_at": "base"}, {"rounds": 2}, {"pool": 2.0}]
+    for options in shaped:
+        assert resolve_strategy(replace(auto, **options), None, "restricted", "full").strategy == "greedy"
     assert resolve_strategy(auto, 2, "full", "top:2") == greedy
     blocks = replace(auto, grad_blocks=2)
     assert resolve_strategy(blocks, 2, "restricted", "top:2") == replace(greedy, grad_blocks=2)

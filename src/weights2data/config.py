@@ -287,7 +287,8 @@ class SelectConfig:
         "gradients (--precondition kfac) for 2-10 labels with the label-token loss and head gradients, "
         "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-10 "
         "and for 2 labels of a full finetune (every block changed), ahead of greedy over the regimes "
-        "measured there (see README); greedy otherwise (11+ labels, language modelling, --grad-blocks, "
+        "measured there (see README); for language modelling the loss drop (greedy with --grad-blocks, "
+        "--pseudo-experts, --grad-at, --rounds or --pool); greedy otherwise (11+ labels, --grad-blocks, "
         "--label-loss full, --precondition none or adam)",
     )
     labels: str = opt(

@@ -380,7 +380,13 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, sc
     counts; on two sentiment labels it lost) and for two labels of a full finetune (`scope`, as
     trajectory.changed_scope names it: every block moved), where top-k was at least balanced
     greedy's level in every seed of a topic pair and a sentiment pair (k = 100); greedy elsewhere
-    (from 11 to 19 labels unmeasured, with 20 the quota lost; language modelling has no labels)."""
+    (from 11 to 19 labels unmeasured, with 20 the quota lost). Language modelling (no labels) gets
+    the loss drop, which alone beat random there (three seeds of an IMDB top:4 LM expert; see
+    README), unless an option asks for gradients to shape the selection (--grad-blocks,
+    --pseudo-experts, --grad-at, --rounds, --pool): greedy then."""
+    if num_labels is None:
+        shaped = cfg.grad_blocks or cfg.pseudo_experts > 1 or cfg.grad_at != "finetuned" or cfg.rounds > 1
+        return replace(cfg, strategy="greedy" if shaped or cfg.pool else "loss_drop")
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
