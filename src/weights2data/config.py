@@ -327,7 +327,8 @@ class SelectConfig:
         "adam: match D ∘ g to the weight change, D = 1/√v̂ from a rank-one (Adafactor-style) estimate "
         "of the corpus gradients' second moments, as an Adam-trained expert moved; kfac: whiten by the "
         "Kronecker-factored second moment (A^-1/2 e hᵀ B^-1/2); none: the raw gradients (the "
-        "original's). Head gradients of the label-token loss; exact. auto: kfac where --strategy auto "
+        "original's). Head gradients of the label-token loss (--grad-blocks' stay raw); exact. "
+        "auto: kfac where --strategy auto "
         "chose a quota per label, else adam there (it measured best for greedy on every dataset tried); "
         "none for language modelling, --label-loss full and torchrun. "
         "--opt GCG|GCGA|ADMM maximise the objective under the same preconditioner",
