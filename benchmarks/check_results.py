@@ -43,8 +43,8 @@ A figure in prose: <!-- value FILE EXPRESSION [partial|pending] -->199<!-- /valu
 
 Every results file is checked too: strict JSON (NaN or Infinity must be null), and a stored
 `summary` equal to summarise(rows) (quality.py's, leakage.py's, defences.py's, synthesis.py's,
-strategy_choice.py's, lm_recovery.py --summarise's
-or foreign_finetune.py's, which also reads the true rows' scores).
+strategy_choice.py's, lm_recovery.py --summarise's or foreign_finetune.py's, which also reads
+the true rows' scores).
 """
 
 from __future__ import annotations

@@ -215,8 +215,8 @@ SEED_FIGURES = (
 SETTINGS = ("scope", "expert_dataset", "corpus", "k", "lm_loss", "projection_dim", "grad_blocks", "lr")
 
 
-def seed_rows(files: list[Path]) -> list[dict]:
-    """One row per (run, model): its table row with the run's seed; the runs must share settings."""
+def seed_rows(files: list[Path]) -> tuple[list[dict], dict]:
+    """One row per (run, model), its table row with the run's seed, and the settings the runs share."""
     rows: list[dict] = []
     first = None
     for path in files:
@@ -226,8 +226,9 @@ def seed_rows(files: list[Path]) -> list[dict]:
             raise W2DError(f"{path} was measured with other settings than {files[0]}: {settings} vs {first}")
         first = settings
         table = [*data["run"]["table"], *([data["oracle"]["row"]] if "oracle" in data else [])]
-        rows += [{"seed": data.get("seed", 0), "file": path.name} | row for row in table]
-    return rows
+        seed = data.get("seed", 0)  # runs from before the field was recorded were seed 0's
+        rows += [{"seed": seed, "file": path.name} | row for row in table]
+    return rows, first or {}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -255,10 +256,9 @@ def summary_markdown(summary: list[dict]) -> str:
 
 
 def write_summary(files: list[Path], out: Path, argv: list[str] | None) -> int:
-    rows = seed_rows(files)
+    rows, settings = seed_rows(files)
     summary = summarise(rows)
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    settings = {key: read_json(files[0])[key] for key in SETTINGS}
     header = {"benchmark": "lm_recovery_seeds", "files": [f.name for f in files]} | settings
     write_json(out, header | {"rows": rows, "summary": summary, "command": command, "complete": True})
     print(summary_markdown(summary) + f"\n\nresults: {out}")

@@ -386,7 +386,7 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, sc
     --pseudo-experts, --grad-at, --rounds, --pool): greedy then."""
     if num_labels is None:
         shaped = cfg.grad_blocks or cfg.pseudo_experts > 1 or cfg.grad_at != "finetuned" or cfg.rounds > 1
-        return replace(cfg, strategy="greedy" if shaped or cfg.pool else "loss_drop")
+        return replace(cfg, strategy="greedy" if shaped or cfg.pool > 0 else "loss_drop")
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
