@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -330,6 +331,16 @@ def test_lm_loss_drop_ranks_by_the_base_loss_minus_the_finetuned_loss(
     drop = (at_base - at_tuned).nan_to_num(-math.inf)
     assert rec.rows.tolist() == drop.argsort(descending=True)[:4].tolist()
     assert at_base.isnan().any() and not at_base[rec.rows].isnan().any()  # "Hi" has no scored token
+    tokens = scored_positions(encoded.attention_mask, mode).sum(1)
+    assert grads.tokens.tolist() == tokens.tolist()
+    every = len(TEXTS)  # the whole order, where the mean and the sum differ
+    per_document = recover(
+        grads, TEXTS, None, replace(cfg, k=every, loss_drop_per="document"), progress=False
+    )
+    summed = ((at_base - at_tuned) * tokens).nan_to_num(-math.inf)  # log p1(x) / p0(x)
+    assert per_document.rows.tolist() == summed.argsort(descending=True, stable=True).tolist()
+    per_token = recover(grads, TEXTS, None, replace(cfg, k=every), progress=False)
+    assert per_document.rows.tolist() != per_token.rows.tolist() or mode == "last"  # one token each
 
     def no_head_pass(*_args, **_kwargs):
         raise AssertionError("the base's losses were computed again")
@@ -337,6 +348,18 @@ def test_lm_loss_drop_ranks_by_the_base_loss_minus_the_finetuned_loss(
     monkeypatch.setattr(lm_features_module, "view_loss_sum", no_head_pass)
     again = lm_corpus_gradients(base, finetuned, TEXTS, SEQ_LEN, mode, cfg, tmp_path)
     torch.testing.assert_close(again.base_losses, grads.base_losses, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_per_document_loss_drop_is_refused_for_a_classifier() -> None:
+    from weights2data.recover import CorpusGradients, drop_losses
+
+    grads = CorpusGradients(None, torch.zeros(3), torch.ones(3), {}, base_losses=torch.full((3,), 2.0))
+    document = SelectConfig(k=2, loss_drop_per="document")
+    assert drop_losses(grads, document, "p_min")[0] is grads.losses  # only the loss drop reads it
+    with pytest.raises(W2DError, match="one label token: leave it at token"):
+        drop_losses(grads, document, "loss_drop")
+    with pytest.raises(W2DError, match="unknown loss_drop_per .sentence."):
+        SelectConfig(loss_drop_per="sentence")
 
 
 def test_helpers() -> None:

@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # model weights (RuntimeConfig.dtyp
 GRAD_AT = ("finetuned", "base", "both")  # where a path segment's gradients are taken
 PATHS = ("linear", "distill")  # pseudo-expert paths from the base to the finetuned weights
 NORMALIZE = ("none", "unit")  # how greedy weighs each document's gradient in its sum
+DROP_PER = ("token", "document")  # language modelling's loss drop: mean or summed over a document
 HONEST_BY = ("validation", "agreement")  # what picks the honest train-eval figure's epoch
 DEFAULT_LR = {"full": 2e-5, "top": 1e-4, "head": 1e-3}  # measured on smollm2-135m / AG News
 # a head-only LM finetune at 1e-3 overshoots within one epoch: its weight change carries no signal
@@ -383,6 +384,12 @@ class SelectConfig:
         "original), -1 = every changed block; costs a backward pass through them per document",
     )
     block_sketch_dim: int = opt(256, "sketch dimension per linear layer for --grad-blocks")
+    loss_drop_per: str = opt(
+        "token",
+        "language modelling's loss drop: each document's mean drop per scored token (token), or its "
+        "summed drop, the likelihood ratio log p_finetuned(x) / p_base(x) (document), which weighs a "
+        "passage by its length where the mean favours short fragments",
+    )
     batch_reset: int = opt(32, "greedy_batched: the running sum restarts every this many picks")
     seed: int = opt(0, "seed for random labels, random selection and projections")
 
@@ -398,6 +405,7 @@ class SelectConfig:
         _choice("path_combine", self.path_combine, ("concat", "sum"))
         _choice("precondition", self.precondition, PRECONDITIONERS)
         _choice("normalize", self.normalize, NORMALIZE)
+        _choice("loss_drop_per", self.loss_drop_per, DROP_PER)
         if self.k < 1:
             raise W2DError(f"k must be at least 1 (got {self.k})")
         if self.rounds < 1 or self.rounds > self.k:

@@ -299,7 +299,7 @@ def sharded_gradients(
     local = compute(texts[shard.rows.start : shard.rows.stop])
     gathered = {
         name: None if getattr(local, name) is None else shard.gather(getattr(local, name))
-        for name in ("labels", "losses", "base_losses", "probs")
+        for name in ("labels", "losses", "base_losses", "probs", "tokens")
     }
     timings = {**local.timings, "ranks": len(shard.sizes)}
     return replace(local, timings=timings, **gathered)

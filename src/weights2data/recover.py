@@ -174,6 +174,7 @@ class CorpusGradients:
     adapter: str | None = None  # the LoRA adapter the finetuned model is, described
     metric: Metric | None = None  # the head preconditioner, when one gradient point was preconditioned
     base_losses: torch.Tensor | None = None  # (N,) the autolabels' (or LM) losses under the base
+    tokens: torch.Tensor | None = None  # (N,) LM: each document's scored positions
 
     def to(self, device: torch.device) -> CorpusGradients:
         """The features on `device`, where the greedy engine then runs; labels and losses stay."""
@@ -205,7 +206,7 @@ def lm_corpus_gradients(
     encoded = encode(template, finetuned.tokenizer, texts, seq_len, "lm")
     # `both` summed within a segment is lm_features' own; concatenated, it is one part per end
     views = ["base", "finetuned"] if cfg.grad_at == "both" and cfg.path_combine == "concat" else [cfg.grad_at]
-    heads, blocks, losses, timings = [], [], None, {"lm_loss": lm_loss}
+    heads, blocks, losses, tokens, timings = [], [], None, None, {"lm_loss": lm_loss}
     for start, end in segments(base, finetuned, cfg.pseudo_experts, cfg.path):
         for view in views:
             out = lm_features(
@@ -222,7 +223,7 @@ def lm_corpus_gradients(
             heads.append(out.features)
             timings = merge_timings(timings, out.timings)
             if end is finetuned:
-                losses = out.losses  # under the finetuned model
+                losses, tokens = out.losses, out.tokens  # under the finetuned model
             if cfg.grad_blocks:
                 at = end if view == "finetuned" else start
                 head = at.model.get_output_embeddings()
@@ -247,6 +248,7 @@ def lm_corpus_gradients(
         kind="lm",
         adapter=adapter_of(finetuned),
         base_losses=at_base,
+        tokens=tokens,
     )
 
 
@@ -576,6 +578,21 @@ def block_part(
     return blocks.features, {**blocks.timings, "block_layers": blocks.layers}
 
 
+def drop_losses(
+    grads: CorpusGradients, cfg: SelectConfig, strategy: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The losses (N,) under the finetuned model and the base that `strategy` ranks by: each
+    document's summed next-token losses for a loss drop with --loss-drop-per document."""
+    if cfg.loss_drop_per == "token" or strategy not in LOSS_DROP:
+        return grads.losses, grads.base_losses
+    if grads.tokens is None:
+        raise W2DError(
+            "--loss-drop-per document sums a language-modelling document's token losses, and a "
+            "classifier's loss drop has one label token: leave it at token"
+        )
+    return grads.losses * grads.tokens, grads.base_losses * grads.tokens
+
+
 def check_lm_selection(cfg: SelectConfig, strategies: list[str]) -> None:
     """A language-modelling selection has no labels: refuse the options that need them, before any work."""
     balanced = [s for s in strategies if s in BALANCED]
@@ -647,14 +664,15 @@ def recover(
     elif cfg.pool:
         outside = outside_pool(grads, cfg, strategy, prior, label_set, exclude)
         exclude = outside if exclude is None else torch.cat([exclude, outside]).unique()
+    losses, base_losses = drop_losses(grads, cfg, strategy)
     started = time.time()
     selection = selector(
         strategy,
         grads.features,
         cfg.k,
         labels=grads.labels,
-        losses=grads.losses,
-        base_losses=grads.base_losses,
+        losses=losses,
+        base_losses=base_losses,
         seed=cfg.seed,
         batch_size=cfg.batch_reset,
         num_labels=None if label_set is None else len(label_set.names),
