@@ -268,6 +268,10 @@ CASES = {
         "--precondition adam rescales classification head gradients",
     ),
     "label set in LM mode": ([*SEL_LM, "--label-set", "A,B"], "--label-set A,B labels the picks"),
+    "per-document loss drop for a classifier": (
+        [*SEL_CLS, "--strategy", "loss_drop", "--loss-drop-per", "document"],
+        "a classifier's loss drop has one label token",
+    ),
     "generation per label in LM mode": (
         [*SEL_LM, "--generate", "2", "--generate-per-label"],
         "--generate-per-label needs a classifier's label set",

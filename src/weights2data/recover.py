@@ -55,6 +55,10 @@ from weights2data.trajectory import Walk, changed_scope, expert_settings, gradie
 
 log = logging.getLogger(__name__)
 
+ONE_TOKEN_DROP = (
+    "--loss-drop-per document sums a language-modelling document's token losses, and a "
+    "classifier's loss drop has one label token: leave it at token"
+)
 SHAPE_KEYS = (
     "model_type",
     "hidden_size",
@@ -277,6 +281,8 @@ def corpus_gradients(
     cfg = resolve_strategy(cfg, len(label_set.names), mode, scope)
     if mode == "full":
         check_full_loss(cfg)
+    if cfg.loss_drop_per == "document":
+        raise W2DError(ONE_TOKEN_DROP)
     template, encoded, hidden = finetuned_hidden(base, finetuned, texts, data, cache_root)
     tuned_rows = label_rows(finetuned, label_set)
     memo = {id(finetuned): (finetuned, hidden)}
@@ -586,10 +592,7 @@ def drop_losses(
     if cfg.loss_drop_per == "token" or strategy not in LOSS_DROP:
         return grads.losses, grads.base_losses
     if grads.tokens is None:
-        raise W2DError(
-            "--loss-drop-per document sums a language-modelling document's token losses, and a "
-            "classifier's loss drop has one label token: leave it at token"
-        )
+        raise W2DError(ONE_TOKEN_DROP)
     return grads.losses * grads.tokens, grads.base_losses * grads.tokens
 
 
