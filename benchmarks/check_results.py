@@ -105,6 +105,7 @@ NAMES = {  # how a value in the JSON reads in the docs
     "topk_balanced@precondition=kfac": "top-k balanced, whitened",
     "loss_drop": "loss drop",
     "loss_drop_balanced": "loss drop balanced",
+    "loss_drop@loss_drop_per=document": "loss drop, summed per document",
     "random_confident": "random (kept share)",
     "oracle": "ceiling: the passages nearest the true texts",
 }
