@@ -389,7 +389,8 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, sc
     trajectory.changed_scope names it: every block moved), where top-k was at least balanced
     greedy's level in every seed of a topic pair and a sentiment pair (k = 100); greedy elsewhere
     (from 11 to 19 labels unmeasured, with 20 the quota lost). Language modelling (no labels) gets
-    the loss drop, which alone beat random there (three seeds of an IMDB top:4 LM expert; see
+    the loss drop, which alone beat random there (three seeds of an IMDB top:4 LM expert, one of
+    AG News texts; in the head regime nothing did reliably, and it never fell below greedy; see
     README), unless an option asks for gradients to shape the selection (--grad-blocks,
     --pseudo-experts, --grad-at, --rounds, --pool): greedy then."""
     if num_labels is None:
