@@ -446,7 +446,7 @@ def test_cli_run_lm_end_to_end(cli_env: Path) -> None:
     assert results["selections"]["greedy"]["config"]["k"] == 8
 
 
-def test_cli_select_lm(cli_env: Path) -> None:
+def test_cli_select_lm(cli_env: Path, caplog) -> None:
     from weights2data.cli import main
 
     finetune = ["finetune", "--model", "tiny-test", "--dataset", "imdb_16", "--task", "lm", "--seq-len", "12",
@@ -454,7 +454,9 @@ def test_cli_select_lm(cli_env: Path) -> None:
     assert main(finetune) == 0
     select = ["select", "--base", "tiny-test", "--finetuned", str(cli_env / "runs" / "ft" / "model"),
               "--corpus", "wiki_passages_30", "-k", "5", "--task", "lm"]  # fmt: skip
-    assert main([*select, "--seq-len", "12", "--projection-dim", "64", "--exp-name", "sel"]) == 0
+    with caplog.at_level("INFO", logger="weights2data"):
+        assert main([*select, "--seq-len", "12", "--projection-dim", "64", "--exp-name", "sel"]) == 0
+    assert "--strategy auto: loss_drop" in [r.getMessage() for r in caplog.records]
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert summary["task"] == "lm" and "label_distribution" not in summary
     assert summary["strategy"] == "loss_drop"  # what auto runs for language modelling

@@ -374,7 +374,10 @@ def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str,
     if cfg.strategy != AUTO:
         return cfg
     chosen = auto_strategy(cfg, num_labels, label_loss, scope)
-    log.info("--strategy auto: %s, --precondition %s", chosen.strategy, chosen.precondition)
+    if num_labels is None:  # language modelling: no preconditioner applies
+        log.info("--strategy auto: %s", chosen.strategy)
+    else:
+        log.info("--strategy auto: %s, --precondition %s", chosen.strategy, chosen.precondition)
     return chosen
 
 
