@@ -255,12 +255,18 @@ def summary_markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def command_line(argv: list[str] | None) -> str:
+    """How the script was invoked, as results files record it (`argv`: main's, else sys.argv's)."""
+    return " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+
+
 def write_summary(files: list[Path], out: Path, argv: list[str] | None) -> int:
     rows, settings = seed_rows(files)
     summary = summarise(rows)
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     header = {"benchmark": "lm_recovery_seeds", "files": [f.name for f in files]} | settings
-    write_json(out, header | {"rows": rows, "summary": summary, "command": command, "complete": True})
+    write_json(
+        out, header | {"rows": rows, "summary": summary, "command": command_line(argv), "complete": True}
+    )
     print(summary_markdown(summary) + f"\n\nresults: {out}")
     return 0
 
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "(all-MiniLM-L6-v2 cosine)",
             "row": closure_table(scores, task)[-1],
             "score": score,
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "command": command_line(argv),
         }
         write_json(args.out, results)
         print("\n" + markdown(results))
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         results["cost"] = cost(
             ws, MODEL, str(expert_path), corpus, data.seq_len, args.lm_loss, args.projection_dim
         )
-        results["cost"]["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+        results["cost"]["command"] = command_line(argv)
         write_json(args.out, results)
         print("\n" + markdown(results))
         return 0
@@ -394,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "device": str(ws.device),
         },
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
     }
     write_json(args.out, results)
     print("\n" + markdown(results))
