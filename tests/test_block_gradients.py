@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from weights2data.block_gradients import block_features, first_block, layer_sketches
+from weights2data import block_gradients
+from weights2data import features as features_module
+from weights2data.block_gradients import block_features, first_block, layer_sketches, pilot_rows
 from weights2data.config import DataConfig, SelectConfig
 from weights2data.data import encode_classification, encode_lm, make_label_set
 from weights2data.errors import W2DError
 from weights2data.models import LoadedModel, decoder_layers, tiny_test_model, untie_head
+from weights2data.precondition import factored_scales
 from weights2data.recover import corpus_gradients, lm_corpus_gradients, recover
 from weights2data.selection import STRATEGIES, DenseFeatures, SummedFeatures, select
 from weights2data.train import lm_loss_sum
@@ -152,6 +155,60 @@ def test_classification_exact_terms_and_sketch_match_autograd(pair) -> None:
     torch.testing.assert_close(feats.grads, torch.cat(explicit, dim=1), rtol=1e-3, atol=1e-5)
 
 
+def preconditioned(dense: torch.Tensor, layers: dict, pilot: torch.Tensor) -> torch.Tensor:
+    """(N, P) D ∘ g per layer, D = α βᵀ fitted on the materialised gradients of the `pilot` rows."""
+    offset, out = 0, []
+    for layer in layers.values():
+        size = layer.delta.shape.numel()
+        g = dense[:, offset : offset + size].reshape(len(dense), *layer.delta.shape)  # (N, out, in)
+        alpha, beta = factored_scales(g[pilot].square().sum(2).mean(0), g[pilot].square().sum(1).mean(0))
+        out.append((g * alpha.double()[:, None] * beta.double()).reshape(len(dense), -1))
+        offset += size
+    return torch.cat(out, dim=1)
+
+
+def test_preconditioned_terms_and_sketch_match_autograd(pair, tmp_path, monkeypatch) -> None:
+    """Each layer's gradient rescaled by its Adafactor estimate, fitted on a pilot sample spread over
+    chunks, is exact, sketched as the materialised D ∘ G is, and cached with its scales."""
+    monkeypatch.setattr(features_module, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(block_gradients, "PILOT_ROWS", 6)
+    base, finetuned = pair
+    encoded = encode_classification(finetuned.tokenizer, TEXTS, SEQ_LEN)
+    labels = torch.tensor([i % 4 for i in range(len(TEXTS))])
+
+    def run(**kwargs) -> DenseFeatures:
+        return block_features(
+            base, finetuned, encoded, classification_loss(finetuned, labels), blocks=-1, dim=64, seed=5,
+            batch_size=3, progress=False, **kwargs,
+        ).features  # fmt: skip
+
+    feats = run(precondition=True, cache_root=tmp_path, loss_key="test")
+    rows = finetuned.model.lm_head.weight.detach().double()[TOKEN_IDS]
+
+    def loss_of(_model, final, _row, index):
+        return F.cross_entropy(final[:, -1] @ rows.T, labels[index], reduction="sum")
+
+    layers = layer_sketches(base, finetuned, 1, 64, "rademacher", 5, "cpu")
+    pilot = pilot_rows(len(TEXTS), 5)
+    assert len(pilot) == 6 and pilot.diff().gt(0).all()
+    dense = preconditioned(autograd_block_grads(finetuned, encoded, loss_of, 1), layers, pilot)
+    assert_exact(feats, dense, block_delta(base, finetuned, 1))
+    offset, explicit = 0, []
+    for layer in layers.values():
+        size = layer.delta.shape.numel()
+        g = dense[:, offset : offset + size].float().reshape(len(TEXTS), *layer.delta.shape)
+        explicit.append(torch.stack([layer.sketch.matrix(gi) for gi in g]))
+        offset += size
+    torch.testing.assert_close(feats.grads, torch.cat(explicit, dim=1), rtol=1e-3, atol=1e-5)
+    # read back with its scales; the raw gradients are another cache entry
+    assert len(list((tmp_path / "blocks").glob("*/scales.safetensors"))) == 1
+    again = run(precondition=True, cache_root=tmp_path, loss_key="test")
+    torch.testing.assert_close(again.grads, feats.grads)
+    raw = run(cache_root=tmp_path, loss_key="test")
+    assert len(list((tmp_path / "blocks").iterdir())) == 2
+    assert not torch.allclose(raw.target_dots, feats.target_dots)
+
+
 def test_lm_exact_terms_match_autograd(pair) -> None:
     base, finetuned = pair
     encoded = encode_lm(finetuned.tokenizer, TEXTS, SEQ_LEN)  # right-padded; "Hi" scores nothing
@@ -218,6 +275,7 @@ def test_select_with_block_gradients(pair, tmp_path) -> None:
     )
     assert isinstance(both.features, SummedFeatures)
     assert both.timings["gradient_blocks"] == "1-1" and both.timings["block_layers"] == 7
+    assert both.timings["precondition"] == "adam" and both.timings["block_precondition"] == "adafactor"
     assert torch.equal(both.labels, head.labels)
     block = both.features.parts[1]
     torch.testing.assert_close(both.features.target_dots, head.features.target_dots + block.target_dots)

@@ -13,6 +13,12 @@ The blocks run from the cached input of the first chosen block, and one backward
 batch gives every δ_t (the weights need no gradient: hooks read the activations' gradients).
 The per-document results are cached in resumable chunks like hidden states.
 Norm weights are left out (0.03 % of a SmolLM2 block's parameters).
+
+With `precondition`, each layer's gradients are rescaled as Adam would step them, D ∘ G with
+D_oi = α_o β_i = 1/√v̂_oi from Adafactor's rank-one estimate of their second moment, so that
+D ∘ G = Σ_t (α ∘ δ_t)(β ∘ x_t)ᵀ: the same factored form, every term above still exact. The row
+and column sums of v̂ come from the exact per-document Grams, ‖row o of G‖² = Σ_{t,s} δ_to δ_so
+(x_t·x_s), over a pilot sample of PILOT_ROWS documents taken before the pass.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -35,15 +41,18 @@ from weights2data.features import (
     ChunkCache,
     HiddenStates,
     cache_key,
+    chunk_ranges,
     encoded_fingerprint,
     gather_chunks,
     run_top_layers,
 )
 from weights2data.lm_features import KroneckerSketch
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
+from weights2data.precondition import factored_scales
 from weights2data.selection import DenseFeatures
 
 DEFAULT_LAYER_DIM = 256  # per linear layer: a 16 × 16 sketch
+PILOT_ROWS = 512  # documents whose gradients estimate each layer's second moments (`precondition`)
 
 # the summed loss of a batch of documents, from their final normed hidden states (B, T, d)
 BatchLoss = Callable[[Tensor, Encoded, slice], Tensor]
@@ -66,6 +75,7 @@ class LayerSketch:
 
     delta: WeightDelta  # (out, in) ΔW = W_base − W_finetuned, dense or a LoRA adapter's factors
     sketch: KroneckerSketch  # rows side: out, columns side: in
+    scales: tuple[Tensor, Tensor] | None = None  # (out,) α and (in,) β of the preconditioner D = α βᵀ
 
 
 def layer_sketches(
@@ -130,12 +140,29 @@ def activation_taps(model: torch.nn.Module, start: int, names: set[str]):
 
 
 def layer_terms(x: Tensor, delta_out: Tensor, layer: LayerSketch) -> tuple[Tensor, Tensor, Tensor]:
-    """(B,) ⟨G, ΔW⟩, (B,) ‖G‖² and (B, a·b) sketch of G = Σ_t δ_t x_tᵀ for a batch of documents."""
+    """(B,) ⟨G, ΔW⟩, (B,) ‖G‖² and (B, a·b) sketch of G = Σ_t δ_t x_tᵀ for a batch of documents
+    (of D ∘ G when the layer has scales)."""
     x, d = x.float(), delta_out.float()  # (B, T, in), (B, T, out); zero at padded positions
+    if layer.scales is not None:
+        d, x = d * layer.scales[0], x * layer.scales[1]
     target = (layer.delta.times(x) * d).sum((1, 2))
     sq_norm = ((d @ d.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum((1, 2))
     sketched = torch.einsum("bta,btc->bac", d @ layer.sketch.r_e, x @ layer.sketch.r_h)
     return target, sq_norm, sketched.reshape(x.shape[0], -1)
+
+
+def layer_moments(x: Tensor, delta_out: Tensor) -> tuple[Tensor, Tensor]:
+    """(out,) Σ_b ‖row o of G_b‖² and (in,) Σ_b ‖column i of G_b‖² over a batch, G_b = Σ_t δ_t x_tᵀ."""
+    x, d = x.double(), delta_out.double()  # (B, T, in), (B, T, out)
+    rows = (d * (x @ x.transpose(1, 2) @ d)).sum((0, 1))  # Σ_{t,s} δ_to δ_so (x_t·x_s)
+    cols = (x * (d @ d.transpose(1, 2) @ x)).sum((0, 1))  # Σ_{t,s} x_ti x_si (δ_t·δ_s)
+    return rows, cols
+
+
+def pilot_rows(n_docs: int, seed: int) -> Tensor:
+    """The sorted corpus rows whose gradients estimate the preconditioner: PILOT_ROWS of them at random."""
+    order = torch.randperm(n_docs, generator=torch.Generator().manual_seed(seed))
+    return order[:PILOT_ROWS].sort().values
 
 
 @dataclass
@@ -160,11 +187,13 @@ def block_features(
     loss_key: str | None = None,
     batch_size: int = 16,
     at: LoadedModel | None = None,
+    precondition: bool = False,
     progress: bool = True,
 ) -> BlockFeatures | None:
     """Gradients of the linear layers of the top changed blocks, against ΔW = base − finetuned.
 
-    Taken at the finetuned weights, or at `at` (e.g. the base model, or a pseudo-expert).
+    Taken at the finetuned weights, or at `at` (e.g. the base model, or a pseudo-expert);
+    with `precondition`, each layer's rescaled by its Adafactor estimate (module docstring).
     None when the finetune changed no block (a head-only finetune). `batch_loss` gives the
     summed loss of a batch from its final normed hidden states (B, T, d); documents must not
     interact in it (each document's δ is then its own gradient). With `cache_root`, the inputs
@@ -194,6 +223,7 @@ def block_features(
             loss=loss_key,
             rows=len(encoded),
             **({"layers": sorted(layers)} if finetuned.adapter is not None else {}),
+            **({"precondition": f"adafactor:{PILOT_ROWS}"} if precondition else {}),
         )
         cache = ChunkCache(Path(cache_root), "blocks", key)
     n_docs = len(encoded)
@@ -202,6 +232,11 @@ def block_features(
     )
     with activation_taps(at.model, start, set(layers)) as taps, torch.enable_grad():
         grads = BlockPass(at, encoded, batch_loss, start, layers, taps, cache_root, batch_size)
+        if precondition:
+            fit = partial(grads.scales, pilot_rows(n_docs, seed))
+            scales = fit() if cache is None else cache.beside("scales", fit)
+            for name, layer in layers.items():
+                layer.scales = (scales[f"{name}.rows"].to(device), scales[f"{name}.cols"].to(device))
         out = gather_chunks(cache, n_docs, grads.chunk, bar)
     delta = torch.cat(
         [layer.delta.kron_sketch(layer.sketch.r_e, layer.sketch.r_h) for layer in layers.values()]
@@ -247,22 +282,48 @@ class BlockPass:
         parts = [self._batch(lower, rows, s) for s in range(0, len(rows), self.batch_size)]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
+    def scales(self, rows: Tensor) -> dict[str, Tensor]:
+        """Each layer's preconditioner scales "<layer>.rows" (out,) α and "<layer>.cols" (in,) β,
+        fitted on the gradients of the sorted corpus `rows`."""
+        row_sums: dict[str, Tensor] = {}
+        col_sums: dict[str, Tensor] = {}
+        for chunk in chunk_ranges(len(self.encoded)):
+            local = rows[(rows >= chunk.start) & (rows < chunk.stop)] - chunk.start
+            if len(local) == 0:
+                continue
+            lower = self.lower.chunk(chunk)
+            for part in local.split(self.batch_size):
+                for name, (x, d) in self._activations(lower[part], part + chunk.start).items():
+                    row_sum, col_sum = layer_moments(x, d)
+                    row_sums[name] = row_sums.get(name, 0) + row_sum
+                    col_sums[name] = col_sums.get(name, 0) + col_sum
+        out = {}
+        for name in row_sums:
+            alpha, beta = factored_scales(row_sums[name] / len(rows), col_sums[name] / len(rows))
+            out[f"{name}.rows"], out[f"{name}.cols"] = alpha, beta
+        return out
+
     def _batch(self, lower: Tensor, rows: range, s: int) -> dict[str, Tensor]:
         """Rows s.. of the chunk: one forward from block `start` and one backward."""
-        inputs, grads = self.taps
         sub = rows[s : s + self.batch_size]
-        index = slice(sub.start, sub.stop)
-        batch = self.encoded.subset(index)
-        device = next(self.at.model.parameters()).device
-        h = lower[s : s + len(sub)].to(device).requires_grad_(True)
-        final = run_top_layers(self.at.model, h, batch, self.start)
-        self.batch_loss(final, batch, index).backward()
-        mask = batch.attention_mask.to(device, torch.float32)[:, :, None]  # (B, T, 1)
+        taps = self._activations(lower[s : s + len(sub)], slice(sub.start, sub.stop))
         target_dots, sq_norms = torch.zeros(len(sub)), torch.zeros(len(sub))
         parts = []
         for name, layer in self.layers.items():
-            dot, sq, sk = layer_terms(inputs[name] * mask, grads[name] * mask, layer)
+            dot, sq, sk = layer_terms(*taps[name], layer)
             target_dots += dot.cpu()
             sq_norms += sq.cpu()
             parts.append(sk)
         return {"grads": torch.cat(parts, dim=1).cpu(), "target_dots": target_dots, "sq_norms": sq_norms}
+
+    def _activations(self, lower: Tensor, index: slice | Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each layer's inputs x (B, T, in) and output gradients δ (B, T, out), zero at padding, for the
+        corpus rows `index` whose block-`start` inputs are `lower`: one forward and one backward."""
+        inputs, grads = self.taps
+        batch = self.encoded.subset(index)
+        device = next(self.at.model.parameters()).device
+        h = lower.to(device).requires_grad_(True)
+        final = run_top_layers(self.at.model, h, batch, self.start)
+        self.batch_loss(final, batch, index).backward()
+        mask = batch.attention_mask.to(device, torch.float32)[:, :, None]  # (B, T, 1)
+        return {name: (inputs[name] * mask, grads[name] * mask) for name in self.layers}

@@ -73,9 +73,23 @@ class ChunkCache:
         return self.folder / f"chunk_{rows.start:09d}.safetensors"
 
     def save(self, rows: range, tensors: dict[str, torch.Tensor]) -> None:
-        blob = save({name: value.contiguous() for name, value in tensors.items()})
-        with atomic_path(self.path(rows)) as tmp:
-            tmp.write_bytes(blob)  # a Python write: a full disk raises OSError, not a bare SafetensorError
+        _write_tensors(self.path(rows), tensors)
+
+    def beside(self, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """A result the chunks were computed with (e.g. statistics fitted before them), stored once
+        beside them under `name`: read back, or computed and written."""
+        path = self.folder / f"{name}.safetensors"
+        if path.exists():
+            return load_file(str(path))
+        tensors = compute()
+        _write_tensors(path, tensors)
+        return tensors
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    blob = save({name: value.contiguous() for name, value in tensors.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)  # a Python write: a full disk raises OSError, not a bare SafetensorError
 
 
 def chunk_ranges(n_rows: int) -> list[range]:

@@ -32,7 +32,14 @@ def adam_scales(errors: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
     """(C,) α and (d,) β with α_c β_d = 1 / √v̂_cd, from factors errors (N, C) and hidden (N, d)."""
     e2, h2 = errors.double().square(), hidden.double().square()
     rows = (e2 * h2.sum(1, keepdim=True)).mean(0)  # (C,) a_c
-    cols = (h2 * e2.sum(1, keepdim=True)).mean(0) / rows.sum().clamp_min(1e-300)  # (d,) b_d / Σ a
+    cols = (h2 * e2.sum(1, keepdim=True)).mean(0)  # (d,) b_d
+    return factored_scales(rows, cols)
+
+
+def factored_scales(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """(m,) α and (n,) β with α_i β_j = 1 / √v̂_ij for the rank-one v̂_ij = a_i b_j / Σ a, from the
+    mean squared gradient's row sums a (m,) and column sums b (n,) (Adafactor's estimate)."""
+    rows, cols = rows.double(), cols.double() / rows.double().sum().clamp_min(1e-300)
     alpha = (rows + _EPS * rows.mean()).rsqrt()
     beta = (cols + _EPS * cols.mean()).rsqrt()
     return alpha.float(), beta.float()

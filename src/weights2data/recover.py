@@ -295,6 +295,7 @@ def corpus_gradients(
     if base_losses or cfg.strategy in LOSS_DROP:
         memo[id(base)] = (base, hidden_at(base, finetuned, base, encoded, cache_root))
         at_base = autolabel_losses(base, memo[id(base)][1], label_set, labelled.labels, mode)
+    preconditioner = resolve(cfg.precondition, restricted_head=mode == "restricted")
     points, heads, blocks, timings = [], [], [], {}
     walk = None
     if cfg.path == "distill":
@@ -323,11 +324,12 @@ def corpus_gradients(
             if cfg.grad_blocks:
                 loss = label_loss(at, label_set, labelled.labels, mode)
                 loss_key = label_loss_key(label_set, labelled.labels, mode)
-                block, block_timings = block_part(start, end, at, encoded, loss, loss_key, cfg, cache_root)
+                block, block_timings = block_part(
+                    start, end, at, encoded, loss, loss_key, cfg, cache_root, preconditioner != "none"
+                )
                 blocks += [block] if block is not None else []
                 timings = merge_timings(timings, block_timings)
         memo = {key: value for key, value in memo.items() if value[0] in (finetuned, end)}
-    preconditioner = resolve(cfg.precondition, restricted_head=mode == "restricted")
     metric = None
     if len(points) == 1:  # the synthesisers' objective, which they rescale the same way
         metric = fit_metric(points[0].errors(labelled.labels), points[0].hidden, preconditioner)
@@ -563,9 +565,12 @@ def block_part(
     loss_key: str,
     cfg: SelectConfig,
     cache_root: Path | None,
+    precondition: bool = False,
 ) -> tuple[GradientFeatures | None, dict]:
     """The gradients of the top changed blocks at `at`, against the segment start − end (--grad-blocks);
-    `loss_key` names what `batch_loss` computes, for their cache key."""
+    `loss_key` names what `batch_loss` computes, for their cache key. With `precondition` (any
+    --precondition but none: kfac's full-matrix whitening has no per-layer counterpart here), each
+    layer's are rescaled by its own Adafactor estimate, as the head's are by adam."""
     blocks = block_features(
         start,
         end,
@@ -578,6 +583,7 @@ def block_part(
         cache_root=cache_root,
         loss_key=loss_key,
         at=at,
+        precondition=precondition,
     )
     if blocks is None:
         log.warning(
@@ -585,7 +591,8 @@ def block_part(
             cfg.grad_blocks,
         )
         return None, {"gradient_blocks": "none changed"}
-    return blocks.features, {**blocks.timings, "block_layers": blocks.layers}
+    notes = {"block_precondition": "adafactor" if precondition else "none", "block_layers": blocks.layers}
+    return blocks.features, {**blocks.timings, **notes}
 
 
 def drop_losses(
