@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from weights2data import block_gradients
 from weights2data import features as features_module
-from weights2data.block_gradients import block_features, first_block, layer_sketches, pilot_rows
+from weights2data.block_gradients import LayerSketch, block_features, first_block, layer_sketches, pilot_rows
 from weights2data.config import DataConfig, SelectConfig
 from weights2data.data import encode_classification, encode_lm, make_label_set
 from weights2data.errors import W2DError
@@ -144,26 +145,32 @@ def test_classification_exact_terms_and_sketch_match_autograd(pair) -> None:
     assert out.start == 1 and out.layers == 7  # q, k, v, o, gate, up, down
     assert_exact(feats, dense, delta)
     assert feats.delta_sq_norm == pytest.approx(float(delta.square().sum()), rel=1e-6)
-    # the sketch of each materialised layer gradient equals the factored sketch
-    layers = layer_sketches(base, finetuned, out.start, 64, "rademacher", 5, "cpu")
-    offset, explicit = 0, []
+    assert_sketched(feats, dense, layer_sketches(base, finetuned, out.start, 64, "rademacher", 5, "cpu"))
+
+
+def per_layer(dense: torch.Tensor, layers: dict) -> Iterator[tuple[LayerSketch, torch.Tensor]]:
+    """Each sketched layer with its slice of the (N, P) gradients, as (N, out, in)."""
+    offset = 0
     for layer in layers.values():
         size = layer.delta.shape.numel()
-        g = dense[:, offset : offset + size].float().reshape(len(TEXTS), *layer.delta.shape)
-        explicit.append(torch.stack([layer.sketch.matrix(gi) for gi in g]))
+        yield layer, dense[:, offset : offset + size].reshape(len(dense), *layer.delta.shape)
         offset += size
-    torch.testing.assert_close(feats.grads, torch.cat(explicit, dim=1), rtol=1e-3, atol=1e-5)
+
+
+def assert_sketched(features: DenseFeatures, dense: torch.Tensor, layers: dict) -> None:
+    """The sketch of each materialised layer gradient equals the factored sketch."""
+    explicit = [
+        torch.stack([layer.sketch.matrix(gi) for gi in g.float()]) for layer, g in per_layer(dense, layers)
+    ]
+    torch.testing.assert_close(features.grads, torch.cat(explicit, dim=1), rtol=1e-3, atol=1e-5)
 
 
 def preconditioned(dense: torch.Tensor, layers: dict, pilot: torch.Tensor) -> torch.Tensor:
     """(N, P) D ∘ g per layer, D = α βᵀ fitted on the materialised gradients of the `pilot` rows."""
-    offset, out = 0, []
-    for layer in layers.values():
-        size = layer.delta.shape.numel()
-        g = dense[:, offset : offset + size].reshape(len(dense), *layer.delta.shape)  # (N, out, in)
+    out = []
+    for _, g in per_layer(dense, layers):
         alpha, beta = factored_scales(g[pilot].square().sum(2).mean(0), g[pilot].square().sum(1).mean(0))
         out.append((g * alpha.double()[:, None] * beta.double()).reshape(len(dense), -1))
-        offset += size
     return torch.cat(out, dim=1)
 
 
@@ -193,13 +200,7 @@ def test_preconditioned_terms_and_sketch_match_autograd(pair, tmp_path, monkeypa
     assert len(pilot) == 6 and pilot.diff().gt(0).all()
     dense = preconditioned(autograd_block_grads(finetuned, encoded, loss_of, 1), layers, pilot)
     assert_exact(feats, dense, block_delta(base, finetuned, 1))
-    offset, explicit = 0, []
-    for layer in layers.values():
-        size = layer.delta.shape.numel()
-        g = dense[:, offset : offset + size].float().reshape(len(TEXTS), *layer.delta.shape)
-        explicit.append(torch.stack([layer.sketch.matrix(gi) for gi in g]))
-        offset += size
-    torch.testing.assert_close(feats.grads, torch.cat(explicit, dim=1), rtol=1e-3, atol=1e-5)
+    assert_sketched(feats, dense, layers)
     # read back with its scales; the raw gradients are another cache entry
     assert len(list((tmp_path / "blocks").glob("*/scales.safetensors"))) == 1
     again = run(precondition=True, cache_root=tmp_path, loss_key="test")
