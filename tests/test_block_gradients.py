@@ -330,6 +330,7 @@ def test_cli_select_with_grad_blocks(cli_env, capsys) -> None:
     summary = json.loads((cli_env / "runs" / "sel" / "summary.json").read_text())
     assert summary["gradient_blocks"] == "1-1" and summary["block_layers"] == 7
     assert summary["precondition"] == "adam" and summary["block_precondition"] == "adafactor"
+    assert summary["strategy"] == "topk_balanced"  # --strategy auto with block gradients and four labels
     assert summary["config"]["grad_blocks"] == -1 and sum(summary["label_distribution"].values()) == 8
     assert main([*select, "--grad-blocks", "2", "--grad-at", "both", "--exp-name", "bad"]) == 2
     assert "--path-combine concat" in capsys.readouterr().err

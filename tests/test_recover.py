@@ -191,6 +191,16 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
     assert resolve_strategy(auto, 2, "full", "top:2") == greedy
     blocks = replace(auto, grad_blocks=2)
     assert resolve_strategy(blocks, 2, "restricted", "top:2") == replace(greedy, grad_blocks=2)
+    # with block gradients, three to ten labels: top-k balanced on Adam-preconditioned gradients
+    blocks_topk = replace(blocks, strategy="topk_balanced", precondition="adam")
+    for labels in (3, 4, 10):
+        assert resolve_strategy(blocks, labels, "restricted", "top:2") == blocks_topk
+    assert resolve_strategy(replace(blocks, precondition="adam"), 4, "restricted", "full") == blocks_topk
+    assert resolve_strategy(blocks, 11, "restricted", "top:2").strategy == "greedy"
+    assert resolve_strategy(blocks, 4, "full", "top:2").strategy == "greedy"
+    assert (
+        resolve_strategy(replace(blocks, precondition="none"), 4, "restricted", "top:2").strategy == "greedy"
+    )
     adam = replace(auto, precondition="adam")
     assert resolve_strategy(adam, 2, "restricted", "full") == replace(adam, strategy="greedy")
     assert resolve_strategy(replace(auto, strategy="topk"), 2, "restricted", "full").strategy == "topk"
