@@ -197,6 +197,7 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
         assert resolve_strategy(blocks, labels, "restricted", "top:2") == blocks_topk
     assert resolve_strategy(replace(blocks, precondition="adam"), 4, "restricted", "full") == blocks_topk
     assert resolve_strategy(blocks, 11, "restricted", "top:2").strategy == "greedy"
+    assert resolve_strategy(replace(blocks, k=1000), 4, "restricted", "top:2").strategy == "greedy"
     assert resolve_strategy(blocks, 4, "full", "top:2").strategy == "greedy"
     assert (
         resolve_strategy(replace(blocks, precondition="none"), 4, "restricted", "top:2").strategy == "greedy"

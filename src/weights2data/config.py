@@ -288,8 +288,9 @@ class SelectConfig:
         "gradients (--precondition kfac) for 2-10 labels with the label-token loss and head gradients, "
         "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-10 "
         "and for 2 labels of a full finetune (every block changed), ahead of greedy over the regimes "
-        "measured there (see README); with --grad-blocks and 3-10 labels, topk_balanced on "
-        "Adam-preconditioned head and block gradients (led greedy on AG News top:4); for language "
+        "measured there (see README); with --grad-blocks, 3-10 labels and k <= 100, topk_balanced on "
+        "Adam-preconditioned head and block gradients (led greedy on AG News top:4 at k = 100, not "
+        "at 1000); for language "
         "modelling the loss drop (greedy with --grad-blocks, --pseudo-experts, --grad-at, --rounds or "
         "--pool); greedy otherwise (11+ labels, 2 labels with --grad-blocks, --label-loss full, "
         "--precondition none, or adam without --grad-blocks)",
