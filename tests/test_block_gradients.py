@@ -205,8 +205,10 @@ def test_preconditioned_terms_and_sketch_match_autograd(pair, tmp_path, monkeypa
     assert len(list((tmp_path / "blocks").glob("*/scales.safetensors"))) == 1
     again = run(precondition=True, cache_root=tmp_path, loss_key="test")
     torch.testing.assert_close(again.grads, feats.grads)
+    # a new entry's pilot reads the block inputs the first run cached, and fits the same scales
+    torch.testing.assert_close(run(precondition=True, cache_root=tmp_path, loss_key="new").grads, feats.grads)
     raw = run(cache_root=tmp_path, loss_key="test")
-    assert len(list((tmp_path / "blocks").iterdir())) == 2
+    assert len(list((tmp_path / "blocks").iterdir())) == 3
     assert not torch.allclose(raw.target_dots, feats.target_dots)
 
 

@@ -291,9 +291,9 @@ class BlockPass:
             local = rows[(rows >= chunk.start) & (rows < chunk.stop)] - chunk.start
             if len(local) == 0:
                 continue
-            lower = self.lower.chunk(chunk)
-            for part in local.split(self.batch_size):
-                for name, (x, d) in self._activations(lower[part], part + chunk.start).items():
+            lower = self.lower.sample(chunk, local)  # (len(local), T, d)
+            for part in torch.arange(len(local)).split(self.batch_size):
+                for name, (x, d) in self._activations(lower[part], local[part] + chunk.start).items():
                     row_sum, col_sum = layer_moments(x, d)
                     row_sums[name] = row_sums.get(name, 0) + row_sum
                     col_sums[name] = col_sums.get(name, 0) + col_sum

@@ -246,6 +246,13 @@ class HiddenStates:
     def chunk(self, rows: range) -> torch.Tensor:
         return cached_chunk(self.cache, rows, self._compute)["hidden"]
 
+    def sample(self, rows: range, picks: torch.Tensor) -> torch.Tensor:
+        """Rows `picks` (positions in chunk `rows`) of the chunk: read back when a run finished it,
+        else computed for those rows alone and not cached (a sample need not pay for whole chunks)."""
+        if self.cache is not None and self.cache.path(rows).exists():
+            return self.chunk(rows)[picks]
+        return torch.cat(list(self._forward((picks + rows.start).tolist())))
+
     def _compute(self, rows: range) -> dict[str, torch.Tensor]:
         if self.cache is None:
             return {"hidden": torch.cat(list(self._forward(rows)))}

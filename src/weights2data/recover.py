@@ -369,9 +369,8 @@ def autolabel_losses(
 
 QUOTA_LABELS = range(2, 11)  # label counts where --strategy auto sets a quota per label (measured: 2-6, 10)
 TOPK_LABELS = range(3, QUOTA_LABELS.stop)  # of those, where top-k fills the quotas instead of greedy
-BLOCK_TOPK_MAX_K = (
-    100  # with --grad-blocks, auto's top-k balanced up to this k (measured: 100 led, 1000 lost)
-)
+# with --grad-blocks, auto's top-k balanced up to this k (measured: it led at 100, lost at 1000)
+BLOCK_TOPK_MAX_K = 100
 
 
 def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, scope: str) -> SelectConfig:
