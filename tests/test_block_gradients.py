@@ -16,9 +16,10 @@ from weights2data.config import DataConfig, SelectConfig
 from weights2data.data import encode_classification, encode_lm, make_label_set
 from weights2data.errors import W2DError
 from weights2data.models import LoadedModel, decoder_layers, tiny_test_model, untie_head
-from weights2data.precondition import factored_scales
+from weights2data.precondition import CorpusSlice, factored_scales
 from weights2data.recover import corpus_gradients, lm_corpus_gradients, recover
 from weights2data.selection import STRATEGIES, DenseFeatures, SummedFeatures, select
+from weights2data.store import read_json
 from weights2data.train import lm_loss_sum
 
 TEXTS = [
@@ -210,6 +211,13 @@ def test_preconditioned_terms_and_sketch_match_autograd(pair, tmp_path, monkeypa
     raw = run(cache_root=tmp_path, loss_key="test")
     assert len(list((tmp_path / "blocks").iterdir())) == 3
     assert not torch.allclose(raw.target_dots, feats.target_dots)
+    # a torchrun rank's slice (here all the rows, as if one rank of one) refits its scales each run,
+    # for they depend on the other ranks' rows, and keys its chunks by their values, storing none
+    sliced = run(precondition=True, cache_root=tmp_path, loss_key="test", corpus=CorpusSlice(0, len(TEXTS)))
+    torch.testing.assert_close(sliced.grads, feats.grads)
+    entries = [read_json(meta) for meta in (tmp_path / "blocks").glob("*/meta.json")]
+    assert len(entries) == 4 and sum("pilot_fit" in key for key in entries) == 1
+    assert len(list((tmp_path / "blocks").glob("*/scales.safetensors"))) == 2  # "test" and "new"
 
 
 def test_lm_exact_terms_match_autograd(pair) -> None:

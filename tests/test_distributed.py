@@ -135,11 +135,8 @@ def test_sharded_strategies_pick_what_one_process_picks(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- w2d select under torchrun
 
-# --precondition none in both: a sharded selection resolves the default (auto) to none, one process to adam
-SELECT = (
-    "select --base tiny-test --finetuned tiny-test:1 --label-set A,B,C,D --seq-len 16 --device cpu -k 12 "
-    "--precondition none"
-)
+# the defaults: --strategy auto and its preconditioner, fitted on the whole corpus across ranks
+SELECT = "select --base tiny-test --finetuned tiny-test:1 --label-set A,B,C,D --seq-len 16 --device cpu -k 12"
 CORPUS = "wiki_passages_2500"  # 1248 + 1252 rows: two cache chunks on each rank
 
 # A rank started by hand as torchrun would start it; rank 1 pauses (a marker file tells the test)
@@ -277,3 +274,66 @@ def test_aligned_shards_featurise_bit_for_bit_as_the_whole(kind: str, cache: Pat
         assert torch.equal(w, torch.cat([a, b]))
     for name in ("losses", "base_losses"):
         assert torch.equal(getattr(whole, name), torch.cat([getattr(s, name) for s in shards])), name
+
+
+# the head's preconditioners and the blocks' (with a 20-document pilot, split over the ranks)
+PRECONDITIONED = {
+    "adam": {"precondition": "adam"},
+    "kfac": {"precondition": "kfac"},
+    "adam + blocks": {"precondition": "adam", "grad_blocks": 1},
+}
+
+
+def preconditioned_gradients(cache: Path, data_dir: Path, shard: Shard | None = None) -> dict:
+    """The features of wiki_passages_64 under each of PRECONDITIONED: this rank's rows, or all."""
+    import weights2data.block_gradients as block_gradients
+    from weights2data.config import DataConfig, SelectConfig
+    from weights2data.data import load_dataset, make_label_set
+    from weights2data.models import load_model
+    from weights2data.precondition import WHOLE
+    from weights2data.recover import corpus_gradients
+
+    block_gradients.PILOT_ROWS = 20
+    base, tuned = load_model("tiny-test", cache=cache), load_model("tiny-test:1", cache=cache)
+    texts = load_dataset("wiki_passages_64", data_dir=data_dir).train.texts
+    label_set = make_label_set(["A", "B", "C", "D"], base.tokenizer, "A,B,C,D")
+    rows, corpus = (range(64), WHOLE) if shard is None else (shard.rows, shard.corpus_slice())
+    out = {}
+    for name, options in PRECONDITIONED.items():
+        sel = SelectConfig(k=8, strategy="greedy", **options)
+        grads = corpus_gradients(
+            base,
+            tuned,
+            texts[rows.start : rows.stop],
+            label_set,
+            DataConfig(seq_len=16),
+            sel,
+            None,
+            corpus=corpus,
+        )
+        out[name] = grads.features.row_factors(torch.arange(len(rows)))
+    return out
+
+
+def preconditioned_worker(rank: int, port: int, out: str, cache: str, data_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    shard = Shard.of(64, Layout(rank, 2), torch.device("cpu"))
+    torch.save(preconditioned_gradients(Path(cache), Path(data_dir), shard), Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_preconditioners_are_fitted_on_the_whole_corpus(
+    tmp_path: Path, cache: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank sees half the corpus; its features are still those one process computes over all
+    of it (Adam's and K-FAC's moments all-reduced, the blocks' pilot drawn from every row), and so
+    are greedy's picks."""
+    import weights2data.block_gradients as block_gradients
+
+    monkeypatch.setattr(block_gradients, "PILOT_ROWS", 20)
+    mp.spawn(preconditioned_worker, args=(free_port(), str(tmp_path), str(cache), str(data_dir)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    whole = preconditioned_gradients(cache, data_dir)
+    for name in PRECONDITIONED:
+        for w, a, b in zip(whole[name], ranks[0][name], ranks[1][name], strict=True):
+            torch.testing.assert_close(torch.cat([a, b]), w, rtol=1e-5, atol=1e-6, msg=name)

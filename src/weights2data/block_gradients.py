@@ -18,7 +18,10 @@ With `precondition`, each layer's gradients are rescaled as Adam would step them
 D_oi = α_o β_i = 1/√v̂_oi from Adafactor's rank-one estimate of their second moment, so that
 D ∘ G = Σ_t (α ∘ δ_t)(β ∘ x_t)ᵀ: the same factored form, every term above still exact. The row
 and column sums of v̂ come from the exact per-document Grams, ‖row o of G‖² = Σ_{t,s} δ_to δ_so
-(x_t·x_s), over a pilot sample of PILOT_ROWS documents taken before the pass.
+(x_t·x_s), over a pilot sample of PILOT_ROWS documents taken before the pass. Under torchrun
+the pilot is drawn from the whole corpus, each rank sums the Grams of its own pilot documents and
+an all-reduce adds them up (`CorpusSlice`): the scales one process fits, up to float rounding
+(a pilot document's forward pass may share its batch with other documents than in one process).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from weights2data.features import (
 )
 from weights2data.lm_features import KroneckerSketch
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
-from weights2data.precondition import factored_scales
+from weights2data.precondition import WHOLE, CorpusSlice, corpus_mean, factored_scales, fingerprint
 from weights2data.selection import DenseFeatures
 
 DEFAULT_LAYER_DIM = 256  # per linear layer: a 16 × 16 sketch
@@ -165,6 +168,12 @@ def pilot_rows(n_docs: int, seed: int) -> Tensor:
     return order[:PILOT_ROWS].sort().values
 
 
+def pilot_share(n_docs: int, seed: int, corpus: CorpusSlice) -> Tensor:
+    """The whole corpus's pilot rows that fall in this slice of `n_docs`, numbered within it."""
+    rows = pilot_rows(corpus.corpus_rows(n_docs), seed)
+    return rows[(rows >= corpus.offset) & (rows < corpus.offset + n_docs)] - corpus.offset
+
+
 @dataclass
 class BlockFeatures:
     features: DenseFeatures  # sketched block gradients with exact ⟨g, Δ⟩ and ‖g‖²
@@ -188,12 +197,14 @@ def block_features(
     batch_size: int = 16,
     at: LoadedModel | None = None,
     precondition: bool = False,
+    corpus: CorpusSlice = WHOLE,
     progress: bool = True,
 ) -> BlockFeatures | None:
     """Gradients of the linear layers of the top changed blocks, against ΔW = base − finetuned.
 
     Taken at the finetuned weights, or at `at` (e.g. the base model, or a pseudo-expert);
-    with `precondition`, each layer's rescaled by its Adafactor estimate (module docstring).
+    with `precondition`, each layer's rescaled by its Adafactor estimate (module docstring),
+    fitted on a pilot of the whole `corpus` when `encoded` is one slice of it.
     None when the finetune changed no block (a head-only finetune). `batch_loss` gives the
     summed loss of a batch from its final normed hidden states (B, T, d); documents must not
     interact in it (each document's δ is then its own gradient). With `cache_root`, the inputs
@@ -210,31 +221,35 @@ def block_features(
     layers = layer_sketches(base, finetuned, start, dim, projection, seed, device)
     if not layers:
         return None
-    cache = None
-    if cache_root is not None and loss_key is not None:
-        key = cache_key(
-            device,
-            base=base.fingerprint,
-            finetuned=finetuned.fingerprint,
-            at=at.fingerprint,
-            inputs=encoded_fingerprint(encoded),
-            start=start,
-            settings=[dim, projection, seed],
-            loss=loss_key,
-            rows=len(encoded),
-            **({"layers": sorted(layers)} if finetuned.adapter is not None else {}),
-            **({"precondition": f"adafactor:{PILOT_ROWS}"} if precondition else {}),
-        )
-        cache = ChunkCache(Path(cache_root), "blocks", key)
     n_docs = len(encoded)
     bar = tqdm(
         total=n_docs, desc=f"gradients of blocks {start}+", unit="doc", disable=not progress or n_docs < 256
     )
     with activation_taps(at.model, start, set(layers)) as taps, torch.enable_grad():
         grads = BlockPass(at, encoded, batch_loss, start, layers, taps, cache_root, batch_size)
-        if precondition:
-            fit = partial(grads.scales, pilot_rows(n_docs, seed))
+        fit = partial(grads.scales, pilot_share(n_docs, seed, corpus), corpus)
+        sliced = precondition and corpus.total is not None  # the scales depend on every rank's rows:
+        scales = fit() if sliced else None  # fitted afresh each run and keyed by their values
+        cache = None
+        if cache_root is not None and loss_key is not None:
+            key = cache_key(
+                device,
+                base=base.fingerprint,
+                finetuned=finetuned.fingerprint,
+                at=at.fingerprint,
+                inputs=encoded_fingerprint(encoded),
+                start=start,
+                settings=[dim, projection, seed],
+                loss=loss_key,
+                rows=len(encoded),
+                **({"layers": sorted(layers)} if finetuned.adapter is not None else {}),
+                **({"precondition": f"adafactor:{PILOT_ROWS}"} if precondition else {}),
+                **({"pilot_fit": fingerprint(list(scales.values()))} if scales is not None else {}),
+            )
+            cache = ChunkCache(Path(cache_root), "blocks", key)
+        if precondition and scales is None:
             scales = fit() if cache is None else cache.beside("scales", fit)
+        if scales is not None:
             for name, layer in layers.items():
                 layer.scales = (scales[f"{name}.rows"].to(device), scales[f"{name}.cols"].to(device))
         out = gather_chunks(cache, n_docs, grads.chunk, bar)
@@ -282,11 +297,16 @@ class BlockPass:
         parts = [self._batch(lower, rows, s) for s in range(0, len(rows), self.batch_size)]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
-    def scales(self, rows: Tensor) -> dict[str, Tensor]:
+    def scales(self, rows: Tensor, corpus: CorpusSlice = WHOLE) -> dict[str, Tensor]:
         """Each layer's preconditioner scales "<layer>.rows" (out,) α and "<layer>.cols" (in,) β,
-        fitted on the gradients of the sorted corpus `rows`."""
-        row_sums: dict[str, Tensor] = {}
-        col_sums: dict[str, Tensor] = {}
+        fitted on the gradients of the sorted `rows` of these documents (this slice's share of the
+        pilot: the moments are summed over every slice of `corpus`)."""
+        row_sums = {
+            name: torch.zeros(layer.sketch.vocab, dtype=torch.float64) for name, layer in self.layers.items()
+        }
+        col_sums = {
+            name: torch.zeros(layer.sketch.hidden, dtype=torch.float64) for name, layer in self.layers.items()
+        }
         for chunk in chunk_ranges(len(self.encoded)):
             local = rows[(rows >= chunk.start) & (rows < chunk.stop)] - chunk.start
             if len(local) == 0:
@@ -295,11 +315,12 @@ class BlockPass:
             for part in torch.arange(len(local)).split(self.batch_size):
                 for name, (x, d) in self._activations(lower[part], local[part] + chunk.start).items():
                     row_sum, col_sum = layer_moments(x, d)
-                    row_sums[name] = row_sums.get(name, 0) + row_sum
-                    col_sums[name] = col_sums.get(name, 0) + col_sum
+                    row_sums[name] += row_sum.cpu()
+                    col_sums[name] += col_sum.cpu()
         out = {}
-        for name in row_sums:
-            alpha, beta = factored_scales(row_sums[name] / len(rows), col_sums[name] / len(rows))
+        for name in self.layers:  # the same order on every rank: one all-reduce each, in step
+            means = (corpus_mean(sums[name], len(rows), corpus) for sums in (row_sums, col_sums))
+            alpha, beta = factored_scales(*means)
             out[f"{name}.rows"], out[f"{name}.cols"] = alpha, beta
         return out
 

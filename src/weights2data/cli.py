@@ -309,9 +309,6 @@ def cmd_select(args: argparse.Namespace) -> int:
     gen = build_config(GenerateConfig, args, toml, seed=sel.seed)
     synth = build_config(SynthConfig, args, toml, seed=sel.seed)
     layout = Layout.from_env()
-    if layout.sharded and sel.precondition == "auto":
-        log.info("--precondition auto runs as none across ranks")
-        sel = sel.raw_unless_asked()
     if layout.sharded:
         check_shardable(sel, gen.docs, rt.device_map)
         if synth.synthesises:
@@ -348,6 +345,7 @@ def select_and_write(
     from weights2data.adapters import select_for_adapter
     from weights2data.distributed import Shard, sharded_gradients, sharded_select
     from weights2data.generate import mark_sources, with_generated
+    from weights2data.precondition import WHOLE, CorpusSlice
     from weights2data.recover import (
         check_lm_selection,
         corpus_gradients,
@@ -379,14 +377,14 @@ def select_and_write(
     labeller = None if label_set is None else generation_labeller(base, finetuned, label_set, data)
     corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache, labeller)
 
-    def gradients(texts: list[str]) -> CorpusGradients:
+    def gradients(texts: list[str], corpus: CorpusSlice = WHOLE) -> CorpusGradients:
         if label_set is None:
             lm_loss = lm_loss_of(args, finetuned)
             grads = lm_corpus_gradients(
                 base, finetuned, texts, data.seq_len, lm_loss, sel, ws.cache, template
             )
         else:
-            grads = corpus_gradients(base, finetuned, texts, label_set, data, sel, ws.cache)
+            grads = corpus_gradients(base, finetuned, texts, label_set, data, sel, ws.cache, corpus=corpus)
         return grads.to(ws.device)  # a GPU selects where its features are
 
     if layout.sharded:

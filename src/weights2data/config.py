@@ -335,7 +335,8 @@ class SelectConfig:
         "their own Adafactor estimate, fitted on 512 corpus documents (under kfac too); exact. "
         "auto: kfac where --strategy auto "
         "chose a quota per label, else adam there (it measured best for greedy on every dataset tried); "
-        "none for language modelling, --label-loss full and torchrun. "
+        "none for language modelling and --label-loss full. Under torchrun the estimates are the whole "
+        "corpus's (moments all-reduced across ranks). "
         "--opt GCG|GCGA|ADMM maximise the objective under the same preconditioner",
     )
     rounds: int = opt(
@@ -447,10 +448,6 @@ class SelectConfig:
             raise W2DError(f"block_sketch_dim must be positive (got {self.block_sketch_dim})")
         if self.batch_reset < 1:
             raise W2DError(f"batch_reset must be at least 1 (got {self.batch_reset})")
-
-    def raw_unless_asked(self) -> SelectConfig:
-        """`precondition = auto` made none: for a sharded selection (Adam's moments are corpus-wide)."""
-        return replace(self, precondition="none") if self.precondition == "auto" else self
 
 
 @dataclass

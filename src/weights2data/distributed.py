@@ -14,7 +14,8 @@ they gather those N-sized vectors and rank them as one process does.
 
 Shards start at multiples of SHARD_ALIGN rows, a multiple of every featurisation batch size,
 so each document's forward pass runs in the same batch as in one process: bit for bit the
-same features, hence exactly the same picks.
+same features, hence exactly the same picks. A preconditioner is fitted on the whole corpus's
+moments, each rank's share summed by an all-reduce (`Shard.corpus_slice`), as one process fits it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from weights2data.config import SelectConfig
 from weights2data.errors import W2DError
+from weights2data.precondition import CorpusSlice
 from weights2data.selection import (
     GREEDY,
     GradientFeatures,
@@ -153,6 +155,16 @@ class Shard:
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded)
         return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]).to(x.device)
+
+    def sum(self, x: Tensor) -> Tensor:
+        """`x` summed over every rank (an all-reduce)."""
+        moved = x.to(self.device, copy=True).contiguous()
+        dist.all_reduce(moved)
+        return moved.to(x.device)
+
+    def corpus_slice(self) -> CorpusSlice:
+        """This rank's rows as a slice of the corpus, its statistics summed over every rank."""
+        return CorpusSlice(self.rows.start, sum(self.sizes), self.sum)
 
     def broadcast(self, tensors: list[Tensor], src: int) -> list[Tensor]:
         """Rank `src`'s tensors on every rank (the others pass buffers of the same shapes)."""
@@ -280,7 +292,6 @@ def check_shardable(cfg: SelectConfig, generated: int = 0, device_map: str | Non
             device_map
         ),
         "--labels random": cfg.labels == "random",  # one seeded draw over all N rows
-        f"--precondition {cfg.precondition}": cfg.precondition != "none",  # corpus-wide moments
         "--path distill": cfg.path == "distill",  # a walk trained on the whole corpus
         f"--rounds {cfg.rounds}": cfg.rounds > 1,
         f"--pool {cfg.pool:g}": cfg.pool > 0,  # a corpus-wide ranking by cosine
@@ -292,11 +303,12 @@ def check_shardable(cfg: SelectConfig, generated: int = 0, device_map: str | Non
 
 
 def sharded_gradients(
-    shard: Shard, texts: list[str], compute: Callable[[list[str]], CorpusGradients]
+    shard: Shard, texts: list[str], compute: Callable[[list[str], CorpusSlice], CorpusGradients]
 ) -> CorpusGradients:
-    """`compute` run on this rank's texts; features stay local, the per-document labels, losses and
-    label distributions (small) are gathered so that every rank holds them for the whole corpus."""
-    local = compute(texts[shard.rows.start : shard.rows.stop])
+    """`compute` run on this rank's texts, as a slice of the corpus (its preconditioners' moments
+    are summed over every rank); features stay local, the per-document labels, losses and label
+    distributions (small) are gathered so that every rank holds them for the whole corpus."""
+    local = compute(texts[shard.rows.start : shard.rows.stop], shard.corpus_slice())
     gathered = {
         name: None if getattr(local, name) is None else shard.gather(getattr(local, name))
         for name in ("labels", "losses", "base_losses", "probs", "tokens")

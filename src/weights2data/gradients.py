@@ -21,7 +21,7 @@ from weights2data.adapters import WeightDelta
 from weights2data.data import LabelSet
 from weights2data.errors import W2DError
 from weights2data.models import LoadedModel
-from weights2data.precondition import precondition
+from weights2data.precondition import WHOLE, CorpusSlice, precondition
 from weights2data.selection import DenseFeatures, FactoredFeatures, GradientFeatures, LowRankFeatures
 
 COMBINE = ("concat", "sum")  # how gradients taken at several weights are joined
@@ -89,23 +89,25 @@ def head_features(
     combine: str = "concat",
     total_delta: torch.Tensor | None = None,
     preconditioner: str = "none",
+    corpus: CorpusSlice = WHOLE,
 ) -> list[GradientFeatures] | GradientFeatures:
     """Factored head gradients at every point, exact (DESIGN §3).
 
     `concat`: one feature part per point against its own segment's Δ_k (the caller joins them
     with `SummedFeatures`, i.e. the cosine of the concatenated gradients); `sum`: one gradient
     per document, the sum over the points, against `total_delta` = Σ_k Δ_k = W_base − W_finetuned.
+    The preconditioner's moments are summed over every slice of `corpus` (torchrun's ranks).
     """
     if combine not in COMBINE:
         raise W2DError(f"unknown --path-combine '{combine}': choose from {', '.join(COMBINE)}")
     if combine == "concat":
         return [
-            FactoredFeatures(*precondition(p.errors(labels), p.hidden, preconditioner), p.delta)
+            FactoredFeatures(*precondition(p.errors(labels), p.hidden, preconditioner, corpus), p.delta)
             for p in points
         ]
     errors = torch.stack([p.errors(labels) for p in points], 1)  # (N, P, C)
     hidden = torch.stack([p.hidden for p in points], 1)  # (N, P, d)
-    errors, hidden = precondition(errors, hidden, preconditioner)
+    errors, hidden = precondition(errors, hidden, preconditioner, corpus)
     if len(points) == 1:
         return FactoredFeatures(errors[:, 0], hidden[:, 0], total_delta)
     return LowRankFeatures(errors, hidden, total_delta)

@@ -17,6 +17,7 @@ whitened metric TRAK scores in, with damping), still one factored outer product 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +29,39 @@ PRECONDITIONERS = ("auto", "none", "adam", "kfac")  # auto: see `resolve`
 _EPS = 1e-6  # relative floor under the second moments, as Adam's ε keeps a step finite
 
 
-def adam_scales(errors: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+def _here(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class CorpusSlice:
+    """Which documents a call sees — rows `offset`.. of a corpus of `total` (None: the whole
+    corpus) — and how a statistic of them sums over every slice. Under torchrun each rank holds
+    one slice and `sum` is an all-reduce, so that the moments a preconditioner is estimated from
+    are the whole corpus's, as one process would estimate them."""
+
+    offset: int = 0
+    total: int | None = None
+    sum: Callable[[Tensor], Tensor] = _here
+
+    def corpus_rows(self, here: int) -> int:
+        """The whole corpus's row count, this slice holding `here` of them."""
+        return here if self.total is None else self.total
+
+
+WHOLE = CorpusSlice()
+
+
+def corpus_mean(sums: Tensor, count: int, corpus: CorpusSlice) -> Tensor:
+    """The corpus-wide mean from this slice's `sums` over its `count` rows (float64)."""
+    return corpus.sum(sums.double()) / corpus.sum(torch.tensor(float(count), dtype=torch.float64))
+
+
+def adam_scales(errors: Tensor, hidden: Tensor, corpus: CorpusSlice = WHOLE) -> tuple[Tensor, Tensor]:
     """(C,) α and (d,) β with α_c β_d = 1 / √v̂_cd, from factors errors (N, C) and hidden (N, d)."""
     e2, h2 = errors.double().square(), hidden.double().square()
-    rows = (e2 * h2.sum(1, keepdim=True)).mean(0)  # (C,) a_c
-    cols = (h2 * e2.sum(1, keepdim=True)).mean(0)  # (d,) b_d
+    rows = corpus_mean((e2 * h2.sum(1, keepdim=True)).sum(0), len(e2), corpus)  # (C,) a_c
+    cols = corpus_mean((h2 * e2.sum(1, keepdim=True)).sum(0), len(e2), corpus)  # (d,) b_d
     return factored_scales(rows, cols)
 
 
@@ -71,40 +100,48 @@ class Metric:
 
     def fingerprint(self) -> str:
         """A hash of the maps: what a cached result computed under this metric is keyed by."""
-        blob = b"".join(
-            t.detach().cpu().float().contiguous().numpy().tobytes() for t in (self.errors, self.hidden)
-        )
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return fingerprint([self.errors, self.hidden])
+
+
+def fingerprint(tensors: list[Tensor]) -> str:
+    """A hash of the values of `tensors` (as float32)."""
+    blob = b"".join(t.detach().cpu().float().contiguous().numpy().tobytes() for t in tensors)
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _mapped(x: Tensor, map_: Tensor) -> Tensor:
     return x * map_ if map_.dim() == 1 else x @ map_
 
 
-def fit_metric(errors: Tensor, hidden: Tensor, kind: str) -> Metric | None:
+def fit_metric(errors: Tensor, hidden: Tensor, kind: str, corpus: CorpusSlice = WHOLE) -> Metric | None:
     """The preconditioner `kind` estimated from the corpus's factors (N, C) and (N, d) (or stacks
-    (N, P, ·) of P gradient points, which share one estimate); None for `none`."""
+    (N, P, ·) of P gradient points, which share one estimate); None for `none`. With `corpus` a
+    slice, from the moments of every slice's factors."""
     if kind not in PRECONDITIONERS[1:]:
         raise W2DError(f"unknown preconditioner '{kind}': choose from {', '.join(PRECONDITIONERS[1:])}")
     if kind == "none":
         return None
     flat_e, flat_h = errors.reshape(-1, errors.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
     if kind == "kfac":
-        return Metric(inverse_sqrt(second_moment(flat_e)), inverse_sqrt(second_moment(flat_h)))
-    return Metric(*adam_scales(flat_e, flat_h))
+        moments = (second_moment(flat, corpus) for flat in (flat_e, flat_h))
+        return Metric(*(inverse_sqrt(m) for m in moments))
+    return Metric(*adam_scales(flat_e, flat_h, corpus))
 
 
-def precondition(errors: Tensor, hidden: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+def precondition(
+    errors: Tensor, hidden: Tensor, kind: str, corpus: CorpusSlice = WHOLE
+) -> tuple[Tensor, Tensor]:
     """The factors of D ∘ g for every document: (errors ∘ α, hidden ∘ β) for adam, whitened for
-    kfac, unchanged for `none`; the estimate is fitted on these factors themselves."""
-    metric = fit_metric(errors, hidden, kind)
+    kfac, unchanged for `none`; the estimate is fitted on these factors themselves (every
+    slice's, with `corpus` a slice)."""
+    metric = fit_metric(errors, hidden, kind, corpus)
     return (errors, hidden) if metric is None else metric.apply(errors, hidden)
 
 
-def second_moment(x: Tensor) -> Tensor:
-    """(k, k) E[x xᵀ] over the rows of x (n, k), in float64."""
+def second_moment(x: Tensor, corpus: CorpusSlice = WHOLE) -> Tensor:
+    """(k, k) E[x xᵀ] over the rows of x (n, k) (of every slice's x), in float64."""
     x = x.double()
-    return x.T @ x / max(len(x), 1)
+    return corpus_mean(x.T @ x, len(x), corpus)
 
 
 def inverse_sqrt(m: Tensor, damping: float = _EPS) -> Tensor:

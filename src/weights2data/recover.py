@@ -33,7 +33,7 @@ from weights2data.gradients import (
 )
 from weights2data.lm_features import head_delta, head_view
 from weights2data.models import LoadedModel, decoder_layers, first_changed_layer
-from weights2data.precondition import Metric, fit_metric, resolve
+from weights2data.precondition import WHOLE, CorpusSlice, Metric, fit_metric, resolve
 from weights2data.selection import (
     AUTO,
     BALANCED,
@@ -265,6 +265,7 @@ def corpus_gradients(
     cfg: SelectConfig,
     cache_root: Path | None,
     base_losses: bool = False,
+    corpus: CorpusSlice = WHOLE,
 ) -> CorpusGradients:
     """Hidden states of the corpus (cached), labels, losses and factored head gradients.
 
@@ -273,7 +274,8 @@ def corpus_gradients(
     blocks the finetune changed, cached). Gradients are taken at the points of each
     path segment that --grad-at names (P = 1, finetuned: the original's), each against its
     segment's weight change, and joined by --path-combine. The template and the label loss are
-    the flags', else the finetuned model's recorded ones (templates.resolve_template).
+    the flags', else the finetuned model's recorded ones (templates.resolve_template). With
+    `corpus` a slice (one torchrun rank's `texts`), the preconditioners are the whole corpus's.
     """
     started = time.time()
     mode = data.label_loss or label_loss_of(finetuned.meta.get("task"))
@@ -325,17 +327,19 @@ def corpus_gradients(
                 loss = label_loss(at, label_set, labelled.labels, mode)
                 loss_key = label_loss_key(label_set, labelled.labels, mode)
                 block, block_timings = block_part(
-                    start, end, at, encoded, loss, loss_key, cfg, cache_root, preconditioner != "none"
+                    start, end, at, encoded, loss, loss_key, cfg, cache_root, preconditioner != "none", corpus
                 )
                 blocks += [block] if block is not None else []
                 timings = merge_timings(timings, block_timings)
         memo = {key: value for key, value in memo.items() if value[0] in (finetuned, end)}
     metric = None
     if len(points) == 1:  # the synthesisers' objective, which they rescale the same way
-        metric = fit_metric(points[0].errors(labelled.labels), points[0].hidden, preconditioner)
+        metric = fit_metric(points[0].errors(labelled.labels), points[0].hidden, preconditioner, corpus)
     if points:
         total_delta = label_rows(base, label_set)[0] - tuned_rows[0]
-        heads = as_list(head_features(points, labelled.labels, cfg.path_combine, total_delta, preconditioner))
+        heads = as_list(
+            head_features(points, labelled.labels, cfg.path_combine, total_delta, preconditioner, corpus)
+        )
     if cfg.projection_dim:
         heads = [jl_project(part, cfg.projection_dim, cfg.projection, cfg.seed) for part in heads]
     parts, note = changed_parts(heads, blocks)
@@ -579,11 +583,13 @@ def block_part(
     cfg: SelectConfig,
     cache_root: Path | None,
     precondition: bool = False,
+    corpus: CorpusSlice = WHOLE,
 ) -> tuple[GradientFeatures | None, dict]:
     """The gradients of the top changed blocks at `at`, against the segment start − end (--grad-blocks);
     `loss_key` names what `batch_loss` computes, for their cache key. With `precondition` (any
     --precondition but none: kfac's full-matrix whitening has no per-layer counterpart here), each
-    layer's are rescaled by its own Adafactor estimate, as the head's are by adam."""
+    layer's are rescaled by its own Adafactor estimate, as the head's are by adam (from a pilot of
+    the whole `corpus`)."""
     blocks = block_features(
         start,
         end,
@@ -597,6 +603,7 @@ def block_part(
         loss_key=loss_key,
         at=at,
         precondition=precondition,
+        corpus=corpus,
     )
     if blocks is None:
         log.warning(
