@@ -80,6 +80,10 @@ def problems(n: int = 200) -> dict:
     return {"factored": factored, "low-rank": low_rank, "summed": SummedFeatures([factored, dense])}
 
 
+# rows left out (e.g. --keep-confident's) and a pool of the 2·k best-aligned of the rest (--pool 2)
+NARROWED = {"exclude": torch.arange(0, 200, 7), "pool": 2.0}
+
+
 def rows_of(features, rows: range):
     return features.with_rows(features.row_factors(torch.arange(rows.start, rows.stop)))
 
@@ -96,6 +100,10 @@ def engine_worker(rank: int, port: int, out: str) -> None:
             given = {"labels": labels, "losses": losses, "base_losses": base_losses}
             sel = sharded_select(shard, strategy, local, 24, batch_size=5, progress=False, **given)
             results[name, strategy] = (sel.indices, sel.scores, sel.objective)
+            sel = sharded_select(
+                shard, strategy, local, 24, batch_size=5, progress=False, **given, **NARROWED
+            )
+            results[name, strategy, "narrowed"] = (sel.indices, sel.scores, sel.objective)
         unit = sharded_select(
             shard, "greedy", local, 24, weights=unit_weights(local), batch_size=5, progress=False
         )
@@ -115,11 +123,23 @@ def test_sharded_strategies_pick_what_one_process_picks(tmp_path: Path) -> None:
                 strategy, features, 24, labels=labels, losses=losses, base_losses=base_losses, batch_size=5,
                 progress=False,
             )  # fmt: skip
+            narrowed = select(
+                strategy, features, 24, labels=labels, losses=losses, base_losses=base_losses, batch_size=5,
+                progress=False, **NARROWED,
+            )  # fmt: skip
+            assert set(narrowed.indices.tolist()).isdisjoint(NARROWED["exclude"].tolist())
             for result in ranks:
                 indices, scores, value = result[name, strategy]
                 assert indices.tolist() == one.indices.tolist(), (name, strategy)
                 assert torch.equal(scores, one.scores) or strategy == "random", (name, strategy)
                 assert value == pytest.approx(one.objective, abs=1e-5)
+                # one process greedy-picks among the remaining rows' own features, the ranks block
+                # the others in place: the same picks, the scores to float rounding
+                indices, scores, value = result[name, strategy, "narrowed"]
+                assert indices.tolist() == narrowed.indices.tolist(), (name, strategy, "narrowed")
+                if strategy != "random":
+                    torch.testing.assert_close(scores, narrowed.scores)
+                assert value == pytest.approx(narrowed.objective, abs=1e-5)
         one = select("greedy", features, 24, weights=unit_weights(features), progress=False)
         for result in ranks:
             indices, scores, value = result[name, "greedy unit"]
@@ -235,11 +255,10 @@ def test_only_select_runs_under_torchrun(monkeypatch: pytest.MonkeyPatch, capsys
     monkeypatch.setenv("RANK", "1")
     assert main(["evaluate", "--model", "tiny-test"]) == 2
     assert "only w2d select shards the corpus" in capsys.readouterr().err
-    argv = [*SELECT.split(), "--corpus", CORPUS, "--labels", "random"]
-    assert main(argv) == 2
-    assert "--labels random is not supported across ranks" in capsys.readouterr().err
-    assert main([*SELECT.split(), "--corpus", CORPUS, "--pool", "2"]) == 2
-    assert "--pool 2 is not supported across ranks" in capsys.readouterr().err
+    assert main([*SELECT.split(), "--corpus", CORPUS, "--path", "distill"]) == 2
+    assert "--path distill is not supported across ranks" in capsys.readouterr().err
+    assert main([*SELECT.split(), "--corpus", CORPUS, "--rounds", "2"]) == 2
+    assert "--rounds 2 is not supported across ranks" in capsys.readouterr().err
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     assert main([*SELECT.split(), "--corpus", CORPUS]) == 2
     assert "MASTER_ADDR / MASTER_PORT are unset: launch with torchrun" in capsys.readouterr().err
@@ -276,16 +295,18 @@ def test_aligned_shards_featurise_bit_for_bit_as_the_whole(kind: str, cache: Pat
         assert torch.equal(getattr(whole, name), torch.cat([getattr(s, name) for s in shards])), name
 
 
-# the head's preconditioners and the blocks' (with a 20-document pilot, split over the ranks)
-PRECONDITIONED = {
+# what each rank computes from the whole corpus: the head's preconditioners, the blocks' (with a
+# 20-document pilot, split over the ranks) and random labels
+CORPUS_WIDE = {
     "adam": {"precondition": "adam"},
     "kfac": {"precondition": "kfac"},
     "adam + blocks": {"precondition": "adam", "grad_blocks": 1},
+    "random labels": {"precondition": "adam", "labels": "random"},
 }
 
 
-def preconditioned_gradients(cache: Path, data_dir: Path, shard: Shard | None = None) -> dict:
-    """The features of wiki_passages_64 under each of PRECONDITIONED: this rank's rows, or all."""
+def corpus_wide_gradients(cache: Path, data_dir: Path, shard: Shard | None = None) -> dict:
+    """The labels and features of wiki_passages_64 under each of CORPUS_WIDE: this rank's rows, or all."""
     import weights2data.block_gradients as block_gradients
     from weights2data.config import DataConfig, SelectConfig
     from weights2data.data import load_dataset, make_label_set
@@ -299,7 +320,7 @@ def preconditioned_gradients(cache: Path, data_dir: Path, shard: Shard | None = 
     label_set = make_label_set(["A", "B", "C", "D"], base.tokenizer, "A,B,C,D")
     rows, corpus = (range(64), WHOLE) if shard is None else (shard.rows, shard.corpus_slice())
     out = {}
-    for name, options in PRECONDITIONED.items():
+    for name, options in CORPUS_WIDE.items():
         sel = SelectConfig(k=8, strategy="greedy", **options)
         grads = corpus_gradients(
             base,
@@ -311,29 +332,29 @@ def preconditioned_gradients(cache: Path, data_dir: Path, shard: Shard | None = 
             None,
             corpus=corpus,
         )
-        out[name] = grads.features.row_factors(torch.arange(len(rows)))
+        out[name] = [grads.labels, *grads.features.row_factors(torch.arange(len(rows)))]
     return out
 
 
-def preconditioned_worker(rank: int, port: int, out: str, cache: str, data_dir: str) -> None:
+def corpus_wide_worker(rank: int, port: int, out: str, cache: str, data_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     shard = Shard.of(64, Layout(rank, 2), torch.device("cpu"))
-    torch.save(preconditioned_gradients(Path(cache), Path(data_dir), shard), Path(out) / f"rank{rank}.pt")
+    torch.save(corpus_wide_gradients(Path(cache), Path(data_dir), shard), Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_sharded_preconditioners_are_fitted_on_the_whole_corpus(
+def test_ranks_fit_preconditioners_and_draw_labels_over_the_whole_corpus(
     tmp_path: Path, cache: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each rank sees half the corpus; its features are still those one process computes over all
-    of it (Adam's and K-FAC's moments all-reduced, the blocks' pilot drawn from every row), and so
-    are greedy's picks."""
+    """Each rank sees half the corpus; its labels and features are still those one process computes
+    over all of it (Adam's and K-FAC's moments all-reduced, the blocks' pilot and the random labels
+    drawn over every row)."""
     import weights2data.block_gradients as block_gradients
 
     monkeypatch.setattr(block_gradients, "PILOT_ROWS", 20)
-    mp.spawn(preconditioned_worker, args=(free_port(), str(tmp_path), str(cache), str(data_dir)), nprocs=2)
+    mp.spawn(corpus_wide_worker, args=(free_port(), str(tmp_path), str(cache), str(data_dir)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    whole = preconditioned_gradients(cache, data_dir)
-    for name in PRECONDITIONED:
+    whole = corpus_wide_gradients(cache, data_dir)
+    for name in CORPUS_WIDE:
         for w, a, b in zip(whole[name], ranks[0][name], ranks[1][name], strict=True):
             torch.testing.assert_close(torch.cat([a, b]), w, rtol=1e-5, atol=1e-6, msg=name)

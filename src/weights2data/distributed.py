@@ -37,12 +37,14 @@ from weights2data.errors import W2DError
 from weights2data.precondition import CorpusSlice
 from weights2data.selection import (
     GREEDY,
+    WITHOUT_GRADIENTS,
     GradientFeatures,
     Selection,
     check_selection,
     cosines,
     greedy_scores,
     objective,
+    pooled_out,
     ranked,
     weighted,
 )
@@ -190,13 +192,17 @@ def sharded_greedy(
     batch_size: int | None = None,
     quotas: tuple[Tensor, Tensor] | None = None,
     weights: Tensor | None = None,
+    blocked: Tensor | None = None,
     progress: bool = True,
 ) -> tuple[Tensor, Tensor, dict]:
     """selection.greedy over the rows of every rank, `features` and `weights` holding this rank's;
-    the same (indices, scores) on every rank. `quotas` = (labels (N,) of the whole corpus, quota (C,))."""
+    the same (indices, scores) on every rank. `quotas` = (labels (N,) of the whole corpus, quota (C,));
+    `blocked` (this rank's rows,): rows never to pick."""
     t, sq, w = weighted(features, weights)
     start = shard.rows.start
     chosen = torch.zeros(len(features), dtype=torch.bool, device=t.device)  # also: label quota filled
+    if blocked is not None:
+        chosen |= blocked.to(t.device)
     labels = torch.zeros(len(features), dtype=torch.long, device=t.device)
     if quotas is not None:
         labels, left = quotas[0][start : shard.rows.stop].to(t.device), quotas[1].clone().to(t.device)
@@ -260,25 +266,58 @@ def sharded_select(
     label_prior: Tensor | None = None,
     exclude: Tensor | None = None,
     weights: Tensor | None = None,
+    pool: float = 0.0,
     progress: bool = True,
 ) -> Selection:
     """selection.select with `features` and `weights` holding this rank's rows (`labels`, `losses`,
-    `base_losses`: the whole corpus's); every rank returns the selection one process would make."""
-    if exclude is not None and len(exclude):
-        raise W2DError("excluding rows is not supported across ranks: run in one process")
+    `base_losses`, `exclude`: the whole corpus's); every rank returns the selection one process
+    would make. As there, excluded rows (and those outside a pool) leave the candidates: the
+    quotas count the rest, greedy never proposes them, the ranked strategies rank the rest."""
     n = sum(shard.sizes)
-    quotas = check_selection(strategy, features, k, n, labels, batch_size, num_labels, label_prior)
+    pooled = pool > 0 and strategy not in WITHOUT_GRADIENTS
+    ranks_by_cos = strategy in ("topk", "bottomk", "topk_balanced")
+    cos = shard.gather(cosines(features)) if pooled or ranks_by_cos else None
+    if pooled:
+        exclude = pooled_out(cos, strategy, k, pool, labels, num_labels, label_prior, exclude)
+    keep = torch.ones(n, dtype=torch.bool)
+    if exclude is not None:
+        keep[exclude] = False
+    rows = keep.nonzero().squeeze(1)  # the candidates
+
+    def candidates(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[rows.to(x.device)]
+
+    quotas = check_selection(
+        strategy, features, k, len(rows), candidates(labels), batch_size, num_labels, label_prior
+    )
     engine: dict = {}
     if strategy in GREEDY:
         size = batch_size if strategy == "greedy_batched" else None
+        every = None if quotas is None else (labels.long(), quotas[1])  # greedy reads its own rows' labels
+        blocked = ~keep[shard.rows.start : shard.rows.stop]
         indices, scores, engine = sharded_greedy(
-            shard, features, k, batch_size=size, quotas=quotas, weights=weights, progress=progress
+            shard,
+            features,
+            k,
+            batch_size=size,
+            quotas=every,
+            weights=weights,
+            blocked=blocked,
+            progress=progress,
         )
     else:
-        cos = shard.gather(cosines(features)) if strategy in ("topk", "bottomk", "topk_balanced") else None
+        sub_cos, sub_losses, sub_base = candidates(cos), candidates(losses), candidates(base_losses)
         indices, scores = ranked(
-            strategy, k, n, cos=cos, losses=losses, base_losses=base_losses, quotas=quotas, seed=seed
+            strategy,
+            k,
+            len(rows),
+            cos=sub_cos,
+            losses=sub_losses,
+            base_losses=sub_base,
+            quotas=quotas,
+            seed=seed,
         )
+        indices = rows[indices.cpu()]
     indices = indices.cpu()
     picked = None if features is None else gather_picks(shard, features, indices)
     value = math.nan if picked is None else objective(picked, torch.arange(k))
@@ -291,10 +330,8 @@ def check_shardable(cfg: SelectConfig, generated: int = 0, device_map: str | Non
         "--device-map auto (one process spreads one model over every GPU; a rank uses its own)": bool(
             device_map
         ),
-        "--labels random": cfg.labels == "random",  # one seeded draw over all N rows
         "--path distill": cfg.path == "distill",  # a walk trained on the whole corpus
         f"--rounds {cfg.rounds}": cfg.rounds > 1,
-        f"--pool {cfg.pool:g}": cfg.pool > 0,  # a corpus-wide ranking by cosine
         "--generate": generated > 0,
     }
     for option, used in whole.items():

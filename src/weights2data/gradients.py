@@ -52,14 +52,17 @@ class LabelledCorpus:
     probs: torch.Tensor  # (N, C) finetuned model's label distribution
 
 
-def assign_labels(probs: torch.Tensor, rule: str, seed: int) -> LabelledCorpus:
-    """`auto`: the finetuned model's prediction; `random`: uniform labels (a baseline)."""
+def assign_labels(probs: torch.Tensor, rule: str, seed: int, corpus: CorpusSlice = WHOLE) -> LabelledCorpus:
+    """`auto`: the finetuned model's prediction; `random`: uniform labels (a baseline), one seeded
+    draw over the whole corpus of which `probs` (N, C) are a slice's rows."""
     if rule == "auto":
         labels = probs.argmax(-1)
     elif rule == "random":
-        labels = torch.randint(
-            probs.shape[1], (probs.shape[0],), generator=torch.Generator().manual_seed(seed)
+        n = len(probs)
+        drawn = torch.randint(
+            probs.shape[1], (corpus.corpus_rows(n),), generator=torch.Generator().manual_seed(seed)
         )
+        labels = drawn[corpus.offset : corpus.offset + n]
     else:
         raise W2DError(f"unknown label strategy '{rule}': use auto or random")
     return LabelledCorpus(labels, label_losses(probs, labels), probs)

@@ -42,9 +42,6 @@ from weights2data.selection import (
     GradientFeatures,
     Selection,
     SummedFeatures,
-    cosines,
-    label_quotas,
-    ranks_within_labels,
     select,
     unit_weights,
 )
@@ -289,7 +286,7 @@ def corpus_gradients(
     tuned_rows = label_rows(finetuned, label_set)
     memo = {id(finetuned): (finetuned, hidden)}
     probs = label_probs(memo[id(finetuned)][1], *tuned_rows)
-    labelled = assign_labels(probs, cfg.labels, cfg.seed)  # the argmax is the same under either loss
+    labelled = assign_labels(probs, cfg.labels, cfg.seed, corpus)  # the argmax is the same under either loss
     token_ids = torch.tensor(label_set.token_ids)
     if mode == "full":
         labelled.losses = autolabel_losses(finetuned, hidden, label_set, labelled.labels, mode)
@@ -695,9 +692,6 @@ def recover(
             cfg.pool,
             strategy,
         )
-    elif cfg.pool:
-        outside = outside_pool(grads, cfg, strategy, prior, label_set, exclude)
-        exclude = outside if exclude is None else torch.cat([exclude, outside]).unique()
     losses, base_losses = drop_losses(grads, cfg, strategy)
     started = time.time()
     selection = selector(
@@ -713,6 +707,7 @@ def recover(
         label_prior=prior,
         exclude=exclude,
         weights=unit_weights(grads.features) if cfg.normalize == "unit" else None,
+        pool=cfg.pool,
         progress=progress,
     )
     rows = selection.indices
@@ -759,33 +754,6 @@ def unsure_rows(grads: CorpusGradients, share: float) -> torch.Tensor:
         order = confidence[rows].argsort(descending=True)
         dropped.append(rows[order[math.ceil(share * len(rows)) :]])
     return torch.cat(dropped).sort().values
-
-
-def outside_pool(
-    grads: CorpusGradients,
-    cfg: SelectConfig,
-    strategy: str,
-    prior: torch.Tensor | None,
-    label_set: LabelSet | None,
-    exclude: torch.Tensor | None,
-) -> torch.Tensor:
-    """(M,) the rows outside --pool: all but the ⌈F·k⌉ documents of highest cos(g_i, Δ) among those
-    not excluded (for a balanced strategy ⌈F·quota_c⌉ of each label c)."""
-    cos = cosines(grads.features).cpu().clone()  # (N,)
-    if exclude is not None and len(exclude):
-        cos[exclude] = -math.inf
-    order = cos.argsort(descending=True, stable=True)
-    if strategy in BALANCED:
-        num_labels = None if label_set is None else len(label_set.names)
-        quota = label_quotas(grads.labels, cfg.k, num_labels, prior)
-        ranked = grads.labels[order].long()
-        keep = order[ranks_within_labels(ranked) < torch.ceil(cfg.pool * quota.double()).long()[ranked]]
-    else:
-        keep = order[: math.ceil(cfg.pool * cfg.k)]
-    inside = torch.zeros(len(cos), dtype=torch.bool)
-    inside[keep] = True
-    inside &= cos > -math.inf
-    return (~inside).nonzero().squeeze(1)
 
 
 def zero_delta_message(grads: CorpusGradients, cfg: SelectConfig) -> str:

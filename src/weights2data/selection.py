@@ -428,6 +428,7 @@ def select(
     label_prior: Tensor | None = None,
     exclude: Tensor | None = None,
     weights: Tensor | None = None,
+    pool: float = 0.0,
     progress: bool = True,
 ) -> Selection:
     """Pick k documents with `strategy` (one of STRATEGIES), none of the rows in `exclude`.
@@ -438,12 +439,15 @@ def select(
     need `losses` (N,), the loss-drop strategies `losses` and `base_losses` (N,), each document's
     autolabel loss under the finetuned and the base model. `weights` (N,): the greedy strategies
     sum w_i g_i (the objective reported stays the raw one, cos(Σ_chosen g, Δ)); the others rank
-    by their own score, which weights leave alone.
+    by their own score, which weights leave alone. `pool` F > 0: only among the F·k documents of
+    highest cos(g_i, Δ) (`pooled_out`); the strategies without gradients ignore it.
     """
     engine: dict = {}
     if strategy not in STRATEGIES:
         raise W2DError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     n = _count(strategy, features, labels, losses, base_losses)
+    if pool and strategy not in WITHOUT_GRADIENTS:
+        exclude = pooled_out(cosines(features), strategy, k, pool, labels, num_labels, label_prior, exclude)
     if exclude is not None and len(exclude):
         keep = torch.ones(n, dtype=torch.bool)
         keep[exclude] = False
@@ -477,6 +481,36 @@ def select(
     indices = indices.cpu()
     value = math.nan if features is None else objective(features, indices)
     return Selection(indices=indices, scores=scores.cpu(), objective=value, engine=engine)
+
+
+def pooled_out(
+    cos: Tensor,
+    strategy: str,
+    k: int,
+    pool: float,
+    labels: Tensor | None,
+    num_labels: int | None,
+    label_prior: Tensor | None,
+    exclude: Tensor | None,
+) -> Tensor:
+    """(M,) `exclude` and the rows outside a pool of F = `pool`: all but the ⌈F·k⌉ documents of
+    highest cosine `cos` (N,) among those not excluded, for a balanced strategy ⌈F·quota_c⌉ of
+    each label c. Greedy maximises the cosine of the sum, which it can raise with documents that
+    each point elsewhere and cancel; the pool keeps every pick individually aligned."""
+    cos = cos.cpu().clone()
+    if exclude is not None and len(exclude):
+        cos[exclude] = -math.inf
+    order = cos.argsort(descending=True, stable=True)
+    if strategy in BALANCED:
+        quota = label_quotas(labels, k, num_labels, label_prior)
+        ranked = labels[order].long()
+        keep = order[ranks_within_labels(ranked) < torch.ceil(pool * quota.double()).long()[ranked]]
+    else:
+        keep = order[: math.ceil(pool * k)]
+    inside = torch.zeros(len(cos), dtype=torch.bool)
+    inside[keep] = True
+    inside &= cos > -math.inf
+    return (~inside).nonzero().squeeze(1)
 
 
 def check_selection(
