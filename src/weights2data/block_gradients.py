@@ -228,8 +228,8 @@ def block_features(
     with activation_taps(at.model, start, set(layers)) as taps, torch.enable_grad():
         grads = BlockPass(at, encoded, batch_loss, start, layers, taps, cache_root, batch_size)
         fit = partial(grads.scales, pilot_share(n_docs, seed, corpus), corpus)
-        sliced = precondition and corpus.total is not None  # the scales depend on every rank's rows:
-        scales = fit() if sliced else None  # fitted afresh each run and keyed by their values
+        # a torchrun rank's scales depend on every rank's rows: fitted afresh each run, keyed by value
+        scales = fit() if precondition and corpus.total is not None else None
         cache = None
         if cache_root is not None and loss_key is not None:
             key = cache_key(
