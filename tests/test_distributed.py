@@ -155,8 +155,12 @@ def test_sharded_strategies_pick_what_one_process_picks(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- w2d select under torchrun
 
-# the defaults: --strategy auto and its preconditioner, fitted on the whole corpus across ranks
-SELECT = "select --base tiny-test --finetuned tiny-test:1 --label-set A,B,C,D --seq-len 16 --device cpu -k 12"
+# the defaults (--strategy auto and its preconditioner, fitted on the whole corpus across ranks) and
+# rows left out on their ranks (--keep-confident)
+SELECT = (
+    "select --base tiny-test --finetuned tiny-test:1 --label-set A,B,C,D --seq-len 16 --device cpu -k 12 "
+    "--keep-confident 0.5"
+)
 CORPUS = "wiki_passages_2500"  # 1248 + 1252 rows: two cache chunks on each rank
 
 # A rank started by hand as torchrun would start it; rank 1 pauses (a marker file tells the test)
