@@ -387,7 +387,8 @@ class SelectConfig:
         "also take the gradients of the top N decoder blocks' linear layers (those the finetune "
         "changed; exact target terms, Kronecker-sketched cross terms): 0 = the head only (the "
         "original), -1 = every changed block; costs a backward pass through them per document. With "
-        "the default preconditioner -1 lifted greedy on an AG News full finetune (closure 0.40 -> 0.56)",
+        "the default preconditioner -1 lifted greedy on an AG News full finetune (closure 0.40 -> 0.56, "
+        "level with top-k balanced on the K-FAC-whitened head alone, 0.59, for 6x the features' time)",
     )
     block_sketch_dim: int = opt(256, "sketch dimension per linear layer for --grad-blocks")
     loss_drop_per: str = opt(
