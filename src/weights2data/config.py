@@ -290,7 +290,7 @@ class SelectConfig:
         "and for 2 labels of a full finetune (every block changed), ahead of greedy over the regimes "
         "measured there (see README); with --grad-blocks, 3-10 labels and k <= 100, topk_balanced on "
         "Adam-preconditioned head and block gradients (led greedy on AG News top:4 at k = 100, not "
-        "at 300 or 1000; with 3 labels at k = 300 the head alone did better); for language "
+        "at 300 or 1000; with 3 or 5 labels at k = 300 the head alone did as well or better); for language "
         "modelling the loss drop (greedy with --grad-blocks, --pseudo-experts, --grad-at, --rounds or "
         "--pool); greedy otherwise (11+ labels, 2 labels with --grad-blocks, --label-loss full, "
         "--precondition none, or adam without --grad-blocks)",
