@@ -404,7 +404,9 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, sc
     ten labels and k ≤ BLOCK_TOPK_MAX_K, top-k balanced on Adam-preconditioned head and block
     gradients, which led greedy in every seed of AG News top:4 at k = 100 (at k = 300 greedy led in
     every seed, at 1000 in both seeds measured; two sentiment labels: below random), so greedy
-    otherwise (AG News full, k = 300: 0.56 closure, level with the head-only top-k line's 0.59)."""
+    otherwise (AG News full, k = 300: 0.56 closure, level with the head-only top-k line's 0.59;
+    three or five labels in top:4 at k = 300: level with greedy on the head, behind the head-only
+    top-k line with three)."""
     if num_labels is None:
         shaped = cfg.grad_blocks or cfg.pseudo_experts > 1 or cfg.grad_at != "finetuned" or cfg.rounds > 1
         return replace(cfg, strategy="greedy" if shaped or cfg.pool > 0 else "loss_drop")
