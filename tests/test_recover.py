@@ -175,36 +175,34 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     full = corpus_gradients(base, whole, TEXTS, label_set, data, auto, tmp_path)
     assert (full.timings["finetune_scope"], full.timings["precondition"]) == ("full", "kfac")
-    assert recover(full, TEXTS, label_set, auto, progress=False).summary["strategy"] == "topk_balanced"
+    two_full = recover(full, TEXTS, label_set, auto, progress=False)
+    assert two_full.summary["strategy"] == "greedy_balanced"  # two labels: as in top:N
     topk = replace(asked, strategy="topk_balanced")
     for labels in (3, 4, 6, 10):  # top-k fills the quotas from three labels to ten
-        assert resolve_strategy(auto, labels, "restricted", "top:2") == topk
-    assert resolve_strategy(auto, 2, "restricted", "full") == topk  # two labels of a full finetune
+        assert resolve_strategy(auto, labels, "restricted") == topk
     greedy = replace(auto, strategy="greedy")
-    assert resolve_strategy(auto, 11, "restricted", "top:2") == greedy  # unmeasured from 11 to 19 labels
-    assert resolve_strategy(auto, 20, "restricted", "full") == greedy  # the quota lost with 20 labels
+    assert resolve_strategy(auto, 11, "restricted") == greedy  # unmeasured from 11 to 19 labels
+    assert resolve_strategy(auto, 20, "restricted") == greedy  # the quota lost with 20 labels
     # language modelling (no labels): the loss drop, greedy where gradients shape the selection
-    assert resolve_strategy(auto, None, "restricted", "full") == replace(auto, strategy="loss_drop")
+    assert resolve_strategy(auto, None, "restricted") == replace(auto, strategy="loss_drop")
     shaped = [{"grad_blocks": 2}, {"pseudo_experts": 2}, {"grad_at": "base"}, {"rounds": 2}, {"pool": 2.0}]
     for options in shaped:
-        assert resolve_strategy(replace(auto, **options), None, "restricted", "full").strategy == "greedy"
-    assert resolve_strategy(auto, 2, "full", "top:2") == greedy
+        assert resolve_strategy(replace(auto, **options), None, "restricted").strategy == "greedy"
+    assert resolve_strategy(auto, 2, "full") == greedy
     blocks = replace(auto, grad_blocks=2)
-    assert resolve_strategy(blocks, 2, "restricted", "top:2") == replace(greedy, grad_blocks=2)
+    assert resolve_strategy(blocks, 2, "restricted") == replace(greedy, grad_blocks=2)
     # with block gradients, three to ten labels: top-k balanced on Adam-preconditioned gradients
     blocks_topk = replace(blocks, strategy="topk_balanced", precondition="adam")
     for labels in (3, 4, 10):
-        assert resolve_strategy(blocks, labels, "restricted", "top:2") == blocks_topk
-    assert resolve_strategy(replace(blocks, precondition="adam"), 4, "restricted", "full") == blocks_topk
-    assert resolve_strategy(blocks, 11, "restricted", "top:2").strategy == "greedy"
-    assert resolve_strategy(replace(blocks, k=1000), 4, "restricted", "top:2").strategy == "greedy"
-    assert resolve_strategy(blocks, 4, "full", "top:2").strategy == "greedy"
-    assert (
-        resolve_strategy(replace(blocks, precondition="none"), 4, "restricted", "top:2").strategy == "greedy"
-    )
+        assert resolve_strategy(blocks, labels, "restricted") == blocks_topk
+    assert resolve_strategy(replace(blocks, precondition="adam"), 4, "restricted") == blocks_topk
+    assert resolve_strategy(blocks, 11, "restricted").strategy == "greedy"
+    assert resolve_strategy(replace(blocks, k=1000), 4, "restricted").strategy == "greedy"
+    assert resolve_strategy(blocks, 4, "full").strategy == "greedy"
+    assert resolve_strategy(replace(blocks, precondition="none"), 4, "restricted").strategy == "greedy"
     adam = replace(auto, precondition="adam")
-    assert resolve_strategy(adam, 2, "restricted", "full") == replace(adam, strategy="greedy")
-    assert resolve_strategy(replace(auto, strategy="topk"), 2, "restricted", "full").strategy == "topk"
+    assert resolve_strategy(adam, 2, "restricted") == replace(adam, strategy="greedy")
+    assert resolve_strategy(replace(auto, strategy="topk"), 2, "restricted").strategy == "topk"
 
 
 def test_keep_confident_picks_only_each_labels_surest_documents(pair, tmp_path) -> None:

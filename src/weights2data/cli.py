@@ -358,7 +358,6 @@ def select_and_write(
     )
     from weights2data.templates import resolve_template
     from weights2data.train import label_loss_of
-    from weights2data.trajectory import changed_scope
 
     corpus = ws.corpus(args.corpus, data, sel.k, sel.seed)
     base = ws.model(args.base)
@@ -373,7 +372,7 @@ def select_and_write(
         label_set = select_label_set(ws, sel, data, base, finetuned, corpus.texts, template)
     label_loss = data.label_loss or label_loss_of(saved_task)
     num_labels = None if label_set is None else len(label_set.names)
-    sel = resolve_strategy(sel, num_labels, label_loss, changed_scope(base, finetuned))
+    sel = resolve_strategy(sel, num_labels, label_loss)
     labeller = None if label_set is None else generation_labeller(base, finetuned, label_set, data)
     corpus, sources = with_generated(corpus, base, finetuned, gen, data.seq_len, ws.cache, labeller)
 

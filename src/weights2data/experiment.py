@@ -47,7 +47,7 @@ from weights2data.selection import LOSS_DROP
 from weights2data.store import stable_hash, write_json
 from weights2data.synthesis import check_synthesis, synthesise
 from weights2data.train import Task, train_eval
-from weights2data.trajectory import changed_scope, expert_settings
+from weights2data.trajectory import expert_settings
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,7 @@ def run_experiment(
     )
     corpus, sources = with_generated(corpus, base, expert, gen, task.seq_len, ws.cache, labeller)
     num_labels = None if task.label_set is None else len(task.label_set.names)
-    scope = changed_scope(base, expert)
-    configs = {
-        name: resolve_strategy(cfg, num_labels, task.label_loss, scope) for name, cfg in configs.items()
-    }
+    configs = {name: resolve_strategy(cfg, num_labels, task.label_loss) for name, cfg in configs.items()}
     configs.setdefault(RANDOM, replace(sel, strategy=RANDOM))  # the run's own settings
     keys = {name: settings_key(cfg) for name, cfg in configs.items()}
     by_settings = {}  # one featurisation per distinct set of select settings, the baseline's first

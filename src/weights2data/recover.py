@@ -277,7 +277,7 @@ def corpus_gradients(
     started = time.time()
     mode = data.label_loss or label_loss_of(finetuned.meta.get("task"))
     scope, asked = changed_scope(base, finetuned), cfg.strategy
-    cfg = resolve_strategy(cfg, len(label_set.names), mode, scope)
+    cfg = resolve_strategy(cfg, len(label_set.names), mode)
     if mode == "full":
         check_full_loss(cfg)
     if cfg.loss_drop_per == "document":
@@ -374,11 +374,11 @@ TOPK_LABELS = range(3, QUOTA_LABELS.stop)  # of those, where top-k fills the quo
 BLOCK_TOPK_MAX_K = 100
 
 
-def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, scope: str) -> SelectConfig:
+def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
     """`cfg` with `--strategy auto` made one strategy (auto_strategy), saying which in the log."""
     if cfg.strategy != AUTO:
         return cfg
-    chosen = auto_strategy(cfg, num_labels, label_loss, scope)
+    chosen = auto_strategy(cfg, num_labels, label_loss)
     if num_labels is None:  # language modelling: no preconditioner applies
         log.info("--strategy auto: %s", chosen.strategy)
     else:
@@ -386,29 +386,28 @@ def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str,
     return chosen
 
 
-def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, scope: str) -> SelectConfig:
+def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
     """What `--strategy auto` runs: a quota per label where that measured ahead of greedy (2-10
     labels, the label-token loss, no block gradients, --precondition auto or kfac; benchmarks/
     RESULTS.md, "Choosing the strategy"), on K-FAC-whitened head gradients, the quotas filled by
     greedy for two labels and by top-k for three to ten (top-k led at three to six labels at
     k = 300; at k = 1000 it tied on AG News and led with six and ten labels; with ten its mean led
     greedy's, narrowly, in each of the four settings measured; seven to nine lie between measured
-    counts; on two sentiment labels it lost) and for two labels of a full finetune (`scope`, as
-    trajectory.changed_scope names it: every block moved), where top-k was at least balanced
-    greedy's level in every seed of a topic pair and a sentiment pair (k = 100; on IMDB's full
-    finetune balanced greedy led its mean at k = 100 and k = 1000, so the rule rests on the topic pair,
-    unmeasured at k = 1000); greedy elsewhere
-    (from 11 to 19 labels unmeasured, with 20 the quota lost). Language modelling (no labels) gets
-    the loss drop, which alone beat random there (three seeds of an IMDB top:4 LM expert, one of
-    AG News texts; in the head regime nothing did reliably, and it never fell below greedy; see
-    README), unless an option asks for gradients to shape the selection (--grad-blocks,
-    --pseudo-experts, --grad-at, --rounds, --pool): greedy then. With --grad-blocks, three to
-    ten labels and k ≤ BLOCK_TOPK_MAX_K, top-k balanced on Adam-preconditioned head and block
-    gradients, which led greedy in every seed of AG News top:4 at k = 100 (at k = 300 greedy led in
-    every seed, at 1000 in both seeds measured; two sentiment labels: below random), so greedy
-    otherwise (AG News full, k = 300: 0.56 closure, level with the head-only top-k line's 0.59;
-    three or five labels in top:4 at k = 300: level with greedy on the head, behind the head-only
-    top-k line with three)."""
+    counts; on two sentiment labels it lost). Two labels of a full finetune too: there top-k led
+    a topic pair (AG News' Business and Sci/Tech) at k = 100 and k = 1000 and balanced greedy led
+    IMDB at both; over the two pairs at k = 1000 they tied in accuracy and balanced greedy closed
+    more of the gap with half the spread, never near random where top-k was in one seed. Greedy
+    elsewhere (from 11 to 19 labels unmeasured, with 20 the quota lost). Language modelling (no
+    labels) gets the loss drop, which alone beat random there (three seeds of an IMDB top:4 LM
+    expert, one of AG News texts; in the head regime nothing did reliably, and it never fell
+    below greedy; see README), unless an option asks for gradients to shape the selection
+    (--grad-blocks, --pseudo-experts, --grad-at, --rounds, --pool): greedy then. With
+    --grad-blocks, three to ten labels and k ≤ BLOCK_TOPK_MAX_K, top-k balanced on
+    Adam-preconditioned head and block gradients, which led greedy in every seed of AG News top:4
+    at k = 100 (at k = 300 greedy led in every seed, at 1000 in both seeds measured; two sentiment
+    labels: below random), so greedy otherwise (AG News full, k = 300: 0.56 closure, level with
+    the head-only top-k line's 0.59; three or five labels in top:4 at k = 300: level with greedy
+    on the head, behind the head-only top-k line with three)."""
     if num_labels is None:
         shaped = cfg.grad_blocks or cfg.pseudo_experts > 1 or cfg.grad_at != "finetuned" or cfg.rounds > 1
         return replace(cfg, strategy="greedy" if shaped or cfg.pool > 0 else "loss_drop")
@@ -428,8 +427,7 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str, sc
     )
     if not quota:
         return replace(cfg, strategy="greedy")
-    topk = num_labels in TOPK_LABELS or scope == "full"
-    strategy = "topk_balanced" if topk else "greedy_balanced"
+    strategy = "topk_balanced" if num_labels in TOPK_LABELS else "greedy_balanced"
     return replace(cfg, strategy=strategy, precondition="kfac")
 
 
