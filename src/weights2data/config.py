@@ -288,7 +288,7 @@ class SelectConfig:
         "gradients (--precondition kfac) for 2-10 labels with the label-token loss and head gradients, "
         "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-10, "
         "ahead of greedy over the regimes measured there (see README; in a full finetune with two "
-        "topic labels topk_balanced led, with two sentiment labels greedy_balanced, so run both for "
+        "topic labels topk_balanced led, with IMDB's sentiment labels greedy_balanced, so run both for "
         "two labels); with --grad-blocks, 3-10 labels and k <= 100, topk_balanced on "
         "Adam-preconditioned head and block gradients (led greedy on AG News top:4 at k = 100, not "
         "at 300 or 1000; with 3 or 5 labels at k = 300 the head alone did as well or better); for language "
