@@ -61,6 +61,7 @@ from urllib.parse import unquote
 
 import defences
 import foreign_finetune
+import grad_at
 import leakage
 import lm_recovery
 import quality
@@ -83,6 +84,7 @@ SUMMARISERS = {  # by the file name's first word: the stored summary from the wh
     "foreign": foreign_finetune.summarise,
     "synthesis": lambda data: synthesis.summarise(data["rows"]),
     "choice": lambda data: strategy_choice.summarise(data["rows"]),
+    "gradat": lambda data: grad_at.summarise(data["rows"]),
     "lm": lambda data: lm_recovery.summarise(data["rows"]),
 }
 FLAGS = {"partial", "pending"}
