@@ -7,9 +7,11 @@ or letters, gradient blocks, strategy and the other select options) it pairs eac
 the base weights (`grad_at=base`) or at both ends (`grad_at=both`, summed; `both_concat`, the
 cosines of the concatenated gradients) with the same seed's row at the finetuned weights, the
 default, and reports each point's honest accuracy, its gain over the finetuned weights seed by
-seed, and one figure an auditor has without a test split: how skewed greedy's picks at the
-finetuned weights are (the total-variation distance of their labels from uniform, 0 for a
-balanced set), the reading RESULTS.md gives for the foreign experts.
+seed, and two figures an auditor has without a test split, both at the finetuned weights: the
+objective's cosine there (`fit`: how much of the weight change the picks' gradients explain)
+and how skewed greedy's picks there are (the total-variation distance of their labels from
+uniform, 0 for a balanced set; label skew is the reading RESULTS.md gives for the foreign
+experts).
 
     python benchmarks/grad_at.py benchmarks/results/quality_A.json+benchmarks/results/quality_B.json \
         benchmarks/results/foreign_finetune_cpu.json ... --out benchmarks/results/gradat_cpu.json
