@@ -396,7 +396,10 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
     counts; on two sentiment labels it lost). Two labels of a full finetune too: there top-k led
     a topic pair (AG News' Business and Sci/Tech) at k = 100 and k = 1000 and balanced greedy led
     IMDB at both; over the two pairs at k = 1000 they tied in accuracy and balanced greedy closed
-    more of the gap with half the spread, never near random where top-k was in one seed. Greedy
+    more of the gap with half the spread, never near random where top-k was in one seed. On a
+    third pair, Rotten Tomatoes, both stayed near random at k = 100 and 1000 and only top-k on
+    Adam-preconditioned gradients recovered it (a line at random on the other two pairs), so no
+    one line wins two labels of a full finetune. Greedy
     elsewhere (from 11 to 19 labels unmeasured, with 20 the quota lost). Language modelling (no
     labels) gets the loss drop, which alone beat random there (three seeds of an IMDB top:4 LM
     expert, one of AG News texts; in the head regime nothing did reliably, and it never fell
