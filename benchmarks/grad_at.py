@@ -71,10 +71,10 @@ def comparison_row(setting: dict, row: dict, gap_closed: float | None) -> dict:
 
 def quality_rows(paths: list[str]) -> list[dict]:
     """A group of quality.py files as comparison rows (expert and random rows left out)."""
+    merged_rows(paths)  # refuses files that are not quality.py's, or measured with other settings
     args = json.loads(Path(paths[0]).read_text())["args"]
     words = (args.get("verbalizer") or "letters") != "letters"
     labels = ("words" if words else "letters") + (", template" if args.get("template") else "")
-    merged_rows(paths)  # refuses files measured with other settings
     rows = [row for path in paths for row in json.loads(Path(path).read_text())["rows"]]
     experts: dict[tuple, float] = {}
     for row in rows:
@@ -225,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         is_foreign = Path(paths[0]).name.startswith("foreign")
         if is_foreign and len(paths) > 1:
             p.error(f"{group}: a foreign_finetune.py file is a group of its own")
-        found = foreign_rows(paths[0]) if is_foreign else quality_rows(paths)
+        try:
+            found = foreign_rows(paths[0]) if is_foreign else quality_rows(paths)
+        except (ValueError, KeyError, TypeError) as exc:
+            p.error(f"{group}: not a results file of quality.py or foreign_finetune.py ({exc!r})")
         compared = compare(found, name or Path(paths[0]).stem)
         if not compared:
             p.error(f"{group}: no setting measured at the finetuned weights and elsewhere")

@@ -80,6 +80,10 @@ def test_files_joined_by_plus_must_agree_and_a_foreign_file_stands_alone(tmp_pat
         grad_at.compare(grad_at.quality_rows([first, second]), "a")
     with pytest.raises(SystemExit):
         grad_at.main([f"{first}+{tmp_path / 'missing.json'}"])
+    broken = tmp_path / "foreign_broken.json"
+    broken.write_text("{}")
+    with pytest.raises(SystemExit):
+        grad_at.main([str(broken)])
     foreign = tmp_path / "foreign_finetune.json"
     foreign.write_text(
         json.dumps({"args": {"dataset": "rotten_tomatoes", "top_blocks": 4}, "truth": [], "rows": []})
