@@ -30,8 +30,11 @@ import math
 import re
 import statistics
 from pathlib import Path
+from typing import Any
 
 from quality import merged_rows, seed_statistics
+from weights2data.config import select_overrides
+from weights2data.errors import W2DError
 from weights2data.experiment import closure
 from weights2data.store import write_json
 
@@ -40,14 +43,15 @@ SETTING = ("dataset", "expert", "scope", "k", "labels", "seq_len", "grad_blocks"
 FIGURES = ("val_selected_test", "closure_val_selected_test", "gain", "fit", "picks_skew")
 
 
-def options(select: str) -> dict[str, str]:
-    """A row's select options as a dict: quality.py's "a=1 b=2", foreign_finetune.py's "--a-b 1"."""
+def options(select: str) -> dict[str, Any]:
+    """A row's select options as a dict: quality.py's "a=1 b=2" (select_overrides, which refuses
+    what is not a select setting), foreign_finetune.py's w2d flags "--a-b 1"."""
     if select.startswith("--"):
         return {k.replace("-", "_"): v for k, v in re.findall(r"--([\w-]+) (\S+)", select)}
-    return dict(token.split("=", 1) for token in select.split())
+    return select_overrides(select)
 
 
-def point(chosen: dict[str, str]) -> str | None:
+def point(chosen: dict[str, Any]) -> str | None:
     """Where a row's gradients were taken, or None for rows this comparison leaves out (a path of
     pseudo-experts, rounds)."""
     if {"pseudo_experts", "rounds"} & chosen.keys():
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{group}: a foreign_finetune.py file is a group of its own")
         try:
             found = foreign_rows(paths[0]) if is_foreign else quality_rows(paths)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, W2DError) as exc:
             p.error(f"{group}: not a results file of quality.py or foreign_finetune.py ({exc!r})")
         compared = compare(found, name or Path(paths[0]).stem)
         if not compared:
