@@ -228,6 +228,34 @@ def test_train_eval_reports_the_weight_change_cosine_to_a_finetune(
     assert code != 0 and "no-such-model-w2d" in err and "Traceback" not in err
 
 
+def test_train_eval_reports_agreement_with_the_finetune_on_held_out_corpus_passages(
+    cli_env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--agreement-corpus: the student's agreement with the finetuned model's labels, read
+    without the test split, on passages --train does not hold; below chance it is flagged."""
+    from weights2data.cli import agreement_lines
+
+    runs = cli_env / "results"
+    common = ["--results-dir", str(runs), "--model", "tiny-test"]
+    code, _, err = run([*FT, "--epochs", "1", "--results-dir", str(runs), "--exp-name", "ft"], capsys)
+    assert code == 0, err
+    train_eval = ["train-eval", "--train", "ag_news_64", "--dataset", "ag_news", "--max-eval-rows", "64"]
+    same = [*train_eval, "--eval-epochs", "1", "--epochs", "1", "--agreement-rows", "40", *common]
+    finetuned = ["--finetuned", str(runs / "ft" / "model")]
+    agree = ["--agreement-corpus", "wiki_passages_120"]
+    code, out, err = run([*same, *finetuned, *agree, "--exp-name", "te"], capsys)
+    assert code == 0, err
+    metrics = json.loads((runs / "te" / "metrics.json").read_text())
+    assert 0 <= metrics["agreement"] <= 1 and 0 <= metrics["balanced_agreement"] <= 1
+    assert "on 40 held-out wiki_passages_120 passages" in out and "chance 0.2500" in out
+    assert ("below chance" in out) == (metrics["agreement"] < 0.25)
+    code, _, err = run([*same, *agree, "--exp-name", "bad"], capsys)
+    assert code != 0 and "give --finetuned" in err and "Traceback" not in err
+    result = {"agreement": 0.4, "balanced_agreement": 0.41}
+    assert "below chance" in agreement_lines(result, "F", "40 passages", labels=2)
+    assert "below chance" not in agreement_lines(result, "F", "40 passages", labels=4)
+
+
 def test_demo_copies_its_results(
     cli_env: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -256,13 +256,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_eval(args: argparse.Namespace) -> int:
+    from weights2data.experiment import finetuned_reference
     from weights2data.pipeline import Workspace
-    from weights2data.train import labelled_split, resolve_task, train_eval
+    from weights2data.train import agreement_split, labelled_split, resolve_task, train_eval
 
     toml = read_toml(args)
     data, ft, ev, rt = (
         build_config(c, args, toml) for c in (DataConfig, FinetuneConfig, EvalConfig, RuntimeConfig)
     )
+    if args.agreement_corpus is not None and args.finetuned is None:
+        raise W2DError("--agreement-corpus compares the student with the finetuned model: give --finetuned")
     run = open_run(
         args,
         rt,
@@ -271,6 +274,7 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
             "model": args.model,
             "train": args.train,
             "finetuned": args.finetuned,
+            "agreement_corpus": args.agreement_corpus,
             "data": to_dict(data),
             "finetune": to_dict(ft),
             "eval": to_dict(ev),
@@ -285,7 +289,14 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     finetuned = None if args.finetuned is None else ws.finetuned(args.finetuned, loaded)
     task = resolve_task(data, target, loaded, ft.lm_loss)
     fit = labelled_split(train, train.train, task)
-    result = train_eval(loaded, fit, target.test, task, ft, ev, cache_root=ws.cache, finetuned=finetuned)
+    reference = None
+    if args.agreement_corpus is not None:
+        corpus = ws.dataset(args.agreement_corpus, data, ft.seed).train
+        labelled = finetuned_reference(loaded, finetuned, corpus, task, data, ev, ft.seed, ws.cache)
+        reference = agreement_split(labelled, fit, ev, task)  # less --train's own passages
+    result = train_eval(
+        loaded, fit, target.test, task, ft, ev, cache_root=ws.cache, reference=reference, finetuned=finetuned
+    )
     finish(run, rt, result)
     print(
         f"{args.model} trained on {args.train}, tested on {target.name}: {result['metric']}\n"
@@ -296,7 +307,29 @@ def cmd_train_eval(args: argparse.Namespace) -> int:
     )
     if finetuned is not None:
         print(f"  weight change cosine to {args.finetuned} (honest epoch): {result['weight_cos']:.4f}")
+    if reference is not None:
+        where = f"{len(reference)} held-out {args.agreement_corpus} passages"
+        print(agreement_lines(result, args.finetuned, where, len(task.label_set.names)))
     return 0
+
+
+def agreement_lines(result: dict, finetuned: str, where: str, labels: int) -> str:
+    """The student's agreement with the finetuned model, and a warning where it is below chance:
+    the training sets measured so were at best slightly better than random passages (RESULTS.md,
+    "A student that disagrees with the expert")."""
+    chance = 1 / labels
+    text = (
+        f"  agreement with {finetuned}'s labels on {where}"
+        f" (honest epoch): {result['agreement']:.4f} (balanced {result['balanced_agreement']:.4f};"
+        f" chance {chance:.4f})"
+    )
+    if result["agreement"] < chance:
+        text += (
+            "\n  below chance: the student labels passages against the finetuned model; training sets"
+            " measured so were at best slightly better than random passages (benchmarks/RESULTS.md):"
+            " treat this selection as failed"
+        )
+    return text
 
 
 def cmd_select(args: argparse.Namespace) -> int:
@@ -882,6 +915,15 @@ def make_parser() -> argparse.ArgumentParser:
         "way the finetune did, at the honest epoch. The cosine reads no test split: between selections "
         "from one finetune (e.g. --precondition adam and kfac) the larger cosine is a guess at the "
         "better one (benchmarks/RESULTS.md measures how often it is right)",
+    )
+    p.add_argument(
+        "--agreement-corpus",
+        default=None,
+        help="with --finetuned (a classifier): also report how often the trained model gives "
+        "--agreement-rows passages of this corpus (none of --train's) the finetuned model's label, at "
+        "the honest epoch, and warn below chance (1 / labels): selections whose students disagree "
+        "with the finetune so were at best slightly better than random (benchmarks/RESULTS.md). Reads "
+        "no test split",
     )
     for cls in (DataConfig, FinetuneConfig, EvalConfig, RuntimeConfig):
         add_config_args(p, cls)

@@ -30,10 +30,12 @@ from weights2data.data import Split
 from weights2data.defend import DefenseConfig, defended_expert
 from weights2data.errors import W2DError
 from weights2data.generate import GenerateConfig, mark_sources, with_generated
+from weights2data.models import LoadedModel
 from weights2data.pipeline import Workspace, finetune_cached
 from weights2data.recover import (
     Recovery,
     check_lm_selection,
+    finetuned_predictions,
     generated_label_distribution,
     generation_labeller,
     recover,
@@ -211,8 +213,32 @@ def agreement_reference(corpus: Split, predicted: torch.Tensor, ev: EvalConfig, 
     (`predicted`, (N,)): what `--honest-by agreement` picks epochs on (train_eval drops those a
     training set holds). Honest: it reads only the weights and the corpus, never the expert's data
     or the test set."""
-    rows = np.sort(np.random.default_rng(seed).permutation(len(corpus))[: ev.agreement_rows])
+    rows = agreement_rows(len(corpus), ev, seed)
     return Split([corpus.texts[i] for i in rows], predicted.numpy()[rows])
+
+
+def agreement_rows(corpus_size: int, ev: EvalConfig, seed: int) -> np.ndarray:
+    """The corpus rows agreement is scored on: `ev.agreement_rows` drawn by `seed`, in order."""
+    return np.sort(np.random.default_rng(seed).permutation(corpus_size)[: ev.agreement_rows])
+
+
+def finetuned_reference(
+    base: LoadedModel,
+    finetuned: LoadedModel,
+    corpus: Split,
+    task: Task,
+    data: DataConfig,
+    ev: EvalConfig,
+    seed: int,
+    cache: Path | None,
+) -> Split:
+    """As agreement_reference for a finetune weights2data did not train (train-eval
+    --agreement-corpus): the finetuned model labels only the drawn rows, in its task's template."""
+    if task.kind != "classification":
+        raise W2DError("--agreement-corpus needs a classification task: agreement compares labels")
+    texts = [corpus.texts[i] for i in agreement_rows(len(corpus), ev, seed)]
+    predicted = finetuned_predictions(base, finetuned, texts, task.label_set, task_data(data, task), cache)
+    return Split(texts, predicted.numpy())
 
 
 def as_split(recovery: Recovery) -> Split:
