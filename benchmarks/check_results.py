@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import agreement_floor
 import defences
 import foreign_finetune
 import grad_at
@@ -85,6 +86,7 @@ SUMMARISERS = {  # by the file name's first word: the stored summary from the wh
     "synthesis": lambda data: synthesis.summarise(data["rows"]),
     "choice": lambda data: strategy_choice.summarise(data["rows"]),
     "gradat": lambda data: grad_at.summarise(data["rows"]),
+    "agreement": lambda data: agreement_floor.summarise(data["rows"]),
     "lm": lambda data: lm_recovery.summarise(data["rows"]),
 }
 FLAGS = {"partial", "pending"}

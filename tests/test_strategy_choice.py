@@ -17,6 +17,7 @@ def row(seed: int, name: str, agreement: float, balanced: float, test: float) ->
         "dataset": "ag_news", "scope": "top:2", "k": 300, "seed": seed, "train": train, "select": select,
         "agreement": agreement, "balanced_agreement": balanced, "weight_cos": 1 - agreement,
         "val_selected_test": test, "closure_val_selected_test": test - 0.5,
+        "label_distribution": {"A": 25, "B": 25, "C": 25, "D": 25},
     }  # fmt: skip
 
 
@@ -53,6 +54,24 @@ def test_each_rule_picks_by_its_own_figure_and_the_summary_averages_seeds() -> N
     topk_against = summary["ag_news", topk]["against_greedy"]
     assert topk_against | {"largest_loss": 0} == {"better": 1, "tied": 1, "worse": 1, "largest_loss": 0}
     assert topk_against["largest_loss"] == pytest.approx(0.10)  # seed 0: 0.50 against 0.60
+
+
+def test_the_floored_rule_leaves_out_students_below_chance() -> None:
+    rows = rows_of_seed(0)  # top-k's student has the largest weight cosine and agrees 0.60
+    by = {r["rule"]: r["chose"] for r in strategy_choice.choices(rows, THREE)}
+    assert by["by_weight_change_above_chance"] == by["by_weight_change"] == "topk_balanced"
+    two = [r | {"label_distribution": {"A": 50, "B": 50}} for r in rows]  # chance 0.5
+    two[2]["agreement"] = 0.45  # top-k's student: below it, and out
+    by = {r["rule"]: r["chose"] for r in strategy_choice.choices(two, THREE)}
+    assert (
+        by["by_weight_change_above_chance"] == "pool_balanced" and by["by_weight_change"] == "topk_balanced"
+    )
+    below = [r | {"agreement": 0.1} for r in two]  # none agrees: all stay in
+    by = {r["rule"]: r["chose"] for r in strategy_choice.choices(below, THREE)}
+    assert by["by_weight_change_above_chance"] == "topk_balanced"
+    unlabelled = [r | {"label_distribution": None} for r in rows]
+    with pytest.raises(SystemExit, match="records its picks' labels"):
+        strategy_choice.choices(unlabelled, THREE)
 
 
 def test_a_file_without_recorded_agreement_is_refused() -> None:
