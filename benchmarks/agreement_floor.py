@@ -70,7 +70,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for below in (True, False):
         members = [r for r in rows if r["below_chance"] == below]
         closures = sorted(r["closure_val_selected_test"] for r in members)
-        entry = {"side": "below_chance" if below else "at_or_above_chance", "rows": len(members)}
+        # each set is one seed of one setting: what the means and stds average over
+        entry = {"side": "below_chance" if below else "at_or_above_chance", "seeds": len(members)}
         if members:
             entry |= seed_statistics(members, FIGURES) | {
                 "closure_median": statistics.median(closures),
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = ("closure_val_selected_test", "closure_median", "closure_max")
         closure, median, largest = (entry.get(name, math.nan) for name in figures)
         print(
-            f"{entry['side']}: {entry['rows']} sets, closure {closure:.2f} (median {median:.2f},"
+            f"{entry['side']}: {entry['seeds']} sets, closure {closure:.2f} (median {median:.2f},"
             f" largest {largest:.2f}), {entry.get('above_random', 0)} above random"
         )
     if args.out:

@@ -112,6 +112,8 @@ NAMES = {  # how a value in the JSON reads in the docs
     "loss_drop@loss_drop_per=document": "loss drop, summed per document",
     "random_confident": "random (kept share)",
     "oracle": "ceiling: the passages nearest the true texts",
+    "below_chance": "below chance",
+    "at_or_above_chance": "at or above chance",
 }
 
 

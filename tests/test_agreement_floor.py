@@ -42,7 +42,7 @@ def test_rows_split_at_one_over_the_labels_and_count_once(tmp_path: Path) -> Non
     below = {(r["dataset"], r["seed"]) for r in found if r["below_chance"]}
     assert below == {("imdb", 0), ("imdb", 1)}
     by_side = {s["side"]: s for s in agreement_floor.summarise(found)}
-    assert by_side["below_chance"]["rows"] == 2 and by_side["below_chance"]["above_random"] == 1
+    assert by_side["below_chance"]["seeds"] == 2 and by_side["below_chance"]["above_random"] == 1
     assert by_side["below_chance"]["closure_max"] == pytest.approx(0.1)
     assert by_side["below_chance"]["regimes"] == {"imdb full k=100": 2}
     assert by_side["at_or_above_chance"]["closure_median"] == pytest.approx(0.5)
