@@ -249,6 +249,9 @@ def test_train_eval_reports_agreement_with_the_finetune_on_held_out_corpus_passa
     assert 0 <= metrics["agreement"] <= 1 and 0 <= metrics["balanced_agreement"] <= 1
     assert "on 40 held-out wiki_passages_120 passages" in out and "chance 0.2500" in out
     assert ("below chance" in out) == (metrics["agreement"] < 0.25)
+    code, out, err = run([*same, *finetuned, *agree, "--honest-by", "agreement", "--exp-name", "ag"], capsys)
+    assert code == 0, err  # the same passages choose the honest epoch
+    assert "best agreement with the finetuned model on 40 corpus documents" in out
     code, _, err = run([*same, *agree, "--exp-name", "bad"], capsys)
     assert code != 0 and "give --finetuned" in err and "Traceback" not in err
     result = {"agreement": 0.4, "balanced_agreement": 0.41}

@@ -149,7 +149,9 @@ class EvalConfig:
         "documents no training set holds on which the model predicts the finetuned model's label; "
         "w2d run, classification only: every row trains on all its documents)",
     )
-    agreement_rows: int = opt(500, "train-eval: corpus documents --honest-by agreement scores on")
+    agreement_rows: int = opt(
+        500, "train-eval: corpus documents agreement is scored on (--honest-by agreement, --agreement-corpus)"
+    )
     eval_batch_size: int = opt(64, "evaluation batch size")
 
     def __post_init__(self) -> None:
@@ -289,7 +291,9 @@ class SelectConfig:
         "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-10, "
         "ahead of greedy over the regimes measured there (see README; in a full finetune with two "
         "topic labels topk_balanced led, with IMDB's sentiment labels greedy_balanced, with Rotten "
-        "Tomatoes' only topk_balanced --precondition adam, so run those beside it for two labels); "
+        "Tomatoes' only topk_balanced --precondition adam, below random on the other two: run those "
+        "beside it for two labels and keep the set whose student w2d train-eval --finetuned "
+        "--agreement-corpus finds above chance and of the largest weight-change cosine); "
         "with --grad-blocks, 3-10 labels and k <= 100, topk_balanced on "
         "Adam-preconditioned head and block gradients (led greedy on AG News top:4 at k = 100, not "
         "at 300 or 1000; with 3 or 5 labels at k = 300 the head alone did as well or better); for language "

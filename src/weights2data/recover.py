@@ -398,8 +398,9 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
     IMDB at both; over the two pairs at k = 1000 they tied in accuracy and balanced greedy closed
     more of the gap with half the spread, never near random where top-k was in one seed. On a
     third pair, Rotten Tomatoes, both stayed near random at k = 100 and 1000 and only top-k on
-    Adam-preconditioned gradients recovered it (a line at random on the other two pairs), so no
-    one line wins two labels of a full finetune. Greedy
+    Adam-preconditioned gradients recovered it (a line at random on the other two pairs at k = 100
+    and below random at 1000), so no one line wins two labels of a full finetune (the README says
+    how to choose among the three without a test split). Greedy
     elsewhere (from 11 to 19 labels unmeasured, with 20 the quota lost). Language modelling (no
     labels) gets the loss drop, which alone beat random there (three seeds of an IMDB top:4 LM
     expert, one of AG News texts; in the head regime nothing did reliably, and it never fell

@@ -532,8 +532,8 @@ def agreement_split(reference: Split | None, train: Split, ev: EvalConfig, task:
         return None
     if task.kind != "classification" or reference is None or reference.labels is None:
         raise W2DError(
-            "--honest-by agreement needs corpus documents labelled by the finetuned model "
-            "(w2d run on a classification task); use --honest-by validation"
+            "--honest-by agreement needs corpus documents labelled by the finetuned model (w2d run "
+            "on a classification task, or w2d train-eval --agreement-corpus); use --honest-by validation"
         )
     held = set(train.texts)
     kept = np.array([i for i, text in enumerate(reference.texts) if text not in held], dtype=np.int64)
