@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from agreement_floor import labels_per_dataset
 from quality import seed_statistics
 from weights2data.store import write_json
 
@@ -65,7 +66,7 @@ FIGURES = ("val_selected_test", "closure_val_selected_test")
 
 def chance(by_name: dict[str, dict], dataset: str) -> float:
     """1 / the number of labels, read from the candidates' picks."""
-    labels = max(len(row.get("label_distribution") or {}) for row in by_name.values())
+    labels = labels_per_dataset(list(by_name.values())).get(dataset, 0)
     if not labels:
         raise SystemExit(f"{dataset}: no candidate records its picks' labels")
     return 1 / labels
@@ -101,7 +102,8 @@ def choices(rows: list[dict], candidates: Sequence[str] = DEFAULT_CANDIDATES) ->
         rules = {name: name for name in candidates}
         for rule, figure in CHOOSERS.items():
             rules[rule] = max(candidates, key=lambda name: by_name[name][figure])  # ties: the first
-        agreeing = [name for name in candidates if by_name[name]["agreement"] >= chance(by_name, dataset)]
+        floor = chance(by_name, dataset)
+        agreeing = [name for name in candidates if by_name[name]["agreement"] >= floor]
         rules[FLOORED] = max(agreeing or candidates, key=lambda name: by_name[name]["weight_cos"])
         for rule, name in rules.items():
             row = by_name[name]
