@@ -52,13 +52,12 @@ def student_rows(paths: list[str]) -> list[dict]:
         if not labels.get(row["dataset"]):
             raise SystemExit(f"{row['file']}: no row of {row['dataset']} records its picks' labels")
         key = tuple(row.get(name) for name in IDENTITY) + (row["val_selected_test"], row["agreement"])
-        chance = 1 / labels[row["dataset"]]
         seen.setdefault(
             key,
             {name: row.get(name) for name in IDENTITY}
-            | {"file": row["file"], "labels": labels[row["dataset"]], "chance": chance}
+            | {"file": row["file"], "labels": labels[row["dataset"]]}
             | {figure: row[figure] for figure in FIGURES}
-            | {"below_chance": row["agreement"] < chance},
+            | {"below_chance": row["agreement"] < 1 / labels[row["dataset"]]},
         )
     return list(seen.values())
 
