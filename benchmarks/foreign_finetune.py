@@ -18,7 +18,9 @@ Neither directory holds weights2data metadata. Then, through the `w2d` commands 
    the closure) and to the Trainer expert itself (`w2d evaluate`). Seeds vary the selection
    (random picks) and the training; the experts are trained once, with seed 0.
 4. `--variants "--grad-at base; --grad-at both"`: extra `w2d select` flags, each measured as one
-   more greedy line (with the template) on every seed.
+   more line per `--variant-strategies` strategy (greedy unless told; with the template) on every
+   seed. `--strategies auto` is what a user gets by default (balanced greedy for two labels under
+   the full-vocabulary loss).
 `--experts`, `--strategies` and `--formats` narrow the run (say `--strategies greedy,random
 --formats template` to measure the variants against their baselines alone); `--expert-epochs` trains
 the experts longer (give such a run its own `--work-dir`: an expert directory there is reused as
@@ -70,6 +72,7 @@ FULL = dict(
     strategies="greedy,topk,random",
     formats="template,plain",
     variants="",
+    variant_strategies="greedy",
 )
 QUICK = FULL | dict(
     model="tiny-test", train_rows=64, corpus="wiki_passages_120", k=16, seq_len=32, top_blocks=1, seeds="0",
@@ -236,8 +239,9 @@ def measure(args: argparse.Namespace, kind: str, expert: dict, out: dict, save) 
                 select_and_score(args, kind, expert, templated, strategy, seed, "", out)
                 save()
         for variant in filter(None, (v.strip() for v in args.variants.split(";"))):
-            select_and_score(args, kind, expert, True, "greedy", seed, variant, out)
-            save()
+            for strategy in args.variant_strategies.split(","):
+                select_and_score(args, kind, expert, True, strategy, seed, variant, out)
+                save()
 
 
 def select_and_score(

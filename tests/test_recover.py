@@ -188,7 +188,11 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
     shaped = [{"grad_blocks": 2}, {"pseudo_experts": 2}, {"grad_at": "base"}, {"rounds": 2}, {"pool": 2.0}]
     for options in shaped:
         assert resolve_strategy(replace(auto, **options), None, "restricted").strategy == "greedy"
-    assert resolve_strategy(auto, 2, "full") == greedy
+    # the full-vocabulary loss: a quota on the raw gradients (head or blocks), greedy past ten labels
+    for labels in (2, 4, 10):
+        assert resolve_strategy(auto, labels, "full") == replace(auto, strategy="greedy_balanced")
+    assert resolve_strategy(replace(auto, grad_blocks=-1), 2, "full").strategy == "greedy_balanced"
+    assert resolve_strategy(auto, 11, "full") == greedy
     blocks = replace(auto, grad_blocks=2)
     assert resolve_strategy(blocks, 2, "restricted") == replace(greedy, grad_blocks=2)
     # with block gradients, three to ten labels: top-k balanced on Adam-preconditioned gradients
@@ -198,7 +202,6 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
     assert resolve_strategy(replace(blocks, precondition="adam"), 4, "restricted") == blocks_topk
     assert resolve_strategy(blocks, 11, "restricted").strategy == "greedy"
     assert resolve_strategy(replace(blocks, k=1000), 4, "restricted").strategy == "greedy"
-    assert resolve_strategy(blocks, 4, "full").strategy == "greedy"
     assert resolve_strategy(replace(blocks, precondition="none"), 4, "restricted").strategy == "greedy"
     adam = replace(auto, precondition="adam")
     assert resolve_strategy(adam, 2, "restricted") == replace(adam, strategy="greedy")

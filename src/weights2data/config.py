@@ -296,9 +296,12 @@ class SelectConfig:
         "--agreement-corpus finds above chance and of the largest weight-change cosine); "
         "with --grad-blocks, 3-10 labels and k <= 100, topk_balanced on "
         "Adam-preconditioned head and block gradients (led greedy on AG News top:4 at k = 100, not "
-        "at 300 or 1000; with 3 or 5 labels at k = 300 the head alone did as well or better); for language "
+        "at 300 or 1000; with 3 or 5 labels at k = 300 the head alone did as well or better); with "
+        "--label-loss full and 2-10 labels, greedy_balanced on the raw gradients, head or blocks (an "
+        "expert trained under that loss skews its labels on the corpus and plain greedy follows the "
+        "skew: models finetuned with transformers.Trainer and peft); for language "
         "modelling the loss drop (greedy with --grad-blocks, --pseudo-experts, --grad-at, --rounds or "
-        "--pool); greedy otherwise (11+ labels, 2 labels with --grad-blocks, --label-loss full, "
+        "--pool); greedy otherwise (11+ labels, 2 labels with --grad-blocks, "
         "--precondition none, or adam without --grad-blocks)",
     )
     labels: str = opt(
