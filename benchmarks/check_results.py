@@ -102,6 +102,7 @@ NAMES = {  # how a value in the JSON reads in the docs
     "newsgroup10": "20 Newsgroups, 10 groups",
     "rotten_tomatoes": "Rotten Tomatoes",
     "greedy": "greedy (SELECT)",
+    "auto": "auto (the default)",
     "topk": "top-k",
     "greedy_balanced": "greedy balanced",
     "greedy_balanced@precondition=kfac": "greedy balanced, whitened",
