@@ -190,7 +190,9 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
         assert resolve_strategy(replace(auto, **options), None, "restricted").strategy == "greedy"
     # the full-vocabulary loss: a quota on the raw gradients (head or blocks), greedy past ten labels
     for labels in (2, 4, 10):
-        assert resolve_strategy(auto, labels, "full") == replace(auto, strategy="greedy_balanced")
+        assert resolve_strategy(auto, labels, "full") == replace(
+            auto, strategy="greedy_balanced", precondition="none"
+        )
     assert resolve_strategy(replace(auto, grad_blocks=-1), 2, "full").strategy == "greedy_balanced"
     assert resolve_strategy(auto, 11, "full") == greedy
     blocks = replace(auto, grad_blocks=2)

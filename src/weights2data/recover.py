@@ -428,8 +428,8 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
         and cfg.precondition in ("auto", "adam")
     ):
         return replace(cfg, strategy="topk_balanced", precondition="adam")
-    if label_loss == "full" and num_labels in QUOTA_LABELS:
-        return replace(cfg, strategy="greedy_balanced")
+    if label_loss == "full" and num_labels in QUOTA_LABELS:  # no factored estimate under that loss
+        return replace(cfg, strategy="greedy_balanced", precondition="none")
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
