@@ -16,6 +16,7 @@ from weights2data.errors import W2DError
 from weights2data.features import forward_hidden, hidden_states
 from weights2data.models import LoadedModel, tiny_test_model, untie_head
 from weights2data.recover import (
+    check_full_loss,
     check_pair,
     corpus_gradients,
     recover,
@@ -195,6 +196,8 @@ def test_auto_is_a_whitened_quota_for_a_few_labels_and_greedy_elsewhere(pair, tm
         )
     assert resolve_strategy(replace(auto, grad_blocks=-1), 2, "full").strategy == "greedy_balanced"
     assert resolve_strategy(auto, 11, "full") == greedy
+    with pytest.raises(W2DError, match="need --label-loss restricted"):  # not silently dropped
+        check_full_loss(resolve_strategy(replace(auto, precondition="adam"), 2, "full"))
     blocks = replace(auto, grad_blocks=2)
     assert resolve_strategy(blocks, 2, "restricted") == replace(greedy, grad_blocks=2)
     # with block gradients, three to ten labels: top-k balanced on Adam-preconditioned gradients

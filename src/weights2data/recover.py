@@ -429,7 +429,8 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
     ):
         return replace(cfg, strategy="topk_balanced", precondition="adam")
     if label_loss == "full" and num_labels in QUOTA_LABELS:  # no factored estimate under that loss
-        return replace(cfg, strategy="greedy_balanced", precondition="none")
+        asked = cfg.precondition  # another than auto or none is refused by check_full_loss
+        return replace(cfg, strategy="greedy_balanced", precondition="none" if asked == "auto" else asked)
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
