@@ -428,9 +428,8 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
         and cfg.precondition in ("auto", "adam")
     ):
         return replace(cfg, strategy="topk_balanced", precondition="adam")
-    if label_loss == "full" and num_labels in QUOTA_LABELS:  # no factored estimate under that loss
-        asked = cfg.precondition  # another than auto or none is refused by check_full_loss
-        return replace(cfg, strategy="greedy_balanced", precondition="none" if asked == "auto" else asked)
+    if label_loss == "full" and num_labels in QUOTA_LABELS:  # check_full_loss refuses adam or kfac
+        return replace(cfg, strategy="greedy_balanced", precondition=resolve(cfg.precondition, False))
     quota = (
         num_labels in QUOTA_LABELS
         and label_loss == "restricted"
