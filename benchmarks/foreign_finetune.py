@@ -16,15 +16,16 @@ Neither directory holds weights2data metadata. Then, through the `w2d` commands 
    --top-blocks blocks and the head, in the template), scored on the test split; next to the base
    trained the same way on NAME_<train-rows> (true rows, drawn with each seed: the expert row of
    the closure) and to the Trainer expert itself (`w2d evaluate`). Seeds vary the selection
-   (random picks) and the training; the experts are trained once, with seed 0.
+   (random picks) and the training; the experts are trained once, with --expert-seed.
 4. `--variants "--grad-at base; --grad-at both"`: extra `w2d select` flags, each measured as one
    more line per `--variant-strategies` strategy (greedy unless told; with the template) on every
    seed. `--strategies auto` is what a user gets by default (balanced greedy for two labels under
    the full-vocabulary loss).
 `--experts`, `--strategies` and `--formats` narrow the run (say `--strategies greedy,random
 --formats template` to measure the variants against their baselines alone); `--expert-epochs` trains
-the experts longer (give such a run its own `--work-dir`: an expert directory there is reused as
-it is).
+the experts longer and `--max-grad-norm` sets Trainer's gradient clipping (its default, 1.0; 0 turns
+it off), `--expert-seed` its seed (the order of the rows; 0 unless told): give such a run its own
+`--work-dir`, as an expert directory there is reused as it is.
 
     python benchmarks/foreign_finetune.py --quick   # minutes: tiny-test model, tiny sizes
     python benchmarks/foreign_finetune.py           # smollm2-135m; hours on a 2-core CPU (see README)
@@ -66,6 +67,8 @@ FULL = dict(
     top_blocks=4,
     seeds="0,1,2",
     expert_epochs=1,
+    max_grad_norm=1.0,
+    expert_seed=0,
     eval_epochs=5,
     max_eval_rows=512,
     experts="trainer,lora",
@@ -163,9 +166,9 @@ def train_expert(args: argparse.Namespace, kind: str, path: Path) -> dict:
         lr = 1e-4
     settings = TrainingArguments(
         output_dir=str(path.parent / f".{kind}-trainer"), per_device_train_batch_size=16,
-        num_train_epochs=args.expert_epochs, learning_rate=lr, lr_scheduler_type="constant", seed=0,
-        save_strategy="no", report_to=[], logging_steps=10, remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
+        num_train_epochs=args.expert_epochs, learning_rate=lr, lr_scheduler_type="constant",
+        seed=args.expert_seed, max_grad_norm=args.max_grad_norm, save_strategy="no", report_to=[],
+        logging_steps=10, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
     )  # fmt: skip
     rows = examples(tokenizer, train.texts, train.labels.tolist(), args.seq_len)
     started = time.time()
@@ -176,7 +179,12 @@ def train_expert(args: argparse.Namespace, kind: str, path: Path) -> dict:
     model.save_pretrained(path)
     if kind != "lora":  # an adapter directory usually holds no tokenizer: weights2data lends the base's
         tokenizer.save_pretrained(path)
-    made = {"train_s": round(time.time() - started, 1), "train_loss": history.training_loss}
+    made = {
+        "train_s": round(time.time() - started, 1),
+        "train_loss": history.training_loss,
+        # the gradient norm before clipping, every logging_steps steps: how often --max-grad-norm bit
+        "grad_norms": [round(log["grad_norm"], 3) for log in trainer.state.log_history if "grad_norm" in log],
+    }
     write_json(record, made)
     return {"path": str(path), **made}
 
