@@ -56,7 +56,8 @@ from weights2data.store import cache_dir, read_json, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEMPLATE = "Review: {text}\nSentiment:"
-WORDS = ("negative", "positive")  # rotten_tomatoes' labels 0 and 1
+WORDS = ("negative", "positive")  # labels 0 and 1 of the sentiment sets
+SENTIMENT = ("rotten_tomatoes", "imdb")  # the datasets whose labels WORDS names
 FULL = dict(
     model="smollm2-135m",
     dataset="rotten_tomatoes",
@@ -101,6 +102,10 @@ def parse_args() -> argparse.Namespace:
         given = getattr(args, name)
         if not set(given.split(",")) <= set(choices):
             p.error(f"--{name} takes {' and/or '.join(choices)}, comma-separated, not {given!r}")
+    if args.dataset not in SENTIMENT:
+        p.error(
+            f"--dataset takes {' or '.join(SENTIMENT)} (label 0 negative, 1 positive), not {args.dataset!r}"
+        )
     if "random" not in args.strategies.split(","):
         p.error("--strategies must include random: every closure is against that seed's random selection")
     args.out = args.out or str(
