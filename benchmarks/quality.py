@@ -413,7 +413,8 @@ def run_group(
         for k in csv(args.ks, int):
             rows = np.random.default_rng(seed).permutation(len(expert_data.train))[:k]
             score(group, "true_k", expert_data.train.subset(np.sort(rows)), {"k": k})
-    drop = any(s in LOSS_DROP for s in csv(args.strategies))  # the strategies need the base's losses
+    strategies = [s for s in csv(args.strategies) if s != "random"]  # random: the baseline, trained below
+    drop = any(s in LOSS_DROP for s in strategies)  # the strategies need the base's losses
     for rule in csv(args.label_rules):
         variants = [
             (d, b, v)
@@ -448,7 +449,7 @@ def run_group(
                         grads, corpus.texts, task.label_set, replace(sel, k=k), "random", progress=False
                     )
                     add_closures(score(group, "random_confident", as_split(kept), extra), rand, expert_row)
-                for strategy in csv(args.strategies):
+                for strategy in strategies:
                     if sel.rounds == 1:
                         recovery = recover(grads, corpus.texts, task.label_set, replace(sel, k=k), strategy)
                     else:
