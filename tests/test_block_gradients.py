@@ -206,15 +206,17 @@ def test_preconditioned_terms_and_sketch_match_autograd(pair, tmp_path, monkeypa
     assert len(list((tmp_path / "blocks").glob("*/scales.safetensors"))) == 1
     again = run(precondition=True, cache_root=tmp_path, loss_key="test")
     torch.testing.assert_close(again.grads, feats.grads)
-    # a new entry's pilot reads the block inputs the first run cached, and fits the same scales
-    torch.testing.assert_close(run(precondition=True, cache_root=tmp_path, loss_key="new").grads, feats.grads)
+    # a new entry's pilot reads the block inputs the first run cached, and fits the same scales (to
+    # float32 rounding: the pilot's sums run in another order)
+    refit = run(precondition=True, cache_root=tmp_path, loss_key="new")
+    torch.testing.assert_close(refit.grads, feats.grads, rtol=1e-5, atol=1e-5)
     raw = run(cache_root=tmp_path, loss_key="test")
     assert len(list((tmp_path / "blocks").iterdir())) == 3
     assert not torch.allclose(raw.target_dots, feats.target_dots)
     # a torchrun rank's slice (here all the rows, as if one rank of one) refits its scales each run,
     # for they depend on the other ranks' rows, and keys its chunks by their values, storing none
     sliced = run(precondition=True, cache_root=tmp_path, loss_key="test", corpus=CorpusSlice(0, len(TEXTS)))
-    torch.testing.assert_close(sliced.grads, feats.grads)
+    torch.testing.assert_close(sliced.grads, feats.grads, rtol=1e-5, atol=1e-5)  # refitted, as above
     entries = [read_json(meta) for meta in (tmp_path / "blocks").glob("*/meta.json")]
     assert len(entries) == 4 and sum("pilot_fit" in key for key in entries) == 1
     assert len(list((tmp_path / "blocks").glob("*/scales.safetensors"))) == 2  # "test" and "new"
