@@ -387,36 +387,25 @@ def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str)
 
 
 def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
-    """What `--strategy auto` runs: a quota per label where that measured ahead of greedy (2-10
-    labels, the label-token loss, no block gradients, --precondition auto or kfac; benchmarks/
-    RESULTS.md, "Choosing the strategy"), on K-FAC-whitened head gradients, the quotas filled by
-    greedy for two labels and by top-k for three to ten (top-k led at three to six labels at
-    k = 300; at k = 1000 it tied on AG News and led with six and ten labels; with ten its mean led
-    greedy's, narrowly, in each of the four settings measured; seven to nine lie between measured
-    counts; on two sentiment labels it lost). Two labels of a full finetune too: there top-k led
-    a topic pair (AG News' Business and Sci/Tech) at k = 100 and k = 1000 and balanced greedy led
-    IMDB at both; over the two pairs at k = 1000 they tied in accuracy and balanced greedy closed
-    more of the gap with half the spread, never near random where top-k was in one seed. On a
-    third pair, Rotten Tomatoes, both stayed near random at k = 100 and 1000 and only top-k on
-    Adam-preconditioned gradients recovered it (a line at random on the other two pairs at k = 100
-    and below random at 1000), so no one line wins two labels of a full finetune (the README says
-    how to choose among the three without a test split). Under the full-vocabulary loss (no
-    whitening there), balanced greedy on the raw gradients, head or blocks, for 2-10 labels: an
-    expert trained that way follows its own label skew on the corpus, and plain greedy's picks
-    followed it (a Trainer classifier and a LoRA adapter trained three epochs elsewhere: 62.4 and
-    49.3 % against balanced greedy's 75.8 and 78.6; on our experts under that loss it tied or led
-    greedy by a point). Greedy
-    elsewhere (from 11 to 19 labels unmeasured, with 20 the quota lost). Language modelling (no
-    labels) gets the loss drop, which alone beat random there (three seeds of an IMDB top:4 LM
-    expert, one of AG News texts; in the head regime nothing did reliably, and it never fell
-    below greedy; see README), unless an option asks for gradients to shape the selection
-    (--grad-blocks, --pseudo-experts, --grad-at, --rounds, --pool): greedy then. With
-    --grad-blocks, three to ten labels and k ≤ BLOCK_TOPK_MAX_K, top-k balanced on
-    Adam-preconditioned head and block gradients, which led greedy in every seed of AG News top:4
-    at k = 100 (at k = 300 greedy led in every seed, at 1000 in both seeds measured; two sentiment
-    labels: below random), so greedy otherwise (AG News full, k = 300: 0.56 closure, level with
-    the head-only top-k line's 0.59; three or five labels in top:4 at k = 300: level with greedy
-    on the head, behind the head-only top-k line with three)."""
+    """What `--strategy auto` runs, each branch the line that measured best where it applies
+    (benchmarks/RESULTS.md, "Choosing the strategy without the test set" and the sections it
+    links; the README's `--strategy` table gives the figures):
+
+    - language modelling (no labels): the loss drop, which alone beat random there; greedy when
+      an option asks gradients to shape the selection (--grad-blocks, --pseudo-experts,
+      --grad-at, --rounds, --pool).
+    - --grad-blocks, 3-10 labels, k <= BLOCK_TOPK_MAX_K, the label-token loss: top-k balanced on
+      Adam-preconditioned head and block gradients (led greedy in every seed of AG News top:4 at
+      k = 100; greedy led at k = 300 and 1000, hence the bound).
+    - the full-vocabulary loss, 2-10 labels: balanced greedy on the raw gradients (no whitening
+      there). An expert trained that way follows its own label skew on the corpus and plain
+      greedy's picks follow it (a Trainer classifier, a LoRA adapter).
+    - the label-token loss, head gradients, 2-10 labels, --precondition auto or kfac: a quota
+      per label on K-FAC-whitened gradients, filled by greedy for two labels and by top-k for
+      three to ten (measured at 2-6 and 10 labels, in the head, top:4 and full regimes; seven
+      to nine lie between measured counts). No line wins two labels of a full finetune: see the
+      README for choosing among them without a test split.
+    - greedy otherwise (11 labels or more: with 20 the quota lost; 11-19 are unmeasured)."""
     if num_labels is None:
         shaped = cfg.grad_blocks or cfg.pseudo_experts > 1 or cfg.grad_at != "finetuned" or cfg.rounds > 1
         return replace(cfg, strategy="greedy" if shaped or cfg.pool > 0 else "loss_drop")
