@@ -389,7 +389,7 @@ def resolve_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str)
 def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) -> SelectConfig:
     """What `--strategy auto` runs, each branch the line that measured best where it applies
     (benchmarks/RESULTS.md, "Choosing the strategy without the test set" and the sections it
-    links; the README's `--strategy` table gives the figures):
+    links; the README's "What `--strategy auto` runs" gives the figures):
 
     - language modelling (no labels): the loss drop, which alone beat random there; greedy when
       an option asks gradients to shape the selection (--grad-blocks, --pseudo-experts,
