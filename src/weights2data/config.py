@@ -281,28 +281,21 @@ class SelectConfig:
     k: int = opt(1000, "number of corpus documents to select (the original's --select_full_dataset_size)")
     strategy: str = opt(
         "auto",
-        "greedy (SELECT), greedy_balanced (greedy with a quota per label), greedy_batched, topk, "
-        "topk_balanced, bottomk, p_min, p_max, loss_drop (largest log p_finetuned(y) / p_base(y) "
-        "of the autolabel y, or for language modelling the base's mean next-token loss minus the "
-        "finetuned one's; ranked without gradients; one more forward pass of the base), "
-        "loss_drop_balanced, random, "
-        "or auto: a quota per label on K-FAC-whitened "
-        "gradients (--precondition kfac) for 2-10 labels with the label-token loss and head gradients, "
-        "filled by greedy (greedy_balanced) for 2 labels and by top-k (topk_balanced) for 3-10, "
-        "ahead of greedy over the regimes measured there (see README; in a full finetune with two "
-        "topic labels topk_balanced led, with IMDB's sentiment labels greedy_balanced, with Rotten "
-        "Tomatoes' only topk_balanced --precondition adam, below random on the other two: run those "
-        "beside it for two labels and keep the set whose student w2d train-eval --finetuned "
-        "--agreement-corpus finds above chance and of the largest weight-change cosine); "
-        "with --grad-blocks, 3-10 labels and k <= 100, topk_balanced on "
-        "Adam-preconditioned head and block gradients (led greedy on AG News top:4 at k = 100, not "
-        "at 300 or 1000; with 3 or 5 labels at k = 300 the head alone did as well or better); with "
-        "--label-loss full and 2-10 labels, greedy_balanced on the raw gradients, head or blocks (an "
-        "expert trained under that loss skews its labels on the corpus and plain greedy follows the "
-        "skew: models finetuned with transformers.Trainer and peft); for language "
-        "modelling the loss drop (greedy with --grad-blocks, --pseudo-experts, --grad-at, --rounds or "
-        "--pool); greedy otherwise (11+ labels, 2 labels with --grad-blocks, "
-        "--precondition none, or adam without --grad-blocks)",
+        "greedy (SELECT, the original's), greedy_balanced (greedy with a quota per label), "
+        "greedy_batched, topk, topk_balanced, bottomk, p_min, p_max, loss_drop (largest log "
+        "p_finetuned(y) / p_base(y) of the autolabel y, or for language modelling the base's mean "
+        "next-token loss minus the finetuned one's; ranked without gradients, for one more forward "
+        "pass of the base), loss_drop_balanced, random, or auto: the line that measured best where "
+        "it applies (README, 'What --strategy auto runs'). For 2-10 labels under the label-token "
+        "loss with head gradients, a quota per label on K-FAC-whitened gradients (--precondition "
+        "kfac): greedy_balanced for 2 labels, topk_balanced for 3-10; with --grad-blocks, 3-10 "
+        "labels and k <= 100, topk_balanced on Adam-preconditioned gradients; with --label-loss full "
+        "and 2-10 labels, greedy_balanced on the raw gradients; for language modelling loss_drop "
+        "(greedy where --grad-blocks, --pseudo-experts, --grad-at, --rounds or --pool ask for "
+        "gradients); greedy otherwise. For two labels of a full finetune no line won everywhere: "
+        "run topk_balanced with --precondition kfac and with adam beside it and keep the set whose "
+        "student w2d train-eval --finetuned --agreement-corpus finds above chance and of the "
+        "largest weight-change cosine",
     )
     labels: str = opt(
         "auto", "labels for selected documents: auto (the finetuned model's prediction) or random"
