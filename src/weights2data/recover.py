@@ -394,17 +394,17 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
     - language modelling (no labels): the loss drop, which alone beat random there; greedy when
       an option asks gradients to shape the selection (--grad-blocks, --pseudo-experts,
       --grad-at, --rounds, --pool).
-    - --grad-blocks, 3-10 labels, k <= BLOCK_TOPK_MAX_K, the label-token loss: top-k balanced on
-      Adam-preconditioned head and block gradients (led greedy in every seed of AG News top:4 at
-      k = 100; greedy led at k = 300 and 1000, hence the bound).
+    - --grad-blocks, 3-10 labels, k <= BLOCK_TOPK_MAX_K, the label-token loss, --precondition
+      auto or adam: top-k balanced on Adam-preconditioned head and block gradients (led greedy in
+      every seed of AG News top:4 at k = 100; greedy led at k = 300 and 1000, hence the bound).
     - the full-vocabulary loss, 2-10 labels: balanced greedy on the raw gradients (no whitening
       there). An expert trained that way follows its own label skew on the corpus and plain
       greedy's picks follow it (a Trainer classifier, a LoRA adapter).
     - the label-token loss, head gradients, 2-10 labels, --precondition auto or kfac: a quota
       per label on K-FAC-whitened gradients, filled by greedy for two labels and by top-k for
-      three to ten (measured at 2-6 and 10 labels, in the head, top:4 and full regimes; seven
-      to nine lie between measured counts). No line wins two labels of a full finetune: see the
-      README for choosing among them without a test split.
+      three to ten (measured at 2-6 and 10 labels, in the head, top:2, top:4 and full regimes;
+      seven to nine lie between measured counts). No line wins two labels of a full finetune: see
+      the README for choosing among them without a test split.
     - greedy otherwise (11 labels or more: with 20 the quota lost; 11-19 are unmeasured)."""
     if num_labels is None:
         shaped = cfg.grad_blocks or cfg.pseudo_experts > 1 or cfg.grad_at != "finetuned" or cfg.rounds > 1
