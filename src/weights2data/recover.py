@@ -407,7 +407,9 @@ def auto_strategy(cfg: SelectConfig, num_labels: int | None, label_loss: str) ->
       three to ten (measured at 2-6 and 10 labels, in the head, top:2, top:4 and full regimes;
       seven to nine lie between measured counts). No line wins two labels of a full finetune: see
       the README for choosing among them without a test split.
-    - greedy otherwise (11 labels or more: with 20 the quota lost; 11-19 are unmeasured)."""
+    - greedy otherwise (11 labels or more: with 20 the quota lost; 11-19 are unmeasured; with
+      --grad-blocks and two labels it led top-k balanced in IMDB top:4 and trailed it in Rotten
+      Tomatoes' full finetune, where the README advises no --grad-blocks)."""
     if num_labels is None:
         shaped = cfg.grad_blocks or cfg.pseudo_experts > 1 or cfg.grad_at != "finetuned" or cfg.rounds > 1
         return replace(cfg, strategy="greedy" if shaped or cfg.pool > 0 else "loss_drop")
