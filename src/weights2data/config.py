@@ -310,9 +310,10 @@ class SelectConfig:
         "finetuned",
         "where each path segment's corpus gradients are taken: finetuned (its end; with one segment, "
         "the finetuned weights, as the original), base (its start) or both. Measured: on models "
-        "weights2data finetuned, finetuned led base in 22 of 23 settings; on two finetuned elsewhere "
-        "(transformers.Trainer, a LoRA adapter) base led in every one, so run base beside the default "
-        "there (benchmarks/RESULTS.md, 'Where the gradients are taken: every measurement')",
+        "weights2data finetuned, finetuned led base in 24 of 25 settings; on models finetuned elsewhere "
+        "(transformers.Trainer classifiers, LoRA adapters) base led in 13 of 16, every adapter setting "
+        "among them, and trailed on a classifier trained with another seed: run base beside the "
+        "default there (benchmarks/RESULTS.md, 'Where the gradients are taken: every measurement')",
     )
     pseudo_experts: int = opt(
         1,
