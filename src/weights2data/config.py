@@ -309,11 +309,10 @@ class SelectConfig:
     grad_at: str = opt(
         "finetuned",
         "where each path segment's corpus gradients are taken: finetuned (its end; with one segment, "
-        "the finetuned weights, as the original), base (its start) or both. Measured: on models "
-        "weights2data finetuned, finetuned led base in 24 of 25 settings; on models finetuned elsewhere "
-        "(transformers.Trainer classifiers, LoRA adapters) base led in 13 of 16, every adapter setting "
-        "among them, and trailed on a classifier trained with another seed: run base beside the "
-        "default there (benchmarks/RESULTS.md, 'Where the gradients are taken: every measurement')",
+        "the finetuned weights, as the original), base (its start) or both. Measured: finetuned leads "
+        "on models weights2data finetuned; on models finetuned elsewhere base mostly leads (every LoRA "
+        "adapter, not every transformers.Trainer classifier), so run base beside the default there "
+        "(counts: benchmarks/RESULTS.md, 'Where the gradients are taken: every measurement')",
     )
     pseudo_experts: int = opt(
         1,
