@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from test_recover import TEXTS
 from weights2data import rounds as rounds_module
+from weights2data.cli import main
 from weights2data.config import DataConfig, FinetuneConfig, SelectConfig
 from weights2data.data import Split, make_label_set
 from weights2data.errors import W2DError
@@ -90,3 +93,14 @@ def test_a_killed_run_resumes_at_its_round(setting, tmp_path, monkeypatch) -> No
     kill, calls[:] = False, []
     resumed = recover_in_rounds(base, finetuned, TEXTS, task, DATA, cfg, STUDENT, "greedy", tmp_path / "b")
     assert len(calls) == 1 and resumed.rows.tolist() == whole.rows.tolist()  # only round 3's student trained
+
+
+def test_select_command_runs_rounds(cli_env) -> None:
+    args = ["select", "--base", "tiny-test", "--finetuned", "tiny-test:1", "--label-set", "A,B",
+            "--corpus", "wiki_passages_20", "-k", "6", "--rounds", "2", "--student-steps", "2",
+            "--seq-len", "8", "--exp-name", "rounds"]  # fmt: skip
+    assert main(args) == 0
+    run = cli_env / "runs" / "rounds"
+    assert pq.read_table(run / "selection.parquet").num_rows == 6
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["k"] for r in summary["rounds"]] == [3, 3] and summary["student"]["steps"] == 2

@@ -435,7 +435,7 @@ def select_and_write(
             label_set,
             lm_loss_of(args, finetuned),
             template,
-            data.label_loss or label_loss_of(saved_task),
+            label_loss,
         )
         grads = gradients(corpus.texts)
         recovery = recover_in_rounds(
